@@ -1,0 +1,45 @@
+# brats: every target creates .venv and installs into it when needed.
+# CUDA users: override the torch pin, e.g. `make install TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"`
+# (the default is the CPU build so that a plain install never pulls multi-GB CUDA wheels).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+DATA   ?= demo/cohort
+CACHE  ?= $(DATA)_cache$(SIZE)
+RUN    ?= runs/cv
+SIZE   ?= 128
+FOLDS  ?= 0 1 2 3 4
+ACCEL  := $(BIN)/accelerate launch --config_file accelerate_config.yaml
+TRAIN_ARGS ?=
+
+.PHONY: install test lint prepare demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+prepare: $(STAMP)
+	$(BIN)/python -m brats.prepare $(DATA) --out $(CACHE) --size $(SIZE)
+
+demo: $(STAMP)
+	$(BIN)/python -m brats.synthetic demo/cohort --patients 40 --seed 0 --shape 120 120 78
+	$(BIN)/python -m brats.prepare demo/cohort --out demo/cache --size 32
+
+clean:
+	rm -rf demo runs .pytest_cache

@@ -1,0 +1,37 @@
+"""One exception type for every problem a user can fix; the CLIs print it as one line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+
+class BratsError(Exception):
+    """A problem with the user's input or files, with the message saying how to fix it."""
+
+
+class CaseError(BratsError):
+    """A problem with one patient's files; `patient_id` names the patient."""
+
+    def __init__(self, patient_id: str, message: str):
+        super().__init__(f"{patient_id}: {message}")
+        self.patient_id = patient_id
+        self.reason = message
+
+
+def exit_on_error(fn: F) -> F:
+    """Turn a BratsError raised by a CLI command into one line on stderr and exit status 1."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BratsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    return wrapper  # type: ignore[return-value]

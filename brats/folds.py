@@ -1,0 +1,135 @@
+"""Stratified patient-level K-fold splits, written once to splits.json and reused.
+
+Every patient is in exactly one validation fold and never in train and validation of the same
+fold. An optional inner validation split (a stratified part of each fold's training patients)
+drives early stopping and checkpoint choice so that the outer fold is used only for the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from brats.cache import write_json_atomic
+from brats.errors import BratsError
+
+SPLITS = "splits.json"
+
+
+def cohort_fingerprint(patient_ids: list[str], labels: list[int]) -> str:
+    """16 hex digits over the sorted (patient id, label) pairs."""
+    pairs = sorted(zip(patient_ids, (int(v) for v in labels)))
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Fold:
+    train: list[str]  # patients that update the weights
+    val: list[str]  # patients that choose the checkpoint (the outer fold, or the inner split)
+    test: list[str]  # the outer validation fold: what the report scores
+
+
+@dataclass(frozen=True)
+class Splits:
+    k: int
+    seed: int
+    inner_val: float  # 0 = early stopping on the outer fold (the seed's protocol)
+    fingerprint: str  # of the cohort the splits were made for
+    outer: list[list[str]]  # validation patients of each fold
+
+    def fold(self, k: int, patient_ids: list[str], labels: list[int]) -> Fold:
+        """Train/val/test patient ids of fold k (0-based)."""
+        if not 0 <= k < self.k:
+            raise BratsError(f"--fold {k}: splits have folds 0..{self.k - 1}")
+        test = set(self.outer[k])
+        train = [p for p in patient_ids if p not in test]
+        if self.inner_val <= 0:
+            return Fold(train, sorted(test), sorted(test))
+        label_of = dict(zip(patient_ids, labels))
+        inner_train, inner_val = train_test_split(
+            train,
+            test_size=self.inner_val,
+            stratify=[label_of[p] for p in train],
+            random_state=self.seed + 1000 * (k + 1),
+        )
+        return Fold(sorted(inner_train), sorted(inner_val), sorted(test))
+
+    def to_json(self, patient_ids: list[str], labels: list[int]) -> dict:
+        folds = []
+        for k in range(self.k):
+            f = self.fold(k, patient_ids, labels)
+            entry = {"fold": k, "val": f.test}
+            if self.inner_val > 0:
+                entry["inner_val"] = f.val
+            folds.append(entry)
+        return {
+            "k": self.k,
+            "seed": self.seed,
+            "inner_val": self.inner_val,
+            "protocol": protocol(self.inner_val),
+            "cohort_fingerprint": self.fingerprint,
+            "folds": folds,
+        }
+
+
+def protocol(inner_val: float) -> str:
+    if inner_val > 0:
+        return (
+            f"inner-validation ({inner_val:g} of each training fold chooses the epoch; "
+            "the outer fold is only scored)"
+        )
+    return "outer-fold selection (the epoch is chosen on the scored fold: optimistic)"
+
+
+def make_splits(
+    patient_ids: list[str], labels: list[int], k: int = 5, seed: int = 42, inner_val: float = 0.0
+) -> Splits:
+    """Stratified K-fold over patients; deterministic for the same ids, labels and seed."""
+    order = sorted(range(len(patient_ids)), key=lambda i: patient_ids[i])
+    ids = [patient_ids[i] for i in order]
+    y = np.array([labels[i] for i in order])
+    counts = np.bincount(y, minlength=2)
+    if counts.min() < k:
+        raise BratsError(
+            f"{k}-fold cross-validation needs at least {k} patients of each grade; "
+            f"the cohort has {counts[1]} HGG and {counts[0]} LGG (use fewer folds)"
+        )
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    outer = [sorted(ids[i] for i in val) for _, val in skf.split(np.zeros(len(ids)), y)]
+    return Splits(k, seed, inner_val, cohort_fingerprint(patient_ids, labels), outer)
+
+
+def load_or_make_splits(
+    path: str | Path,
+    patient_ids: list[str],
+    labels: list[int],
+    k: int = 5,
+    seed: int = 42,
+    inner_val: float = 0.0,
+) -> Splits:
+    """Reuse `path` when present (it must match the cohort and the settings), else write it."""
+    path = Path(path)
+    fp = cohort_fingerprint(patient_ids, labels)
+    if path.exists():
+        d = json.loads(path.read_text())
+        if d["cohort_fingerprint"] != fp:
+            raise BratsError(
+                f"{path} was made for another cohort (fingerprint {d['cohort_fingerprint']}, "
+                f"this cohort {fp}): use a new --run folder or delete {path}"
+            )
+        if (d["k"], d["seed"], d.get("inner_val", 0.0)) != (k, seed, inner_val):
+            raise BratsError(
+                f"{path} has k={d['k']}, seed={d['seed']}, inner_val={d.get('inner_val', 0.0)} "
+                "but this run asks "
+                f"k={k}, seed={seed}, inner_val={inner_val}: use a new --run folder or the same settings"
+            )
+        return Splits(d["k"], d["seed"], d.get("inner_val", 0.0), fp, [f["val"] for f in d["folds"]])
+    splits = make_splits(patient_ids, labels, k, seed, inner_val)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, splits.to_json(patient_ids, labels))
+    return splits

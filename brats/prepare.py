@@ -1,0 +1,63 @@
+"""Preprocess a cohort into a cache once, in parallel.
+
+    python -m brats.prepare ROOT --out CACHE [--size 128] [--workers N] [--skip-bad]
+
+ROOT: BraTS 2018/2019 folder, BraTS 2020 folder with name_mapping.csv, or a CSV manifest.
+Exit status 1 when any patient failed (all are listed with their reasons); with --skip-bad the
+cache is still indexed without them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from brats.cache import prepare
+from brats.cohort import check_trainable, find_cases, summarize
+from brats.errors import exit_on_error
+from brats.preprocess import PreprocessConfig
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+@exit_on_error
+def main(
+    root: Annotated[Path, typer.Argument(help="cohort: BraTS folder or CSV manifest")],
+    out: Annotated[Path, typer.Option(help="cache folder to create or update")],
+    size: Annotated[int, typer.Option(help="output cube side S in voxels (seed 6.2: 128)")] = 128,
+    workers: Annotated[int, typer.Option(help="parallel processes (0 = all cores)")] = 0,
+    skip_bad: Annotated[bool, typer.Option(help="index the cache without the patients that failed")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    cohort = find_cases(root)
+    print(f"{root}: {summarize([c.label for c in cohort.cases])}")
+    check_trainable(cohort.cases, root)
+    result = prepare(
+        cohort.cases,
+        out,
+        PreprocessConfig(size=size),
+        workers or None,
+        skip_bad=skip_bad,
+        known_failures=cohort.problems,
+        source=str(root),
+        progress=progress,
+    )
+    print(
+        f"{out}: {len(result.written)} preprocessed, {len(result.reused)} unchanged, "
+        f"{len(result.failed)} failed; index {'written' if result.index_written else 'unchanged'}"
+    )
+    if result.failed:
+        print(f"{len(result.failed)} patient(s) failed:", file=sys.stderr)
+        for line in result.failed:
+            print(f"  {line}", file=sys.stderr)
+        if not skip_bad:
+            print("fix them and rerun (only they are redone), or pass --skip-bad", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,272 @@
+"""Four NIfTI volumes -> one float32 (4, S, S, S) array; the same code at training and prediction.
+
+Steps (seed 3.2 / 6.2 input): read with SimpleITK, check that the modalities share shape, spacing
+and orientation, brain mask = voxels non-zero in any modality, then ONE linear resampling per
+modality onto a canonical LPS grid that covers the mask's bounding box padded to a cube (so the
+aspect ratio is kept) with S voxels a side: reorientation, crop, pad and resize in a single pass.
+Each modality is z-scored over that patient's brain voxels only (no cohort statistics, so nothing
+leaks across folds); background is 0.
+
+No torch here: predict.py runs without it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from brats.cohort import MODALITIES, Case
+from brats.errors import CaseError
+
+# Bump when the output of preprocess_case changes for the same input: it invalidates caches and
+# is checked by predict.py against the contract stored in an exported model.
+PREPROCESS_VERSION = 1
+ORIENTATION = "LPS"  # axes of the output grid, SimpleITK/DICOM convention (identity direction)
+SPACING_RTOL = 1e-3  # modalities must agree on spacing to this relative tolerance
+DIRECTION_ATOL = 1e-3  # ... and on direction cosines to this absolute tolerance
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The preprocessing contract; stored in the cache fingerprint and in exported models."""
+
+    size: int = 128  # S: output cube side in voxels (seed 6.2: 128^3)
+    modalities: tuple[str, ...] = MODALITIES  # channel order (seed 3.2: T1, T1ce, T2, FLAIR)
+    orientation: str = ORIENTATION
+    normalization: str = "zscore-brain"  # per patient, per modality, over brain voxels
+    version: int = PREPROCESS_VERSION
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["modalities"] = list(self.modalities)
+        return d
+
+
+def check_complete(patient_id: str, modality: str, path: Path) -> None:
+    """Refuse a truncated file: ITK's reader fills a short gzip stream with zeros silently.
+
+    The NIfTI header (nibabel reads only it) gives the byte count the file must hold; a gzip
+    file records its uncompressed size (mod 2^32) in its last 4 bytes, a plain one in its size.
+    """
+    try:
+        header = nib.load(path).header
+        # vox_offset may be stored as 0; a single-file NIfTI's data starts at 352 (NIfTI-2: 544) at least
+        offset = max(int(header["vox_offset"]), int(getattr(header, "single_vox_offset", 0)))
+        voxels = int(np.prod(header.get_data_shape()))
+        expected = offset + voxels * header.get_data_dtype().itemsize
+    except Exception as e:
+        raise CaseError(
+            patient_id,
+            f"cannot read {modality} file {path} (not a NIfTI image, or a corrupt/truncated gzip: "
+            f"re-copy or re-export it): {type(e).__name__}: {str(e)[:120]}",
+        ) from e
+    with open(path, "rb") as f:
+        if path.name.lower().endswith(".gz"):
+            f.seek(-4, os.SEEK_END)
+            actual = int.from_bytes(f.read(4), "little")
+            complete = actual == expected % 2**32
+        else:
+            complete = os.fstat(f.fileno()).st_size >= expected
+    if not complete:
+        raise CaseError(
+            patient_id,
+            f"cannot read {modality} file {path}: the file is truncated or corrupt "
+            "(re-copy or re-download it)",
+        )
+
+
+def read_image(case: Case, modality: str) -> sitk.Image:
+    """Read one modality; any failure becomes a CaseError naming patient, file and fix."""
+    path = case.path(modality)
+    check_complete(case.patient_id, modality, path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+        raise CaseError(
+            case.patient_id,
+            f"cannot read {modality} file {path} (not a NIfTI image, or a corrupt/truncated gzip: "
+            f"re-copy or re-export it): {first[:160]}",
+        ) from e
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise CaseError(
+            case.patient_id,
+            f"{modality} file {path} is {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} component(s): need one 3D scalar volume",
+        )
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        # ITK's NIfTI reader turns NaN into 0 silently, so look at the stored values.
+        if not np.isfinite(np.asarray(nib.load(path).dataobj)).all():
+            raise CaseError(
+                case.patient_id,
+                f"{modality} file {path} has NaN or Inf voxels: fix or re-export the image",
+            )
+    return image
+
+
+def check_same_grid(case: Case, images: list[sitk.Image]) -> None:
+    """The modalities must be co-registered on one voxel grid (BraTS ships them so)."""
+    ref = images[0]
+    for mod, img in zip(MODALITIES[1:], images[1:]):
+        what = None
+        if img.GetSize() != ref.GetSize():
+            what = f"shape {img.GetSize()} but t1 has {ref.GetSize()}"
+        elif not np.allclose(img.GetSpacing(), ref.GetSpacing(), rtol=SPACING_RTOL):
+            what = f"spacing {img.GetSpacing()} mm but t1 has {ref.GetSpacing()} mm"
+        elif not np.allclose(img.GetDirection(), ref.GetDirection(), atol=DIRECTION_ATOL):
+            what = "an orientation (direction) different from t1"
+        if what:
+            raise CaseError(
+                case.patient_id,
+                f"{mod} file {case.path(mod)} has {what}: the four modalities must be "
+                "co-registered on the same grid (resample them to the t1 first)",
+            )
+
+
+def brain_mask(arrays: list[np.ndarray]) -> np.ndarray:
+    """Voxels non-zero in any modality (real files hold small negative values inside the brain)."""
+    mask = arrays[0] != 0
+    for a in arrays[1:]:
+        mask |= a != 0
+    return mask
+
+
+def cube_grid(image: sitk.Image, mask: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """Origin (x, y, z mm) and spacing (mm) of an LPS-aligned cube of `size`^3 voxels that holds
+    the mask's bounding box, centred on it.
+
+    The box's 8 voxel-edge corners go to physical space, so any input orientation (an oblique
+    one too) is handled; the cube side is the box's longest physical extent.
+    """
+    idx = [np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]  # z, y, x
+    lo = [int(i[0]) - 0.5 for i in idx][::-1]  # -> x, y, z (SimpleITK index order)
+    hi = [int(i[-1]) + 0.5 for i in idx][::-1]
+    corners = np.array(
+        [
+            image.TransformContinuousIndexToPhysicalPoint((cx, cy, cz))
+            for cx in (lo[0], hi[0])
+            for cy in (lo[1], hi[1])
+            for cz in (lo[2], hi[2])
+        ]
+    )
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    spacing = float((high - low).max()) / size
+    origin = (low + high) / 2 - spacing * (size - 1) / 2
+    return origin, spacing
+
+
+def _axis_plan(
+    n_in: int, origin_in: float, spacing_in: float, origin_out: float, spacing_out: float, size: int
+) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation along one axis: the input range [lo, hi] it reads, and for each output
+    voxel the two neighbours (indices into that range padded by one zero each side) and weight."""
+    pos = (origin_out + spacing_out * np.arange(size) - origin_in) / spacing_in
+    left = np.floor(pos).astype(np.int64)
+    weight = (pos - left).astype(np.float32)
+    left = np.clip(left, -1, n_in)
+    right = np.clip(left + 1, -1, n_in)
+    lo, hi = max(int(left.min()), 0), min(int(right.max()), n_in - 1)
+    return lo, hi, left - lo + 1, right - lo + 1, weight
+
+
+def resample_lps(images: list[sitk.Image], origin: np.ndarray, spacing: float, size: int) -> np.ndarray:
+    """Linear resampling of axis-aligned LPS images onto the cube grid -> float32 (C, S, S, S).
+
+    Separable (z, then y, then x) on the needed crop only, one channel at a time so that the
+    working set stays in cache: the same values as sitk.Resample with a linear interpolator and
+    a 0 default, in well under its single-threaded time.
+    """
+    org, sp, n = images[0].GetOrigin(), images[0].GetSpacing(), images[0].GetSize()
+    plans = [_axis_plan(n[a], org[a], sp[a], origin[a], spacing, size) for a in (2, 1, 0)]  # z,y,x
+    (z0, z1, *_), (y0, y1, *_), (x0, x1, *_) = plans
+    out = np.empty((len(images), size, size, size), np.float32)
+    crop = np.zeros((z1 - z0 + 3, y1 - y0 + 3, x1 - x0 + 3), np.float32)  # rim of zeros
+    for c, image in enumerate(images):
+        crop[1:-1, 1:-1, 1:-1] = sitk.GetArrayViewFromImage(image)[z0 : z1 + 1, y0 : y1 + 1, x0 : x1 + 1]
+        vol = crop
+        for axis, (_, _, left, right, weight) in enumerate(plans):
+            shape = [1, 1, 1]
+            shape[axis] = -1
+            a0 = np.take(vol, left, axis=axis)
+            vol = np.take(vol, right, axis=axis)
+            vol -= a0
+            vol *= weight.reshape(shape)
+            vol += a0
+        out[c] = vol
+    return out
+
+
+def resample_any(images: list[sitk.Image], origin: np.ndarray, spacing: float, size: int) -> np.ndarray:
+    """sitk.Resample onto the LPS cube grid; for inputs whose axes are oblique to LPS."""
+    out = np.empty((len(images), size, size, size), dtype=np.float32)
+    for c, image in enumerate(images):
+        resampled = sitk.Resample(
+            image,
+            (size,) * 3,
+            sitk.Transform(),
+            sitk.sitkLinear,
+            tuple(origin),
+            (spacing,) * 3,
+            (1, 0, 0, 0, 1, 0, 0, 0, 1),
+            0.0,
+            sitk.sitkFloat32,
+        )
+        out[c] = sitk.GetArrayViewFromImage(resampled)
+    return out
+
+
+def zscore_brain(volume: np.ndarray) -> np.ndarray:
+    """(C, S, S, S) in place: each channel z-scored over the voxels non-zero in any channel.
+
+    Voxels outside that mask are 0 in every channel, so sums over the whole channel are sums over
+    the brain; the variance is taken after centring (exact in float32).
+    """
+    mask = brain_mask(list(volume))
+    outside = ~mask
+    n = max(int(mask.sum()), 1)
+    for channel in volume:
+        channel -= channel.sum(dtype=np.float64) / n
+        channel[outside] = 0.0
+        flat = channel.reshape(-1)
+        std = float(np.sqrt(np.dot(flat, flat) / n))
+        channel /= std if std > 1e-8 else 1.0
+    return volume
+
+
+def preprocess_case(case: Case, cfg: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+    """Read and preprocess one patient -> float32 (C, S, S, S), channels in `cfg.modalities`.
+
+    Raises CaseError (naming the patient and the file) for unreadable files, 2D/4D images,
+    modalities on different grids, NaN/Inf voxels and an empty brain.
+    """
+    images = [read_image(case, m) for m in MODALITIES]
+    check_same_grid(case, images)
+    if not np.allclose(images[0].GetDirection(), np.eye(3).ravel(), atol=DIRECTION_ATOL):
+        # Flip/permute to LPS axes (exact, no interpolation); an oblique image stays oblique.
+        images = [sitk.DICOMOrient(img, ORIENTATION) for img in images]
+    arrays = [sitk.GetArrayViewFromImage(img) for img in images]  # (z, y, x) views, no copy
+    mask = brain_mask(arrays)
+    if not mask.any():
+        raise CaseError(
+            case.patient_id,
+            f"empty brain: every voxel is 0 in all four files (e.g. {case.path('t1')}): "
+            "check that the images are not blank",
+        )
+    origin, spacing = cube_grid(images[0], mask, cfg.size)
+    chosen = [images[MODALITIES.index(m)] for m in cfg.modalities]
+    if np.allclose(images[0].GetDirection(), np.eye(3).ravel(), atol=DIRECTION_ATOL):
+        volume = resample_lps(chosen, origin, spacing, cfg.size)
+    else:
+        volume = resample_any(chosen, origin, spacing, cfg.size)
+    return zscore_brain(volume)
+
+
+def preprocess_paths(patient_id: str, paths: dict[str, str | Path], cfg: PreprocessConfig) -> np.ndarray:
+    """Preprocess one patient given as explicit modality -> file paths."""
+    case = Case(patient_id, None, tuple(Path(paths[m]) for m in MODALITIES))
+    return preprocess_case(case, cfg)

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny synthetic cohorts (made once per session) and small helpers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from brats.synthetic import make_cohort
+
+TINY_SHAPE = (40, 40, 28)  # x, y, z voxels: enough for a brain, a tumour and fast tests
+TINY_SIZE = 24  # preprocessed cube side
+
+
+@pytest.fixture(scope="session")
+def cohort18(tmp_path_factory) -> Path:
+    """A BraTS 2018 tree of 14 tiny synthetic patients (read-only: copy before changing it)."""
+    root = tmp_path_factory.mktemp("brats18") / "MICCAI_BraTS_2018_Data_Training"
+    make_cohort(root, 14, seed=3, shape=TINY_SHAPE, workers=1)
+    return root
+
+
+@pytest.fixture
+def cohort_copy(cohort18, tmp_path) -> Path:
+    dst = tmp_path / "cohort"
+    shutil.copytree(cohort18, dst)
+    return dst
+
+
+def write_nifti(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), direction=None) -> None:
+    """Write a (z, y, x) array as NIfTI with LPS identity direction unless given."""
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(spacing)
+    if direction is not None:
+        img.SetDirection(direction)
+    sitk.WriteImage(img, str(path))
+
+
+def case_dirs(root: Path) -> list[Path]:
+    return sorted(p for g in ("HGG", "LGG") for p in (root / g).iterdir())

@@ -1,0 +1,69 @@
+import json
+
+import numpy as np
+import pytest
+
+from brats.errors import BratsError
+from brats.folds import cohort_fingerprint, load_or_make_splits, make_splits
+
+
+def cohort(n_hgg=42, n_lgg=15):
+    ids = [f"P{i:03d}" for i in range(n_hgg + n_lgg)]
+    labels = [1] * n_hgg + [0] * n_lgg
+    return ids, labels
+
+
+def test_folds_partition_and_are_stratified():
+    ids, labels = cohort()
+    s = make_splits(ids, labels, k=5, seed=42)
+    vals = [v for fold in s.outer for v in fold]
+    assert sorted(vals) == sorted(ids)  # every patient in exactly one validation fold
+    label_of = dict(zip(ids, labels))
+    for k in range(5):
+        f = s.fold(k, ids, labels)
+        assert not set(f.train) & set(f.test)
+        assert sorted(f.train + f.test) == sorted(ids)
+        n_lgg = sum(1 for p in f.test if label_of[p] == 0)
+        assert n_lgg in (3, 4)  # 15 LGG over 5 folds
+        assert len(f.test) in (11, 12)
+
+
+def test_same_seed_same_splits_other_seed_differs():
+    ids, labels = cohort()
+    assert (
+        make_splits(ids, labels, seed=42).outer
+        == make_splits(list(reversed(ids)), list(reversed(labels)), seed=42).outer
+    )
+    assert make_splits(ids, labels, seed=42).outer != make_splits(ids, labels, seed=1).outer
+
+
+def test_inner_validation_split():
+    ids, labels = cohort()
+    s = make_splits(ids, labels, seed=42, inner_val=0.2)
+    label_of = dict(zip(ids, labels))
+    for k in range(5):
+        f = s.fold(k, ids, labels)
+        assert not (set(f.train) & set(f.val)) and not (set(f.val) & set(f.test))
+        assert len(f.train) + len(f.val) + len(f.test) == len(ids)
+        assert 0 < sum(label_of[p] == 0 for p in f.val) < len(f.val)
+        assert f == s.fold(k, ids, labels)
+
+
+def test_splits_file_reused_and_checked(tmp_path):
+    ids, labels = cohort()
+    path = tmp_path / "splits.json"
+    a = load_or_make_splits(path, ids, labels)
+    d = json.loads(path.read_text())
+    assert d["cohort_fingerprint"] == cohort_fingerprint(ids, labels) and len(d["folds"]) == 5
+    mtime = path.stat().st_mtime_ns
+    assert load_or_make_splits(path, ids, labels).outer == a.outer and path.stat().st_mtime_ns == mtime
+    with pytest.raises(BratsError, match="made for another cohort"):
+        load_or_make_splits(path, ids[:-1], labels[:-1])
+    with pytest.raises(BratsError, match="k=5, seed=42.*but this run asks"):
+        load_or_make_splits(path, ids, labels, seed=7)
+
+
+def test_too_few_patients_per_class():
+    with pytest.raises(BratsError, match="at least 5 patients of each grade"):
+        make_splits(*cohort(10, 3))
+    assert np.isfinite(len(make_splits(*cohort(5, 5)).outer))
