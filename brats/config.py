@@ -1,0 +1,162 @@
+"""Training configuration: one frozen dataclass, two policies from the seed report.
+
+`final` (the default) is the seed's section 6 policy; `baseline` is its section 1 setup, kept
+reproducible so that the two can be compared on the same folds (`make ablation`).
+Every default quotes where it comes from ("seed 6.3" = training_journey_summary.md, section 6.3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from brats.cohort import MODALITIES
+from brats.errors import BratsError
+
+POLICIES = ("final", "baseline")
+DEPTHS = (10, 18, 34, 50)
+LAYOUTS = ("strided", "medicalnet")
+LOSSES = ("ce", "ldam")
+SAMPLERS = ("inverse_freq", "none")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- what to train on
+    data: str = ""  # prepared cache, or a raw cohort root (prepared first into <root>_cache<size>)
+    run: str = "runs/cv"  # run folder: splits.json, config.json, fold_K/
+    fold: int = 0  # 0-based fold index trained by this process
+    folds: int = 5  # K of the stratified K-fold (seed: 5-fold CV)
+    split_seed: int = 42  # seed of the fold assignment, shared by every policy
+    inner_val: float = 0.0  # >0: this fraction of the training patients chooses the epoch (unbiased)
+    size: int = 128  # cube side when `data` is raw (seed 6.2: 128^3)
+    # --- model
+    depth: int = 50  # ResNet depth (seed: ResNet50-3D)
+    layout: str = "strided"  # strided: stride 2 in layers 2-4 (~116 GFLOP); medicalnet: dilated (~450)
+    modalities: tuple[str, ...] = MODALITIES  # channels (seed 6.2: T1, T1ce, T2, FLAIR early fusion)
+    dropout: float = 0.4  # before the classifier (seed 6.4)
+    pretrained: str | None = None  # MedicalNet .pth (seed: MedicalNet-pretrained backbone)
+    sync_bn: bool = False  # SyncBatchNorm under DDP (off: see engine.py)
+    # --- optimisation
+    policy: str = "final"  # preset these defaults come from
+    max_epochs: int = 60  # upper bound; early stopping ends most runs (seed 2.3: ~20-40 epochs)
+    min_epochs: int = 15  # no early stop before this epoch (seed 6.4)
+    patience: int = 10  # epochs without a new best val AUC before stopping (seed 6.4)
+    batch_size: int = 4  # per process (seed 6.3)
+    grad_accum: int = 2  # micro-batches per optimizer update (seed 6.3: effective batch 8)
+    lr: float = 1e-4  # backbone learning rate, Adam (seed 6.3)
+    classifier_lr_mult: float = 2.0  # classifier lr = lr x this (seed 3.4.1: 10x -> 2x)
+    weight_decay: float = 1e-4  # Adam L2 penalty (seed 6.4)
+    warmup_epochs: float = 3.0  # linear warm-up then cosine, sized in optimizer updates (seed 6.3: 3-5)
+    max_grad_norm: float = 0.0  # gradient clipping; 0 = off (the seed does not clip)
+    loss: str = "ce"  # ce = nn.CrossEntropyLoss (seed 6.1); ldam (seed 1.2)
+    ldam_max_m: float = 0.2  # LDAM largest margin (seed 1.2)
+    ldam_s: float = 15.0  # LDAM logit scale (seed 1.2)
+    drw_start_epoch: int = 0  # deferred re-weighting from this epoch (1-based); 0 = off (seed 6.1)
+    sampler: str = "inverse_freq"  # WeightedRandomSampler, inverse class frequency (seed 6.1)
+    augment: bool = True  # shared spatial + per-channel intensity augmentation (seed 6.2)
+    ema_decay: float = 0.0  # 0 = off (seed 6.5 default); 0.995 when enabled (seed 3.4.4)
+    mixed_precision: str | None = (
+        None  # None = from accelerate config; CPU falls back to fp32 (seed 6.3: AMP)
+    )
+    # --- run control
+    seed: int = 42  # torch seed for init, sampling, augmentation and dropout
+    workers: int = 2  # DataLoader worker processes
+    cpu: bool = False  # force the CPU (also for `accelerate launch --multi_gpu` gloo tests)
+    resume: bool = False  # continue after the last completed epoch of RUN/fold_K/state.pt
+    progress: bool = True  # progress bar on the main process
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["modalities"] = list(self.modalities)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "modalities" in kwargs:
+            kwargs["modalities"] = tuple(kwargs["modalities"])
+        return cls(**kwargs)
+
+
+# Seed section 1: FLAIR only, LDAM (max_m 0.2, s 15) + DRW from epoch 25 + the sampler kept,
+# classifier lr 10x, batch 2 (effective 4), warm-up 10% of the epochs, patience 7 after 10.
+BASELINE = {
+    "modalities": ("flair",),
+    "loss": "ldam",
+    "drw_start_epoch": 25,
+    "classifier_lr_mult": 10.0,
+    "batch_size": 2,
+    "grad_accum": 2,
+    "warmup_epochs": 6.0,  # 10% of the 60 epochs
+    "patience": 7,
+    "min_epochs": 10,
+}
+
+
+def make_config(policy: str = "final", **overrides: Any) -> TrainConfig:
+    """The policy's defaults with `overrides` (None values are ignored), validated."""
+    if policy not in POLICIES:
+        raise BratsError(f"--policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    base = dict(BASELINE) if policy == "baseline" else {}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(policy=policy, **base)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Collect every problem, raise once with all of them."""
+    problems = []
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    check(cfg.depth in DEPTHS, f"--depth {cfg.depth}: choose one of {DEPTHS}")
+    check(cfg.layout in LAYOUTS, f"--layout {cfg.layout!r}: choose one of {LAYOUTS}")
+    check(cfg.loss in LOSSES, f"--loss {cfg.loss!r}: choose one of {LOSSES}")
+    check(cfg.sampler in SAMPLERS, f"--sampler {cfg.sampler!r}: choose one of {SAMPLERS}")
+    check(
+        cfg.mixed_precision is None or cfg.mixed_precision in MIXED_PRECISION,
+        f"--mixed-precision {cfg.mixed_precision!r}: choose one of {MIXED_PRECISION}",
+    )
+    check(cfg.folds >= 2, f"--folds {cfg.folds}: need at least 2")
+    check(0 <= cfg.fold < cfg.folds, f"--fold {cfg.fold}: must be in 0..{cfg.folds - 1}")
+    check(0.0 <= cfg.inner_val < 0.5, f"--inner-val {cfg.inner_val}: use 0 (off) or a fraction below 0.5")
+    check(cfg.size >= 16, f"--size {cfg.size}: at least 16 voxels")
+    check(
+        len(cfg.modalities) > 0 and all(m in MODALITIES for m in cfg.modalities),
+        f"modalities {cfg.modalities}: each must be one of {MODALITIES}",
+    )
+    check(len(set(cfg.modalities)) == len(cfg.modalities), f"modalities {cfg.modalities}: repeated channel")
+    check(0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout}: must be in [0, 1)")
+    check(cfg.max_epochs >= 1, f"--max-epochs {cfg.max_epochs}: at least 1")
+    check(cfg.min_epochs >= 0, f"--min-epochs {cfg.min_epochs}: must be >= 0")
+    check(cfg.patience >= 1, f"--patience {cfg.patience}: at least 1")
+    check(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: at least 1")
+    check(cfg.grad_accum >= 1, f"--grad-accum {cfg.grad_accum}: at least 1")
+    check(cfg.lr > 0, f"--lr {cfg.lr}: must be > 0")
+    check(cfg.classifier_lr_mult > 0, f"--classifier-lr-mult {cfg.classifier_lr_mult}: must be > 0")
+    check(cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: must be >= 0")
+    check(cfg.warmup_epochs >= 0, f"--warmup-epochs {cfg.warmup_epochs}: must be >= 0")
+    check(cfg.max_grad_norm >= 0, f"--max-grad-norm {cfg.max_grad_norm}: must be >= 0 (0 = off)")
+    check(0.0 <= cfg.ema_decay < 1.0, f"--ema-decay {cfg.ema_decay}: use 0 (off) or a value in (0, 1)")
+    check(cfg.ldam_max_m > 0 and cfg.ldam_s > 0, "LDAM max_m and s must be > 0")
+    check(cfg.drw_start_epoch >= 0, f"--drw-start-epoch {cfg.drw_start_epoch}: must be >= 0 (0 = off)")
+    check(cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0")
+    check(bool(cfg.data), "--data is required: a prepared cache or a BraTS folder")
+    if problems:
+        raise BratsError("invalid configuration: " + "; ".join(problems))
+
+
+# Settings that may differ between the folds of one run without making them incomparable.
+PER_PROCESS = ("fold", "resume", "workers", "progress", "cpu", "mixed_precision", "data", "extra")
+
+
+def comparable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in PER_PROCESS}

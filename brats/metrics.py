@@ -1,0 +1,120 @@
+"""Classification metrics (HGG = 1 is the positive class) and the plots the seed reports.
+
+Everything is computed by scikit-learn on the full arrays of one validation set.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from brats.cohort import CLASSES
+
+METRICS = ("auc", "f1", "macro_f1", "accuracy", "balanced_accuracy", "precision", "recall")
+
+
+def classification_metrics(labels: np.ndarray, p_hgg: np.ndarray, threshold: float = 0.5) -> dict:
+    """labels (N,) in {0, 1}, p_hgg (N,) in [0, 1] -> dict of METRICS plus the confusion matrix.
+
+    AUC is NaN when the set holds one class only.
+    """
+    labels = np.asarray(labels).astype(int)
+    p_hgg = np.asarray(p_hgg, dtype=np.float64)
+    pred = (p_hgg >= threshold).astype(int)
+    both = len(np.unique(labels)) == 2
+    return {
+        "auc": float(roc_auc_score(labels, p_hgg)) if both else math.nan,
+        "f1": float(f1_score(labels, pred, pos_label=1, zero_division=0)),
+        "macro_f1": float(f1_score(labels, pred, average="macro", labels=[0, 1], zero_division=0)),
+        "accuracy": float(accuracy_score(labels, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)) if both else math.nan,
+        "precision": float(precision_score(labels, pred, pos_label=1, zero_division=0)),
+        "recall": float(recall_score(labels, pred, pos_label=1, zero_division=0)),
+        "confusion_matrix": confusion_matrix(labels, pred, labels=[0, 1]).tolist(),
+        "n": int(len(labels)),
+    }
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1), as the seed's 'mean +- std' across folds."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def bootstrap_auc_ci(
+    labels: np.ndarray, p_hgg: np.ndarray, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile 95% CI of the AUC over patient resamples (stratified by class)."""
+    labels = np.asarray(labels).astype(int)
+    p_hgg = np.asarray(p_hgg, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    aucs = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        aucs.append(roc_auc_score(labels[idx], p_hgg[idx]))
+    lo, hi = np.percentile(aucs, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def save_plots(
+    folder: Path, labels: np.ndarray, p_hgg: np.ndarray, prefix: str = "", suffix: str = "", title: str = ""
+) -> list[Path]:
+    """`{prefix}{roc_curve,pr_curve,confusion_matrix}{suffix}.png` (scikit-learn displays)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
+
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.asarray(labels).astype(int)
+    written = []
+    plots = []
+    if len(np.unique(labels)) == 2:
+        plots += [
+            (
+                "roc_curve",
+                lambda ax: RocCurveDisplay.from_predictions(labels, p_hgg, pos_label=1, name="HGG", ax=ax),
+            ),
+            (
+                "pr_curve",
+                lambda ax: PrecisionRecallDisplay.from_predictions(
+                    labels, p_hgg, pos_label=1, name="HGG", ax=ax
+                ),
+            ),
+        ]
+    plots.append(
+        (
+            "confusion_matrix",
+            lambda ax: ConfusionMatrixDisplay.from_predictions(
+                labels,
+                (p_hgg >= 0.5).astype(int),
+                labels=[0, 1],
+                display_labels=list(CLASSES),
+                ax=ax,
+                colorbar=False,
+            ),
+        )
+    )
+    for name, draw in plots:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        draw(ax)
+        ax.set_title(f"{title} {name.replace('_', ' ')}".strip())
+        path = folder / f"{prefix}{name}{suffix}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

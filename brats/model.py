@@ -1,0 +1,246 @@
+"""3D ResNet (depth 10/18/34/50) with Tencent MedicalNet's module and key names, and its weights.
+
+Key names follow MedicalNet (`conv1`, `bn1`, `layer1..4`, `downsample.0/1`) so that its released
+checkpoints load strictly. Shortcuts as in those checkpoints: B (1x1x1 conv + BN) for depths 10
+and 50, A (zero-padded identity, no weights) for 18 and 34.
+
+Layouts:
+- `strided` (default): stride 2 in layers 2-4, as in MONAI's ResNet; ~116 GFLOP forward at 4x128^3.
+- `medicalnet`: layers 3-4 keep stride 1 with dilation 2 and 4, as the weights were pretrained
+  (a segmentation backbone); ~450 GFLOP at 4x128^3.
+Head: global average pool -> Dropout -> Linear(num_classes), named `fc` (the classifier group).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brats.errors import BratsError
+
+log = logging.getLogger(__name__)
+
+# depth -> (block, blocks per layer, shortcut type)
+SPECS = {
+    10: ("basic", (1, 1, 1, 1), "B"),
+    18: ("basic", (2, 2, 2, 2), "A"),
+    34: ("basic", (3, 4, 6, 3), "A"),
+    50: ("bottleneck", (3, 4, 6, 3), "B"),
+}
+CLASSIFIER_PREFIX = "fc."
+
+
+def conv3(in_planes: int, planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
+    return nn.Conv3d(in_planes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+class ShortcutA(nn.Module):
+    """Identity shortcut that subsamples and zero-pads channels: no weights (MedicalNet type A)."""
+
+    def __init__(self, planes: int, stride: int):
+        super().__init__()
+        self.planes, self.stride = planes, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride, :: self.stride]
+        pad = self.planes - x.shape[1]
+        return F.pad(x, (0, 0, 0, 0, 0, 0, 0, pad)) if pad > 0 else x
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, dilation: int = 1, downsample=None):
+        super().__init__()
+        self.conv1 = conv3(in_planes, planes, stride, dilation)
+        self.bn1 = nn.BatchNorm3d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3(planes, planes, dilation=dilation)
+        self.bn2 = nn.BatchNorm3d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, dilation: int = 1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm3d(planes)
+        self.conv2 = conv3(planes, planes, stride, dilation)
+        self.bn2 = nn.BatchNorm3d(planes)
+        self.conv3 = nn.Conv3d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm3d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet3D(nn.Module):
+    """(B, C, D, H, W) -> (B, num_classes) logits."""
+
+    def __init__(
+        self,
+        depth: int = 50,
+        in_channels: int = 4,
+        num_classes: int = 2,
+        layout: str = "strided",
+        dropout: float = 0.4,
+    ):
+        super().__init__()
+        if depth not in SPECS:
+            raise BratsError(f"depth {depth}: choose one of {sorted(SPECS)}")
+        if layout not in ("strided", "medicalnet"):
+            raise BratsError(f"layout {layout!r}: choose strided or medicalnet")
+        kind, blocks, self.shortcut = SPECS[depth]
+        block = Bottleneck if kind == "bottleneck" else BasicBlock
+        self.depth, self.layout, self.in_channels = depth, layout, in_channels
+        self.in_planes = 64
+        self.conv1 = nn.Conv3d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm3d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool3d(3, stride=2, padding=1)
+        dilated = layout == "medicalnet"
+        self.layer1 = self._make_layer(block, 64, blocks[0])
+        self.layer2 = self._make_layer(block, 128, blocks[1], stride=2)
+        self.layer3 = self._make_layer(
+            block, 256, blocks[2], stride=1 if dilated else 2, dilation=2 if dilated else 1
+        )
+        self.layer4 = self._make_layer(
+            block, 512, blocks[3], stride=1 if dilated else 2, dilation=4 if dilated else 1
+        )
+        self.avgpool = nn.AdaptiveAvgPool3d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm3d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block, planes: int, n: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.in_planes != planes * block.expansion:
+            if self.shortcut == "A":
+                downsample = ShortcutA(planes * block.expansion, stride)
+            else:
+                downsample = nn.Sequential(
+                    nn.Conv3d(self.in_planes, planes * block.expansion, 1, stride=stride, bias=False),
+                    nn.BatchNorm3d(planes * block.expansion),
+                )
+        layers = [block(self.in_planes, planes, stride, dilation, downsample)]
+        self.in_planes = planes * block.expansion
+        layers += [block(self.in_planes, planes, dilation=dilation) for _ in range(1, n)]
+        return nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.features(x)))
+
+
+def build_model(cfg) -> ResNet3D:
+    """The model a TrainConfig (or its dict) describes."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+    return ResNet3D(
+        depth=get("depth"), in_channels=len(get("modalities")), layout=get("layout"), dropout=get("dropout")
+    )
+
+
+def param_groups(model: nn.Module, lr: float, classifier_lr_mult: float, weight_decay: float) -> list[dict]:
+    """Backbone at `lr`, classifier (`fc`) at `lr * classifier_lr_mult` (seed 6.3)."""
+    backbone = [p for n, p in model.named_parameters() if not n.startswith(CLASSIFIER_PREFIX)]
+    head = [p for n, p in model.named_parameters() if n.startswith(CLASSIFIER_PREFIX)]
+    return [
+        {"params": backbone, "lr": lr, "weight_decay": weight_decay, "name": "backbone"},
+        {"params": head, "lr": lr * classifier_lr_mult, "weight_decay": weight_decay, "name": "classifier"},
+    ]
+
+
+def load_pretrained(model: ResNet3D, path: str | Path) -> dict:
+    """Load a MedicalNet checkpoint into the backbone, strictly; returns what was loaded.
+
+    Accepts `{'state_dict': {...}}` with `module.` prefixes (MedicalNet's files) or a bare state
+    dict. The segmentation head (`conv_seg.*`) is dropped; `num_batches_tracked` may be absent
+    (older PyTorch). conv1 is adapted from 1 input channel to C (repeated, divided by C).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BratsError(f"--pretrained {path}: file not found")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BratsError(
+            f"--pretrained {path}: cannot load as a weights-only checkpoint ({type(e).__name__}: {e})"
+        ) from e
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BratsError(f"--pretrained {path}: expected {{'state_dict': {{name: tensor}}}} or a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    dropped = sorted(k for k in state if k.startswith("conv_seg."))
+    state = {k: v for k, v in state.items() if not k.startswith("conv_seg.")}
+
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(CLASSIFIER_PREFIX)}
+    missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state if k not in own)
+    if "conv1.weight" in state:
+        w = state["conv1.weight"]
+        c = model.in_channels
+        if w.ndim == 5 and w.shape[1] != c and w.shape[1] == 1:
+            state["conv1.weight"] = w.repeat(1, c, 1, 1, 1) / c  # keeps the response to a uniform input
+    mismatched = sorted(
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    )
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}")
+        if mismatched:
+            parts.append(f"shape mismatch: {', '.join(mismatched[:5])}")
+        raise BratsError(
+            f"--pretrained {path} does not fit ResNet-{model.depth} ({model.shortcut} shortcut): "
+            + "; ".join(parts)
+            + " (check --depth; MedicalNet files are resnet_<depth>_23dataset.pth)"
+        )
+    result = model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys  # checked above
+    info = {
+        "path": str(path),
+        "loaded": len(state),
+        "dropped": len(dropped),
+        "conv1_in_channels": model.in_channels,
+    }
+    log.info(
+        "loaded %d backbone tensors from %s (dropped %d conv_seg tensors; conv1 adapted to %d channels; "
+        "classifier fc initialised fresh)",
+        info["loaded"],
+        path,
+        info["dropped"],
+        model.in_channels,
+    )
+    return info

@@ -1,0 +1,112 @@
+"""Train one cross-validation fold of the glioma grading model.
+
+    accelerate launch train.py --fold 1 --data CACHE_OR_BRATS_ROOT --run runs/cv
+    python train.py --fold 0 --data ... --policy baseline      # the seed's first setup (section 1)
+
+Defaults are the seed's final policy (section 6). Options left unset take the policy's value.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from brats.config import make_config
+from brats.errors import exit_on_error
+
+app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+
+
+@app.command()
+@exit_on_error
+def main(
+    data: Annotated[
+        str, typer.Option(help="prepared cache, or a BraTS folder / CSV manifest (prepared first)")
+    ],
+    fold: Annotated[int, typer.Option(help="fold to train, 0-based")] = 0,
+    run: Annotated[Path, typer.Option(help="run folder (splits.json, config.json, fold_K/)")] = Path(
+        "runs/cv"
+    ),
+    policy: Annotated[str, typer.Option(help="final (seed 6) or baseline (seed 1)")] = "final",
+    folds: Annotated[int | None, typer.Option(help="K of the K-fold [5]")] = None,
+    split_seed: Annotated[int | None, typer.Option(help="fold assignment seed [42]")] = None,
+    inner_val: Annotated[
+        float | None, typer.Option(help="fraction of training patients that choose the epoch [0=off]")
+    ] = None,
+    size: Annotated[int | None, typer.Option(help="cube side when --data is raw [128]")] = None,
+    depth: Annotated[int | None, typer.Option(help="ResNet depth 10/18/34/50 [50]")] = None,
+    layout: Annotated[str | None, typer.Option(help="strided or medicalnet [strided]")] = None,
+    modalities: Annotated[str | None, typer.Option(help="comma list of t1,t1ce,t2,flair [policy]")] = None,
+    dropout: Annotated[float | None, typer.Option(help="[0.4]")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="MedicalNet weights (.pth)")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="[60]")] = None,
+    min_epochs: Annotated[int | None, typer.Option(help="[15; baseline 10]")] = None,
+    patience: Annotated[int | None, typer.Option(help="[10; baseline 7]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="per process [4; baseline 2]")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="[2]")] = None,
+    lr: Annotated[float | None, typer.Option(help="backbone lr [1e-4]")] = None,
+    classifier_lr_mult: Annotated[float | None, typer.Option(help="[2; baseline 10]")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="[1e-4]")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="[3; baseline 6]")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="[0 = off]")] = None,
+    loss: Annotated[str | None, typer.Option(help="ce or ldam [policy]")] = None,
+    drw_start_epoch: Annotated[int | None, typer.Option(help="[0 = off; baseline 25]")] = None,
+    sampler: Annotated[str | None, typer.Option(help="inverse_freq or none [inverse_freq]")] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="[on]")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="0 = off; 0.995 when enabled [0]")] = None,
+    mixed_precision: Annotated[str | None, typer.Option(help="no/fp16/bf16 [accelerate config]")] = None,
+    sync_bn: Annotated[bool | None, typer.Option("--sync-bn/--no-sync-bn", help="[off]")] = None,
+    seed: Annotated[int | None, typer.Option(help="[42]")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers [2]")] = None,
+    cpu: Annotated[bool, typer.Option("--cpu", help="force the CPU (gloo for multi-process)")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue after the last completed epoch")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    cfg = make_config(
+        policy,
+        data=data,
+        run=str(run),
+        fold=fold,
+        folds=folds,
+        split_seed=split_seed,
+        inner_val=inner_val,
+        size=size,
+        depth=depth,
+        layout=layout,
+        modalities=tuple(m.strip() for m in modalities.split(",")) if modalities else None,
+        dropout=dropout,
+        pretrained=pretrained,
+        max_epochs=max_epochs,
+        min_epochs=min_epochs,
+        patience=patience,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        classifier_lr_mult=classifier_lr_mult,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        max_grad_norm=max_grad_norm,
+        loss=loss,
+        drw_start_epoch=drw_start_epoch,
+        sampler=sampler,
+        augment=augment,
+        ema_decay=ema_decay,
+        mixed_precision=mixed_precision,
+        sync_bn=sync_bn,
+        seed=seed,
+        workers=workers,
+        cpu=cpu or None,
+        resume=resume or None,
+        progress=progress,
+    )
+    from brats.engine import train_fold  # torch is imported only once the options are valid
+
+    train_fold(cfg)
+
+
+if __name__ == "__main__":
+    app()
