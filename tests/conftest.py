@@ -41,3 +41,31 @@ def write_nifti(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), directio
 
 def case_dirs(root: Path) -> list[Path]:
     return sorted(p for g in ("HGG", "LGG") for p in (root / g).iterdir())
+
+
+@pytest.fixture(scope="session")
+def cache20(tmp_path_factory) -> Path:
+    """A prepared cache of 20 tiny patients (15 HGG, 5 LGG): enough for 5 stratified folds."""
+    from brats.cache import prepare
+    from brats.cohort import find_cases
+    from brats.preprocess import PreprocessConfig
+
+    base = tmp_path_factory.mktemp("c20")
+    make_cohort(base / "cohort", 20, seed=11, shape=TINY_SHAPE, workers=1)
+    prepare(find_cases(base / "cohort").cases, base / "cache", PreprocessConfig(size=TINY_SIZE), workers=2, progress=False)
+    return base / "cache"
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """In-process training creates an Accelerator; reset its global state afterwards."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+# Small, fast training settings shared by the training tests (depth 10, tiny cubes, no workers).
+FAST = dict(depth=10, workers=0, progress=False, min_epochs=1, warmup_epochs=1.0)

@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from brats.errors import BratsError
+from brats.model import ResNet3D, load_pretrained, param_groups
+
+
+def bn(prefix, c):
+    return {f"{prefix}.weight": (c,), f"{prefix}.bias": (c,), f"{prefix}.running_mean": (c,), f"{prefix}.running_var": (c,)}
+
+
+def medicalnet_shapes(depth: int) -> dict[str, tuple]:
+    """Key -> shape of Tencent MedicalNet's resnet_<depth> state dict, written out from the
+    published architecture (not from brats.model): 1 input channel, 2-class segmentation head."""
+    block, layers = {10: ("basic", [1, 1, 1, 1]), 50: ("bottleneck", [3, 4, 6, 3])}[depth]
+    expansion = 4 if block == "bottleneck" else 1
+    s = {"conv1.weight": (64, 1, 7, 7, 7), **bn("bn1", 64)}
+    inplanes = 64
+    for li, (planes, n) in enumerate(zip([64, 128, 256, 512], layers), start=1):
+        for b in range(n):
+            p = f"layer{li}.{b}"
+            if block == "basic":
+                s[f"{p}.conv1.weight"] = (planes, inplanes, 3, 3, 3)
+                s.update(bn(f"{p}.bn1", planes))
+                s[f"{p}.conv2.weight"] = (planes, planes, 3, 3, 3)
+                s.update(bn(f"{p}.bn2", planes))
+            else:
+                s[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1, 1)
+                s.update(bn(f"{p}.bn1", planes))
+                s[f"{p}.conv2.weight"] = (planes, planes, 3, 3, 3)
+                s.update(bn(f"{p}.bn2", planes))
+                s[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1, 1)
+                s.update(bn(f"{p}.bn3", planes * 4))
+            if b == 0 and (li > 1 or inplanes != planes * expansion):  # shortcut B
+                s[f"{p}.downsample.0.weight"] = (planes * expansion, inplanes, 1, 1, 1)
+                s.update(bn(f"{p}.downsample.1", planes * expansion))
+            inplanes = planes * expansion
+    # segmentation head that the classifier drops
+    s["conv_seg.0.weight"] = (inplanes, 32, 2, 2, 2)
+    s["conv_seg.0.bias"] = (32,)
+    s.update(bn("conv_seg.1", 32))
+    s["conv_seg.3.weight"] = (32, 32, 3, 3, 3)
+    s.update(bn("conv_seg.4", 32))
+    s["conv_seg.6.weight"] = (2, 32, 1, 1, 1)
+    return s
+
+
+def write_medicalnet(path, depth, edit=None):
+    """A file in MedicalNet's exact format: {'state_dict': {'module.<key>': tensor}}."""
+    g = torch.Generator().manual_seed(depth)
+    state = {f"module.{k}": torch.randn(shape, generator=g) for k, shape in medicalnet_shapes(depth).items()}
+    if edit:
+        edit(state)
+    torch.save({"state_dict": state}, path)
+    return state
+
+
+@pytest.mark.parametrize("depth", [10, 50])
+def test_medicalnet_checkpoint_loads_strictly(tmp_path, depth):
+    path = tmp_path / f"resnet_{depth}_23dataset.pth"
+    state = write_medicalnet(path, depth)
+    model = ResNet3D(depth=depth, in_channels=4, layout="medicalnet")
+    info = load_pretrained(model, path)
+    assert info["dropped"] == sum(k.startswith("module.conv_seg.") for k in state)
+    own = model.state_dict()
+    assert torch.equal(own["layer1.0.conv1.weight"], state["module.layer1.0.conv1.weight"])
+    assert torch.equal(own["layer4.0.downsample.1.running_var"], state["module.layer4.0.downsample.1.running_var"])
+    # conv1: 1 -> 4 channels, repeated and divided by 4
+    w = state["module.conv1.weight"]
+    assert own["conv1.weight"].shape == (64, 4, 7, 7, 7)
+    torch.testing.assert_close(own["conv1.weight"].sum(dim=1, keepdim=True), w)
+    # the strided layout has the same parameters: the weights load there too
+    load_pretrained(ResNet3D(depth=depth, in_channels=4, layout="strided"), path)
+
+
+def test_bare_state_dict_and_single_channel(tmp_path):
+    path = tmp_path / "bare.pth"
+    state = {k: torch.zeros(s) for k, s in medicalnet_shapes(10).items()}
+    torch.save(state, path)
+    model = ResNet3D(depth=10, in_channels=1)
+    load_pretrained(model, path)
+    assert torch.count_nonzero(model.conv1.weight) == 0
+
+
+def test_wrong_key_and_wrong_depth_fail_clearly(tmp_path):
+    path = tmp_path / "bad.pth"
+    write_medicalnet(path, 10, edit=lambda s: s.update({"module.layer1.0.conv9.weight": s.pop("module.layer1.0.conv2.weight")}))
+    with pytest.raises(BratsError, match=r"missing 1 key\(s\): layer1.0.conv2.weight; unexpected 1 key\(s\): layer1.0.conv9"):
+        load_pretrained(ResNet3D(depth=10), path)
+    deeper = tmp_path / "r50.pth"
+    write_medicalnet(deeper, 50)
+    with pytest.raises(BratsError, match="does not fit ResNet-10 .*check --depth"):
+        load_pretrained(ResNet3D(depth=10), deeper)
+    with pytest.raises(BratsError, match="file not found"):
+        load_pretrained(ResNet3D(depth=10), tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("depth,shortcut_keys", [(10, True), (18, False), (34, False), (50, True)])
+def test_depths_forward_and_shortcuts(depth, shortcut_keys):
+    model = ResNet3D(depth=depth, in_channels=4).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 4, 32, 32, 32))
+    assert out.shape == (2, 2)
+    assert any(".downsample." in k for k in model.state_dict()) == shortcut_keys
+
+
+def test_layouts_differ_only_in_stride():
+    strided, dilated = ResNet3D(depth=10, layout="strided"), ResNet3D(depth=10, layout="medicalnet")
+    assert strided.state_dict().keys() == dilated.state_dict().keys()
+    x = torch.randn(1, 4, 32, 32, 32)
+    f_s = strided.eval().layer4(strided.layer3(strided.layer2(strided.layer1(strided.maxpool(strided.conv1(x))))))
+    f_d = dilated.eval().layer4(dilated.layer3(dilated.layer2(dilated.layer1(dilated.maxpool(dilated.conv1(x))))))
+    assert f_s.shape[-1] == 1 and f_d.shape[-1] == 4  # /32 vs /8
+    assert dilated.layer4[0].conv1.dilation == (4, 4, 4)
+
+
+def test_param_groups_split_classifier():
+    model = ResNet3D(depth=10)
+    groups = param_groups(model, 1e-4, 2.0, 1e-4)
+    assert [g["lr"] for g in groups] == [1e-4, 2e-4]
+    assert {id(p) for p in groups[1]["params"]} == {id(model.fc.weight), id(model.fc.bias)}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

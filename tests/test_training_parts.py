@@ -1,0 +1,131 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from brats.augment import AugmentConfig, augment_batch
+from brats.config import BASELINE, TrainConfig, make_config
+from brats.ema import ModelEma
+from brats.engine import warmup_cosine
+from brats.errors import BratsError
+from brats.losses import LDAMLoss, drw_weights
+from brats.metrics import classification_metrics, mean_std
+from brats.model import ResNet3D
+
+
+def test_final_policy_defaults_follow_seed_section_6():
+    cfg = make_config(data="x")
+    assert cfg.modalities == ("t1", "t1ce", "t2", "flair") and cfg.loss == "ce" and cfg.sampler == "inverse_freq"
+    assert (cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.classifier_lr_mult) == (4, 2, 1e-4, 2.0)
+    assert (cfg.patience, cfg.min_epochs, cfg.dropout, cfg.weight_decay, cfg.ema_decay) == (10, 15, 0.4, 1e-4, 0.0)
+    assert cfg.drw_start_epoch == 0 and cfg.warmup_epochs == 3
+
+
+def test_baseline_policy_follows_seed_section_1_and_overrides_win():
+    cfg = make_config("baseline", data="x")
+    assert cfg.modalities == ("flair",) and cfg.loss == "ldam" and (cfg.ldam_max_m, cfg.ldam_s) == (0.2, 15.0)
+    assert (cfg.drw_start_epoch, cfg.classifier_lr_mult, cfg.batch_size, cfg.patience, cfg.min_epochs) == (25, 10.0, 2, 7, 10)
+    assert cfg.sampler == "inverse_freq"  # the sampler was kept in the baseline
+    assert make_config("baseline", data="x", patience=3).patience == 3
+    assert set(BASELINE) <= set(TrainConfig.__dataclass_fields__)
+
+
+def test_config_collects_every_problem():
+    with pytest.raises(BratsError) as e:
+        make_config(data="", depth=11, lr=-1.0, fold=7, modalities=("t1", "dwi"))
+    msg = str(e.value)
+    for part in ("--depth 11", "--lr -1.0", "--fold 7", "dwi", "--data is required"):
+        assert part in msg
+    with pytest.raises(BratsError, match="--policy 'best'"):
+        make_config("best", data="x")
+
+
+def test_config_round_trips_through_a_plain_dict():
+    cfg = make_config("baseline", data="x", fold=2)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_ema_update_rule():
+    model = ResNet3D(depth=10, in_channels=1)
+    ema = ModelEma(model, decay=0.9)
+    before = ema.module.fc.weight.clone()
+    with torch.no_grad():
+        model.fc.weight.add_(1.0)
+        model.bn1.num_batches_tracked.fill_(7)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.fc.weight, 0.9 * before + 0.1 * model.fc.weight)
+    assert ema.module.bn1.num_batches_tracked.item() == 7  # integer buffers are copied
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ldam_margins_and_loss():
+    loss = LDAMLoss([75, 210], max_m=0.2, s=15.0)  # LGG rarer
+    m = loss.margins.tolist()
+    assert m[0] == pytest.approx(0.2) and m[1] == pytest.approx(0.2 * (75 / 210) ** 0.25)
+    logits = torch.tensor([[2.0, 1.0], [0.5, 1.5]])
+    target = torch.tensor([0, 1])
+    expected = torch.nn.functional.cross_entropy(15 * (logits - torch.tensor([[m[0], 0.0], [0.0, m[1]]])), target)
+    torch.testing.assert_close(loss(logits, target), expected)
+
+
+def test_drw_weights_favour_the_minority_and_sum_to_classes():
+    w = drw_weights([75, 210])
+    assert w.sum().item() == pytest.approx(2.0) and w[0] > w[1]
+
+
+def test_warmup_then_cosine():
+    f = warmup_cosine(warmup=4, total=20)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0.0)
+
+
+def brain_batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, 16, generator=g)
+    x[:, :, :3] = 0  # background slab
+    return x
+
+
+def test_augment_identity_when_switched_off_and_exact_flip():
+    x = brain_batch()
+    off = AugmentConfig(flip_lr=0.0, max_rotation_deg=0.0, scale=(1.0, 1.0), intensity_scale=(1.0, 1.0), intensity_shift=0.0)
+    torch.testing.assert_close(augment_batch(x, torch.Generator().manual_seed(1), off), x, atol=1e-5, rtol=0)
+    flip = AugmentConfig(flip_lr=1.0, max_rotation_deg=0.0, scale=(1.0, 1.0), intensity_scale=(1.0, 1.0), intensity_shift=0.0)
+    torch.testing.assert_close(augment_batch(x, torch.Generator().manual_seed(1), flip), x.flip(-1), atol=1e-5, rtol=0)
+
+
+def test_augment_shares_geometry_across_channels_and_keeps_background():
+    x = brain_batch()
+    x[:, 1] = x[:, 0] * 2  # channel 1 is a scaled copy of channel 0
+    cfg = AugmentConfig(intensity_scale=(1.0, 1.0), intensity_shift=0.0)
+    y = augment_batch(x, torch.Generator().manual_seed(3), cfg)
+    torch.testing.assert_close(y[:, 1], 2 * y[:, 0], atol=1e-5, rtol=1e-5)  # same spatial transform
+    y = augment_batch(x, torch.Generator().manual_seed(3))
+    assert torch.equal(y == 0, (y == 0).all(dim=1, keepdim=True).expand_as(y))  # background 0 in all channels
+    torch.testing.assert_close(y, augment_batch(x, torch.Generator().manual_seed(3)))  # seeded
+
+
+def test_metrics_against_hand_computed_values():
+    labels = np.array([1, 1, 1, 0, 0])
+    p = np.array([0.9, 0.6, 0.4, 0.7, 0.1])
+    m = classification_metrics(labels, p)
+    # pred = [1, 1, 0, 1, 0]: TP 2, FN 1, FP 1, TN 1
+    assert m["confusion_matrix"] == [[1, 1], [1, 2]]
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(3 / 5)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m["auc"] == pytest.approx(4 / 6)  # pairs (pos > neg): 0.9>both, 0.6>0.1, 0.4>0.1
+    assert math.isnan(classification_metrics(np.array([1, 1]), np.array([0.2, 0.8]))["auc"])
+
+
+def test_seed_table1_summary_arithmetic():
+    """Seed 4.2/4.3: the five folds give AUC 0.8793 +- 0.0436 (sample std), F1 0.7619 +- 0.0677,
+    accuracy 0.7860 +- 0.0717 (the seed printed 0.8794 from unrounded values)."""
+    auc = [0.8079, 0.9016, 0.8952, 0.9206, 0.8714]
+    f1 = [0.7077, 0.8081, 0.7970, 0.8246, 0.6720]
+    acc = [0.7368, 0.8421, 0.8246, 0.8421, 0.6842]
+    for values, (mean, std) in ((auc, (0.8793, 0.0436)), (f1, (0.7619, 0.0677)), (acc, (0.7860, 0.0717))):
+        m, s = mean_std(values)
+        assert (round(m, 4), round(s, 4)) == (mean, std)
