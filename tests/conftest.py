@@ -52,7 +52,13 @@ def cache20(tmp_path_factory) -> Path:
 
     base = tmp_path_factory.mktemp("c20")
     make_cohort(base / "cohort", 20, seed=11, shape=TINY_SHAPE, workers=1)
-    prepare(find_cases(base / "cohort").cases, base / "cache", PreprocessConfig(size=TINY_SIZE), workers=2, progress=False)
+    prepare(
+        find_cases(base / "cohort").cases,
+        base / "cache",
+        PreprocessConfig(size=TINY_SIZE),
+        workers=2,
+        progress=False,
+    )
     return base / "cache"
 
 

@@ -6,7 +6,12 @@ from brats.model import ResNet3D, load_pretrained, param_groups
 
 
 def bn(prefix, c):
-    return {f"{prefix}.weight": (c,), f"{prefix}.bias": (c,), f"{prefix}.running_mean": (c,), f"{prefix}.running_var": (c,)}
+    return {
+        f"{prefix}.weight": (c,),
+        f"{prefix}.bias": (c,),
+        f"{prefix}.running_mean": (c,),
+        f"{prefix}.running_var": (c,),
+    }
 
 
 def medicalnet_shapes(depth: int) -> dict[str, tuple]:
@@ -64,7 +69,9 @@ def test_medicalnet_checkpoint_loads_strictly(tmp_path, depth):
     assert info["dropped"] == sum(k.startswith("module.conv_seg.") for k in state)
     own = model.state_dict()
     assert torch.equal(own["layer1.0.conv1.weight"], state["module.layer1.0.conv1.weight"])
-    assert torch.equal(own["layer4.0.downsample.1.running_var"], state["module.layer4.0.downsample.1.running_var"])
+    assert torch.equal(
+        own["layer4.0.downsample.1.running_var"], state["module.layer4.0.downsample.1.running_var"]
+    )
     # conv1: 1 -> 4 channels, repeated and divided by 4
     w = state["module.conv1.weight"]
     assert own["conv1.weight"].shape == (64, 4, 7, 7, 7)
@@ -84,8 +91,14 @@ def test_bare_state_dict_and_single_channel(tmp_path):
 
 def test_wrong_key_and_wrong_depth_fail_clearly(tmp_path):
     path = tmp_path / "bad.pth"
-    write_medicalnet(path, 10, edit=lambda s: s.update({"module.layer1.0.conv9.weight": s.pop("module.layer1.0.conv2.weight")}))
-    with pytest.raises(BratsError, match=r"missing 1 key\(s\): layer1.0.conv2.weight; unexpected 1 key\(s\): layer1.0.conv9"):
+    write_medicalnet(
+        path,
+        10,
+        edit=lambda s: s.update({"module.layer1.0.conv9.weight": s.pop("module.layer1.0.conv2.weight")}),
+    )
+    with pytest.raises(
+        BratsError, match=r"missing 1 key\(s\): layer1.0.conv2.weight; unexpected 1 key\(s\): layer1.0.conv9"
+    ):
         load_pretrained(ResNet3D(depth=10), path)
     deeper = tmp_path / "r50.pth"
     write_medicalnet(deeper, 50)
@@ -108,8 +121,12 @@ def test_layouts_differ_only_in_stride():
     strided, dilated = ResNet3D(depth=10, layout="strided"), ResNet3D(depth=10, layout="medicalnet")
     assert strided.state_dict().keys() == dilated.state_dict().keys()
     x = torch.randn(1, 4, 32, 32, 32)
-    f_s = strided.eval().layer4(strided.layer3(strided.layer2(strided.layer1(strided.maxpool(strided.conv1(x))))))
-    f_d = dilated.eval().layer4(dilated.layer3(dilated.layer2(dilated.layer1(dilated.maxpool(dilated.conv1(x))))))
+    f_s = strided.eval().layer4(
+        strided.layer3(strided.layer2(strided.layer1(strided.maxpool(strided.conv1(x)))))
+    )
+    f_d = dilated.eval().layer4(
+        dilated.layer3(dilated.layer2(dilated.layer1(dilated.maxpool(dilated.conv1(x)))))
+    )
     assert f_s.shape[-1] == 1 and f_d.shape[-1] == 4  # /32 vs /8
     assert dilated.layer4[0].conv1.dilation == (4, 4, 4)
 

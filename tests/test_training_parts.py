@@ -16,16 +16,30 @@ from brats.model import ResNet3D
 
 def test_final_policy_defaults_follow_seed_section_6():
     cfg = make_config(data="x")
-    assert cfg.modalities == ("t1", "t1ce", "t2", "flair") and cfg.loss == "ce" and cfg.sampler == "inverse_freq"
+    assert (
+        cfg.modalities == ("t1", "t1ce", "t2", "flair") and cfg.loss == "ce" and cfg.sampler == "inverse_freq"
+    )
     assert (cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.classifier_lr_mult) == (4, 2, 1e-4, 2.0)
-    assert (cfg.patience, cfg.min_epochs, cfg.dropout, cfg.weight_decay, cfg.ema_decay) == (10, 15, 0.4, 1e-4, 0.0)
+    assert (cfg.patience, cfg.min_epochs, cfg.dropout, cfg.weight_decay, cfg.ema_decay) == (
+        10,
+        15,
+        0.4,
+        1e-4,
+        0.0,
+    )
     assert cfg.drw_start_epoch == 0 and cfg.warmup_epochs == 3
 
 
 def test_baseline_policy_follows_seed_section_1_and_overrides_win():
     cfg = make_config("baseline", data="x")
     assert cfg.modalities == ("flair",) and cfg.loss == "ldam" and (cfg.ldam_max_m, cfg.ldam_s) == (0.2, 15.0)
-    assert (cfg.drw_start_epoch, cfg.classifier_lr_mult, cfg.batch_size, cfg.patience, cfg.min_epochs) == (25, 10.0, 2, 7, 10)
+    assert (cfg.drw_start_epoch, cfg.classifier_lr_mult, cfg.batch_size, cfg.patience, cfg.min_epochs) == (
+        25,
+        10.0,
+        2,
+        7,
+        10,
+    )
     assert cfg.sampler == "inverse_freq"  # the sampler was kept in the baseline
     assert make_config("baseline", data="x", patience=3).patience == 3
     assert set(BASELINE) <= set(TrainConfig.__dataclass_fields__)
@@ -65,7 +79,9 @@ def test_ldam_margins_and_loss():
     assert m[0] == pytest.approx(0.2) and m[1] == pytest.approx(0.2 * (75 / 210) ** 0.25)
     logits = torch.tensor([[2.0, 1.0], [0.5, 1.5]])
     target = torch.tensor([0, 1])
-    expected = torch.nn.functional.cross_entropy(15 * (logits - torch.tensor([[m[0], 0.0], [0.0, m[1]]])), target)
+    expected = torch.nn.functional.cross_entropy(
+        15 * (logits - torch.tensor([[m[0], 0.0], [0.0, m[1]]])), target
+    )
     torch.testing.assert_close(loss(logits, target), expected)
 
 
@@ -89,10 +105,16 @@ def brain_batch():
 
 def test_augment_identity_when_switched_off_and_exact_flip():
     x = brain_batch()
-    off = AugmentConfig(flip_lr=0.0, max_rotation_deg=0.0, scale=(1.0, 1.0), intensity_scale=(1.0, 1.0), intensity_shift=0.0)
+    off = AugmentConfig(
+        flip_lr=0.0, max_rotation_deg=0.0, scale=(1.0, 1.0), intensity_scale=(1.0, 1.0), intensity_shift=0.0
+    )
     torch.testing.assert_close(augment_batch(x, torch.Generator().manual_seed(1), off), x, atol=1e-5, rtol=0)
-    flip = AugmentConfig(flip_lr=1.0, max_rotation_deg=0.0, scale=(1.0, 1.0), intensity_scale=(1.0, 1.0), intensity_shift=0.0)
-    torch.testing.assert_close(augment_batch(x, torch.Generator().manual_seed(1), flip), x.flip(-1), atol=1e-5, rtol=0)
+    flip = AugmentConfig(
+        flip_lr=1.0, max_rotation_deg=0.0, scale=(1.0, 1.0), intensity_scale=(1.0, 1.0), intensity_shift=0.0
+    )
+    torch.testing.assert_close(
+        augment_batch(x, torch.Generator().manual_seed(1), flip), x.flip(-1), atol=1e-5, rtol=0
+    )
 
 
 def test_augment_shares_geometry_across_channels_and_keeps_background():

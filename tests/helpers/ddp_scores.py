@@ -29,5 +29,8 @@ model, loader = accelerator.prepare(model, loader)
 logits, labels = predict(model, loader, accelerator)
 metrics, _ = score(logits, labels)
 if accelerator.is_main_process:
-    json.dump({"n": len(labels), "logits": logits.tolist(), "labels": labels.tolist(), "metrics": metrics}, open(out, "w"))
+    json.dump(
+        {"n": len(labels), "logits": logits.tolist(), "labels": labels.tolist(), "metrics": metrics},
+        open(out, "w"),
+    )
 accelerator.end_training()

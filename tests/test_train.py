@@ -1,0 +1,231 @@
+"""End-to-end training: real entry points, tiny cubes, depth 10."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST
+
+from brats.checkpoint import BEST, BEST_EMA, STATE
+from brats.config import make_config
+from brats.engine import TrainingError, train_fold
+from brats.errors import BratsError
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+CLI_FAST = ["--depth", "10", "--workers", "0", "--no-progress", "--min-epochs", "1", "--warmup-epochs", "1"]
+
+
+def rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_accelerate_launch_writes_every_file(cache20, tmp_path):
+    run = tmp_path / "run"
+    cmd = [
+        *ACCELERATE,
+        "--config_file",
+        str(ROOT / "accelerate_config.yaml"),
+        str(ROOT / "train.py"),
+        "--fold",
+        "0",
+        "--data",
+        str(cache20),
+        "--run",
+        str(run),
+        "--max-epochs",
+        "2",
+        *CLI_FAST,
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mixed precision bf16 requested but training on the CPU: using fp32" in r.stderr
+    fold = run / "fold_0"
+    for name in (BEST, STATE, "metrics.csv"):
+        assert (fold / name).is_file()
+    assert {p.name.split("_epoch_")[0] for p in fold.glob("*_epoch_*.png")} == {
+        "roc_curve",
+        "pr_curve",
+        "confusion_matrix",
+    }
+    assert len(rows(fold / "metrics.csv")) == 2
+    assert set(rows(fold / "metrics.csv")[0]) >= {
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "val_auc",
+        "val_f1",
+        "val_macro_f1",
+        "val_accuracy",
+        "val_balanced_accuracy",
+        "val_precision",
+        "val_recall",
+        "lr",
+    }
+    ckpt = torch.load(fold / BEST, weights_only=True)  # plain contents only
+    assert {
+        "model_state_dict",
+        "epoch",
+        "val_metrics",
+        "config",
+        "fold",
+        "splits_fingerprint",
+        "is_ema",
+    } <= set(ckpt)
+    assert ckpt["is_ema"] is False and ckpt["fold"] == 0 and isinstance(ckpt["config"], dict)
+    splits = json.loads((run / "splits.json").read_text())
+    assert ckpt["splits_fingerprint"] == splits["cohort_fingerprint"]
+    assert json.loads((run / "config.json").read_text())["depth"] == 10
+    assert not [p for p in fold.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_baseline_policy_and_ema(cache20, tmp_path, fresh_accelerate):
+    cfg = make_config(
+        "baseline", data=str(cache20), run=str(tmp_path / "b"), fold=1, max_epochs=2, ema_decay=0.995, **FAST
+    )
+    summary = train_fold(cfg)
+    fold = tmp_path / "b" / "fold_1"
+    assert (fold / BEST_EMA).is_file() and (fold / BEST).is_file()
+    ema = torch.load(fold / BEST_EMA, weights_only=True)
+    assert ema["is_ema"] is True and ema["epoch"] == summary["best_ema_epoch"]
+    assert ema["model_state_dict"]["conv1.weight"].shape[1] == 1  # FLAIR only
+    assert ema["config"]["loss"] == "ldam"
+    assert "ema_val_auc" in rows(fold / "metrics.csv")[0]
+    assert list(fold.glob("ema_roc_curve_epoch_*.png"))
+
+
+def test_two_folds_of_one_run_must_share_settings(cache20, tmp_path, fresh_accelerate):
+    run = str(tmp_path / "r")
+    train_fold(make_config(data=str(cache20), run=run, fold=0, max_epochs=1, **FAST))
+    with pytest.raises(BratsError, match="other settings .*lr"):
+        train_fold(make_config(data=str(cache20), run=run, fold=1, max_epochs=1, lr=3e-4, **FAST))
+    with pytest.raises(BratsError, match="already holds a trained fold: pass --resume"):
+        train_fold(make_config(data=str(cache20), run=run, fold=0, max_epochs=1, **FAST))
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_best(cache20, tmp_path, fresh_accelerate, monkeypatch):
+    import brats.engine as engine
+
+    calls = {"n": 0}
+    real = engine.make_criterion
+
+    class Poisoned(torch.nn.Module):
+        """The real loss, made NaN at the 5th call: epoch 2, step 1 (16 patients / batch 4 = 4 steps)."""
+
+        def __init__(self, cfg, counts):
+            super().__init__()
+            self.ce = real(cfg, counts)
+
+        def forward(self, logits, y):
+            calls["n"] += 1
+            out = self.ce(logits, y)
+            return out * float("nan") if calls["n"] == 5 else out
+
+    poisoned = Poisoned
+
+    monkeypatch.setattr(engine, "make_criterion", poisoned)
+    cfg = make_config(data=str(cache20), run=str(tmp_path / "n"), fold=0, max_epochs=3, grad_accum=1, **FAST)
+    with pytest.raises(TrainingError, match="loss is nan at epoch 2, step 1"):
+        train_fold(cfg)
+    best = torch.load(tmp_path / "n" / "fold_0" / BEST, weights_only=True)
+    assert best["epoch"] == 1
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model_state_dict"]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(cache20, tmp_path):
+    args = [
+        "--data",
+        str(cache20),
+        "--fold",
+        "2",
+        "--max-epochs",
+        "5",
+        "--patience",
+        "10",
+        "--ema-decay",
+        "0.9",
+        *CLI_FAST,
+    ]
+    ref = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--run", str(tmp_path / "ref"), *args],
+        capture_output=True,
+        text=True,
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    metrics = run / "fold_2" / "metrics.csv"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--run", str(run), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(rows(metrics)) < 2):
+        time.sleep(0.02)
+    time.sleep(0.3)  # land somewhere inside epoch 3
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(rows(metrics))
+    assert 2 <= done < 5, "the kill must land part-way"
+    resumed = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--run", str(run), "--resume", *args],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed {run / 'fold_2' / STATE} after epoch" in resumed.stderr
+
+    a, b = tmp_path / "ref" / "fold_2", run / "fold_2"
+    assert rows(a / "metrics.csv") == [
+        {**r, "seconds": x["seconds"]} for r, x in zip(rows(b / "metrics.csv"), rows(a / "metrics.csv"))
+    ]
+    for name in (BEST, BEST_EMA, STATE):
+        wa, wb = weights(a / name), weights(b / name)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    ca, cb = torch.load(a / BEST, weights_only=True), torch.load(b / BEST, weights_only=True)
+    assert (ca["epoch"], ca["val_metrics"]["auc"]) == (cb["epoch"], cb["val_metrics"]["auc"])
+
+
+def test_two_processes_score_like_one(cache20, tmp_path):
+    helper = str(ROOT / "tests" / "helpers" / "ddp_scores.py")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    one = subprocess.run(
+        [sys.executable, helper, str(cache20), str(tmp_path / "one.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [
+            *ACCELERATE,
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            helper,
+            str(cache20),
+            str(tmp_path / "two.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert a["n"] == b["n"] == 5  # 5 patients over 2 processes: the padded duplicate is dropped
+    assert sorted(a["labels"]) == sorted(b["labels"])
+    for k in ("auc", "f1", "accuracy", "loss"):
+        assert a["metrics"][k] == pytest.approx(b["metrics"][k], abs=1e-6), k
