@@ -16,7 +16,7 @@ FOLDS  ?= 0 1 2 3 4
 ACCEL  := $(BIN)/accelerate launch --config_file accelerate_config.yaml
 TRAIN_ARGS ?=
 
-.PHONY: install test lint prepare demo clean
+.PHONY: install test lint prepare cv evaluate ablation demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,22 @@ lint: $(STAMP)
 
 prepare: $(STAMP)
 	$(BIN)/python -m brats.prepare $(DATA) --out $(CACHE) --size $(SIZE)
+
+# Folds 0..4 in turn, each through accelerate (restartable: a finished fold is skipped, a killed
+# one resumes), then the verified CV report.
+cv: $(STAMP)
+	@test -n "$(DATA)" || (echo "usage: make cv DATA=<cache or BraTS folder> RUN=<run folder>"; exit 1)
+	for f in $(FOLDS); do $(ACCEL) train.py --fold $$f --data $(DATA) --run $(RUN) --resume $(TRAIN_ARGS) || exit 1; done
+	$(BIN)/python evaluate.py --run $(RUN)
+
+evaluate: $(STAMP)
+	$(BIN)/python evaluate.py --run $(RUN)
+
+# The seed's first setup (section 1) against its final policy (section 6) on the same folds.
+ablation: $(STAMP)
+	$(MAKE) cv DATA=$(DATA) RUN=$(RUN)/baseline TRAIN_ARGS="--policy baseline $(TRAIN_ARGS)"
+	$(MAKE) cv DATA=$(DATA) RUN=$(RUN)/final TRAIN_ARGS="--policy final $(TRAIN_ARGS)"
+	$(BIN)/python -m brats.ablation $(RUN)/baseline $(RUN)/final --out $(RUN)/ablation.md
 
 demo: $(STAMP)
 	$(BIN)/python -m brats.synthetic demo/cohort --patients 40 --seed 0 --shape 120 120 78

@@ -68,7 +68,7 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     cfg = make_config(
         policy,
-        data=data,
+        data=str(Path(data).resolve()),
         run=str(run),
         fold=fold,
         folds=folds,

@@ -12,7 +12,9 @@ any point leaves no partial entry, and the next run redoes only what is missing 
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable
@@ -67,6 +69,15 @@ def write_atomic_bytes(path: Path, write) -> None:
 
 def write_json_atomic(path: Path, obj) -> None:
     write_atomic_bytes(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def write_csv_atomic(path: Path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    """A CSV with a header row, written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames or (list(rows[0]) if rows else []))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic_bytes(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def volume_name(patient_id: str, fp: str) -> str:

@@ -17,8 +17,6 @@ the throughput; SyncBatchNorm would add a collective per BN layer (53 in ResNet-
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -38,7 +36,7 @@ from tqdm import tqdm
 
 from brats import __version__
 from brats.augment import augment_batch
-from brats.cache import ensure_prepared, open_cache, write_atomic_bytes, write_json_atomic
+from brats.cache import ensure_prepared, open_cache, write_csv_atomic, write_json_atomic
 from brats.checkpoint import BEST, BEST_EMA, STATE, save_atomic
 from brats.config import TrainConfig, comparable
 from brats.data import CachedVolumes, make_sampler
@@ -100,16 +98,23 @@ def warmup_cosine(warmup: int, total: int):
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator
+    model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, 2) and labels (N,) over a (prepared) loader, gathered from every process
-    without the duplicates that even batches add."""
+    """Logits (N, 2) float32 and labels (N,) over a loader, in eval mode without gradients.
+
+    With an accelerator (prepared loader), batches are gathered from every process without the
+    duplicates that even batches add; without one, batches go to the model's device.
+    """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     logits, labels = [], []
     for x, y in loader:
+        if accelerator is None:
+            x, y = x.to(device), y.to(device)
         out = model(x).float()
-        out, y = accelerator.gather_for_metrics((out, y))
+        if accelerator is not None:
+            out, y = accelerator.gather_for_metrics((out, y))
         logits.append(out.cpu())
         labels.append(y.cpu())
     model.train(was_training)
@@ -140,17 +145,6 @@ def write_run_config(run: Path, cfg: TrainConfig) -> None:
             )
         return
     write_json_atomic(path, d)
-
-
-def write_metrics_csv(path: Path, history: list[dict]) -> None:
-    if not history:
-        return
-    buf = io.StringIO()
-    fields = list(history[0].keys())
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(history)
-    write_atomic_bytes(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def replace_plots(
@@ -363,7 +357,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> dict:
                     fold_dir, "ema_", epoch, val_labels, ema_p, f"fold {cfg.fold} EMA epoch {epoch}"
                 )
                 log.info(f"epoch {epoch}: new best EMA val AUC {ema_val['auc']:.4f} -> {path}")
-            write_metrics_csv(fold_dir / "metrics.csv", state.history)
+            write_csv_atomic(fold_dir / "metrics.csv", state.history)
             _save_state(state_path, state, accelerator, model, optimizer, scheduler, ema, cfg)
         accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         log.info(

@@ -1,0 +1,119 @@
+"""Before/after table of two evaluated runs on the same folds (seed section 5, measured).
+
+    python -m brats.ablation RUN_BEFORE RUN_AFTER [--out ablation.md]
+
+Per fold: AUC, F1, accuracy of each run; mean +- sample std; and the stability figures of seed
+5.1 from each fold's metrics.csv: std of val AUC over epochs, min/max training loss, epochs run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from brats.cache import write_atomic_bytes
+from brats.errors import BratsError, exit_on_error
+from brats.folds import SPLITS
+
+
+def load_run(run: Path) -> dict:
+    path = run / "evaluation" / "summary.json"
+    if not path.is_file():
+        raise BratsError(f"{run}: not evaluated yet (no {path}): run python evaluate.py --run {run}")
+    summary = json.loads(path.read_text())
+    stability = []
+    for row in summary["folds"]:
+        with open(run / f"fold_{row['fold']}" / "metrics.csv") as f:
+            epochs = list(csv.DictReader(f))
+        auc = np.array([float(e["val_auc"]) for e in epochs])
+        loss = np.array([float(e["train_loss"]) for e in epochs])
+        stability.append(
+            {
+                "fold": row["fold"],
+                "val_auc_std": float(np.nanstd(auc, ddof=1)) if len(auc) > 1 else 0.0,
+                "train_loss_min": float(loss.min()),
+                "train_loss_max": float(loss.max()),
+                "epochs": len(epochs),
+            }
+        )
+    config = json.loads((run / "config.json").read_text())
+    return {"summary": summary, "stability": stability, "config": config}
+
+
+def check_same_folds(a: Path, b: Path) -> None:
+    sa, sb = (json.loads((r / SPLITS).read_text()) for r in (a, b))
+    if sa["cohort_fingerprint"] != sb["cohort_fingerprint"] or [f["val"] for f in sa["folds"]] != [
+        f["val"] for f in sb["folds"]
+    ]:
+        raise BratsError(
+            f"{a} and {b} were not trained on the same folds: "
+            "compare runs made with the same cohort and --split-seed"
+        )
+
+
+def ablation_markdown(before: Path, after: Path) -> str:
+    check_same_folds(before, after)
+    runs = {"before": load_run(before), "after": load_run(after)}
+    lines = [
+        "# Ablation: before (seed section 1) vs after (seed section 6), same folds",
+        "",
+        f"- before: `{before}` (policy {runs['before']['config']['policy']})",
+        f"- after: `{after}` (policy {runs['after']['config']['policy']})",
+        "",
+        "| Fold | AUC before | AUC after | F1 before | F1 after | Acc. before | Acc. after |",
+        "|------|-----------|-----------|-----------|----------|-------------|------------|",
+    ]
+    fa = {r["fold"]: r for r in runs["before"]["summary"]["folds"]}
+    fb = {r["fold"]: r for r in runs["after"]["summary"]["folds"]}
+    for k in sorted(set(fa) & set(fb)):
+        a, b = fa[k], fb[k]
+        lines.append(
+            f"| {k} | {a['auc']:.4f} | {b['auc']:.4f} | {a['f1']:.4f} | {b['f1']:.4f} | "
+            f"{a['accuracy']:.4f} | {b['accuracy']:.4f} |"
+        )
+    ma, mb = runs["before"]["summary"]["mean_std"], runs["after"]["summary"]["mean_std"]
+    cells = [f"{m[k]['mean']:.4f} +- {m[k]['std']:.4f}" for k in ("auc", "f1", "accuracy") for m in (ma, mb)]
+    lines.append("| mean +- std | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Training stability (seed 5.1), per fold: std of val AUC over epochs; "
+        "min / max training loss; epochs run.",
+        "",
+        "| Fold | val AUC std before | after | train loss min-max before | after | epochs before | after |",
+        "|------|--------------------|-------|---------------------------|-------|---------------|-------|",
+    ]
+    sa = {s["fold"]: s for s in runs["before"]["stability"]}
+    sb = {s["fold"]: s for s in runs["after"]["stability"]}
+    for k in sorted(set(sa) & set(sb)):
+        a, b = sa[k], sb[k]
+        lines.append(
+            f"| {k} | {a['val_auc_std']:.4f} | {b['val_auc_std']:.4f} | "
+            f"{a['train_loss_min']:.4g}-{a['train_loss_max']:.4g} | "
+            f"{b['train_loss_min']:.4g}-{b['train_loss_max']:.4g} | {a['epochs']} | {b['epochs']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+@exit_on_error
+def main(
+    before: Annotated[Path, typer.Argument(help="run of the baseline policy")],
+    after: Annotated[Path, typer.Argument(help="run of the final policy")],
+    out: Annotated[Path | None, typer.Option(help="markdown file to write")] = None,
+) -> None:
+    text = ablation_markdown(before, after)
+    if out:
+        write_atomic_bytes(out, lambda f: f.write(text.encode()))
+    print(text)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,53 @@
+"""Re-score every fold's best checkpoint by the explicit policy, verify it, write the CV report.
+
+    python evaluate.py --run runs/cv [--folds 0,1] [--strict] [--trust-checkpoints]
+
+Policy (seed 6.6): best_ema.pt if the run used EMA and it exists, else best.pt, else an error;
+never the resume state. Outputs in RUN/evaluation/: summary.json, report.md, predictions.csv,
+fold_K/*.png, roc_all_folds.png.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from brats.errors import BratsError, exit_on_error
+
+app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+
+
+@app.command()
+@exit_on_error
+def main(
+    run: Annotated[Path, typer.Option(help="run folder written by train.py")] = Path("runs/cv"),
+    folds: Annotated[str | None, typer.Option(help="comma list of folds to evaluate [all]")] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="re-scored vs stored AUC > 0.01 is an error")
+    ] = False,
+    trust_checkpoints: Annotated[
+        bool,
+        typer.Option(
+            "--trust-checkpoints", help="allow full unpickling of checkpoints you made (PyTorch >= 2.6)"
+        ),
+    ] = False,
+    data: Annotated[str | None, typer.Option(help="cache to score on [the run's --data]")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda [cuda when available]")] = None,
+) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        wanted = [int(f) for f in folds.split(",")] if folds else None
+    except ValueError as e:
+        raise BratsError(f"--folds {folds!r}: give fold numbers like 0,1,2") from e
+    from brats.evaluation import evaluate_run
+
+    summary = evaluate_run(run, wanted, strict=strict, trust=trust_checkpoints, data=data, device=device)
+    print((run / "evaluation" / "report.md").read_text())
+    print(f"wrote {run / 'evaluation'} ({len(summary['folds'])} folds)")
+
+
+if __name__ == "__main__":
+    app()
