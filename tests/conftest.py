@@ -66,6 +66,14 @@ def cache20(tmp_path_factory) -> Path:
 def fresh_accelerate():
     """In-process training creates an Accelerator; reset its global state afterwards."""
     yield
+    reset_accelerate()
+
+
+# Small, fast training settings shared by the training tests (depth 10, tiny cubes, no workers).
+FAST = dict(depth=10, workers=0, progress=False, min_epochs=1, warmup_epochs=1.0)
+
+
+def reset_accelerate() -> None:
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)
@@ -73,5 +81,26 @@ def fresh_accelerate():
     PartialState._reset_state()
 
 
-# Small, fast training settings shared by the training tests (depth 10, tiny cubes, no workers).
-FAST = dict(depth=10, workers=0, progress=False, min_epochs=1, warmup_epochs=1.0)
+def train_cv(cache: Path, run: Path, policy: str = "final", **overrides) -> Path:
+    """Train every fold of a tiny CV run in-process."""
+    from brats.config import make_config
+    from brats.engine import train_fold
+
+    settings = {**FAST, **overrides}
+    for k in range(settings.get("folds", 5)):
+        train_fold(make_config(policy, data=str(cache), run=str(run), fold=k, **settings))
+        reset_accelerate()
+    return run
+
+
+@pytest.fixture(scope="session")
+def cv_run(cache20, tmp_path_factory) -> Path:
+    """A finished 5-fold run with EMA on (read-only: copy before changing it)."""
+    return train_cv(cache20, tmp_path_factory.mktemp("cv") / "run", max_epochs=2, ema_decay=0.9)
+
+
+@pytest.fixture
+def cv_copy(cv_run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(cv_run, dst)
+    return dst
