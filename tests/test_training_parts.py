@@ -151,3 +151,15 @@ def test_seed_table1_summary_arithmetic():
     for values, (mean, std) in ((auc, (0.8793, 0.0436)), (f1, (0.7619, 0.0677)), (acc, (0.7860, 0.0717))):
         m, s = mean_std(values)
         assert (round(m, 4), round(s, 4)) == (mean, std)
+
+
+def test_rank_auc_matches_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from brats.metrics import rank_auc
+
+    rng = np.random.default_rng(0)
+    y = np.array([1, 0] * 10)
+    p = rng.integers(0, 5, (3, 20)) / 4  # many ties
+    expected = [roc_auc_score(y, row) for row in p]
+    np.testing.assert_allclose(rank_auc(np.tile(y, (3, 1)), p), expected)
