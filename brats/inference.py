@@ -1,0 +1,132 @@
+"""Grade new patients with an exported ONNX model: onnxruntime plus the training preprocessing.
+
+No torch here. The preprocessing is driven by the contract stored in the model; a contract this
+code does not know (another preprocessing version) is refused rather than silently approximated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from brats.cohort import CLASSES, MODALITIES, Case
+from brats.errors import BratsError, CaseError
+from brats.preprocess import ORIENTATION, PREPROCESS_VERSION, PreprocessConfig, preprocess_case
+
+CONTRACT_KEY = "brats_contract"  # written by brats.onnx_export
+
+
+@dataclass(frozen=True)
+class Prediction:
+    patient_id: str
+    p_hgg: float | None
+    error: str = ""  # why this patient could not be graded
+
+    @property
+    def p_lgg(self) -> float | None:
+        return None if self.p_hgg is None else 1.0 - self.p_hgg
+
+    @property
+    def prediction(self) -> str:
+        return "" if self.p_hgg is None else CLASSES[int(self.p_hgg >= 0.5)]
+
+
+def contract_config(contract: dict, model: str | Path) -> PreprocessConfig:
+    """The PreprocessConfig a model's contract asks for; refuses what this code cannot honour."""
+    problems = []
+    if contract.get("preprocess_version") != PREPROCESS_VERSION:
+        problems.append(
+            f"preprocessing version {contract.get('preprocess_version')} "
+            f"(this code implements {PREPROCESS_VERSION})"
+        )
+    if contract.get("orientation") != ORIENTATION:
+        problems.append(f"orientation {contract.get('orientation')}")
+    if contract.get("normalization") != PreprocessConfig.normalization:
+        problems.append(f"normalisation {contract.get('normalization')}")
+    mods = tuple(contract.get("modalities", ()))
+    if not mods or any(m not in MODALITIES for m in mods):
+        problems.append(f"modalities {mods}")
+    if problems:
+        raise BratsError(
+            f"{model}: unknown preprocessing contract ({'; '.join(problems)}): "
+            "predict with the brats version the model was exported with"
+        )
+    return PreprocessConfig(size=int(contract["size"]), modalities=mods)
+
+
+class Grader:
+    """An onnxruntime session and the preprocessing contract of one exported model."""
+
+    def __init__(self, model: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        model = Path(model)
+        if not model.is_file():
+            raise BratsError(f"{model}: model file not found (make one with python export.py)")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        try:
+            self.session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise BratsError(
+                f"{model}: not a loadable ONNX model ({type(e).__name__}: {str(e)[:200]})"
+            ) from e
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if CONTRACT_KEY not in meta:
+            raise BratsError(
+                f"{model}: no preprocessing contract in its metadata: export it with python export.py"
+            )
+        self.contract = json.loads(meta[CONTRACT_KEY])
+        self.cfg = contract_config(self.contract, model)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """(B, C, S, S, S) float32 -> p(HGG) (B,)."""
+        probs = self.session.run(["probabilities"], {"input": np.ascontiguousarray(batch, dtype=np.float32)})[
+            0
+        ]
+        return probs[:, 1].astype(np.float64)
+
+    def grade(
+        self,
+        cases: Iterable[Case],
+        batch_size: int = 4,
+        on_result: Callable[[Prediction], None] | None = None,
+    ) -> list[Prediction]:
+        """Preprocess and grade each patient, in input order; a patient that fails is reported
+        with its reason and the others go on."""
+        results: dict[int, Prediction] = {}
+        pending: list[tuple[int, str, np.ndarray]] = []
+
+        def report(i: int, prediction: Prediction) -> None:
+            results[i] = prediction
+            if on_result:
+                on_result(prediction)
+
+        def flush() -> None:
+            if pending:
+                probs = self.run(np.stack([v for _, _, v in pending]))
+                for (i, pid, _), p in zip(pending, probs):
+                    report(i, Prediction(pid, float(p)))
+                pending.clear()
+
+        for i, case in enumerate(cases):
+            try:
+                volume = preprocess_case(case, self.cfg)
+            except CaseError as e:
+                report(i, Prediction(case.patient_id, None, e.reason))
+                continue
+            except Exception as e:  # one patient's unexpected failure must not stop the others
+                report(
+                    i, Prediction(case.patient_id, None, f"preprocessing failed ({type(e).__name__}: {e})")
+                )
+                continue
+            pending.append((i, case.patient_id, volume))
+            if len(pending) == batch_size:
+                flush()
+        flush()
+        return [results[i] for i in sorted(results)]

@@ -1,0 +1,201 @@
+"""Export the verified best model (or every fold as one ensemble) to ONNX for CPU inference.
+
+The checkpoint is chosen with evaluate.py's policy (best EMA first) and loaded into a freshly
+built model (never a prepared/compiled module). The graph takes float32 (B, C, S, S, S) with a
+dynamic batch axis and returns `probabilities` (B, 2) [p(LGG), p(HGG)] and `logits` (B, 2); an
+ensemble averages the folds' softmax probabilities (and their logits). The preprocessing
+contract and the provenance travel in the ONNX metadata and in model_card.json beside the model.
+Export fails, leaving nothing behind, unless onnxruntime matches torch within 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from brats.cache import ensure_prepared, open_cache, write_json_atomic
+from brats.checkpoint import load_checkpoint, select_checkpoint
+from brats.cohort import CLASSES
+from brats.errors import BratsError
+from brats.evaluation import evaluate_run, model_config, run_config
+from brats.model import build_model
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch|
+CONTRACT_KEY, PROVENANCE_KEY = "brats_contract", "brats_provenance"
+
+
+class Exported(nn.Module):
+    """One model or an ensemble: (B, C, S, S, S) -> (probabilities, logits), both (B, 2)."""
+
+    def __init__(self, models: list[nn.Module]):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.stack([m(x) for m in self.models])  # (M, B, 2)
+        return torch.softmax(logits, dim=-1).mean(0), logits.mean(0)
+
+
+def load_fold(run: Path, k: int, run_cfg: dict, trust: bool) -> tuple[nn.Module, dict]:
+    path = select_checkpoint(run / f"fold_{k}", float(run_cfg.get("ema_decay", 0.0)) > 0)
+    ckpt = load_checkpoint(path, trust=trust)
+    model = build_model(model_config(ckpt, run_cfg))
+    model.load_state_dict(ckpt["model_state_dict"])
+    model.eval().float()
+    info = {
+        "fold": k,
+        "checkpoint": str(path),
+        "is_ema": bool(ckpt.get("is_ema", False)),
+        "epoch": int(ckpt.get("epoch", -1)),
+        "stored_val_auc": float(ckpt["val_metrics"].get("auc", float("nan"))),
+        "preprocess": ckpt.get("preprocess"),
+        "config": model_config(ckpt, run_cfg),
+    }
+    return model, info
+
+
+def check_parity(path: Path, model: nn.Module, inputs: np.ndarray) -> float:
+    """max |p_onnx - p_torch| on `inputs` at batch 1 and 3 (onnxruntime on the CPU)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for batch in (1, 3):
+        x = np.ascontiguousarray(inputs[:batch])
+        with torch.no_grad():
+            p_torch = model(torch.from_numpy(x))[0].numpy()
+        p_onnx = session.run(["probabilities"], {"input": x})[0]
+        if p_onnx.shape != p_torch.shape:
+            raise BratsError(f"ONNX output shape {p_onnx.shape} at batch {batch}, torch {p_torch.shape}")
+        worst = max(worst, float(np.abs(p_onnx - p_torch).max()))
+    return worst
+
+
+def card_for(model_path: Path) -> Path:
+    """model.onnx -> model_card.json beside it."""
+    return model_path.with_name(f"{model_path.stem}_card.json")
+
+
+def export(
+    run: str | Path,
+    out: str | Path | None = None,
+    fold: int | None = None,
+    ensemble: bool = False,
+    trust: bool = False,
+) -> Path:
+    """Write the ONNX model and model_card.json; returns the model path."""
+    run = Path(run)
+    run_cfg = run_config(run)
+    summary_path = run / "evaluation" / "summary.json"
+    if not summary_path.is_file():
+        log.info(f"{summary_path} missing: evaluating the run first")
+        evaluate_run(run, trust=trust)
+    summary = json.loads(summary_path.read_text())
+    evaluated = {row["fold"]: row for row in summary["folds"]}
+    if ensemble:
+        folds = sorted(evaluated)
+    elif fold is not None:
+        if fold not in evaluated:
+            raise BratsError(f"--fold {fold}: not in {summary_path} (evaluated folds {sorted(evaluated)})")
+        folds = [fold]
+    else:  # the fold whose re-scored validation AUC is best
+        folds = [max(evaluated.values(), key=lambda r: (r["rescored_val_auc"], -r["fold"]))["fold"]]
+
+    models, sources = [], []
+    for k in folds:
+        model, info = load_fold(run, k, run_cfg, trust)
+        info["rescored_val_auc"] = evaluated[k]["rescored_val_auc"]
+        models.append(model)
+        sources.append(info)
+        log.info(
+            f"fold {k}: {info['checkpoint']} (epoch {info['epoch']}, "
+            f"re-scored val AUC {info['rescored_val_auc']:.4f})"
+        )
+    cfgs = {json.dumps({k: s["config"][k] for k in ("modalities",)}) for s in sources}
+    preps = {json.dumps(s["preprocess"], sort_keys=True) for s in sources}
+    if len(cfgs) != 1 or len(preps) != 1 or sources[0]["preprocess"] is None:
+        raise BratsError(
+            f"{run}: the folds disagree on channels or preprocessing (or a checkpoint lacks it): "
+            "cannot export them together"
+        )
+    prep = sources[0]["preprocess"]
+    modalities = sources[0]["config"]["modalities"]
+    contract = {
+        "modalities": list(modalities),
+        "size": prep["size"],
+        "orientation": prep["orientation"],
+        "normalization": prep["normalization"],
+        "preprocess_version": prep["version"],
+        "input": "float32 (B, C, S, S, S), channels in `modalities` order",
+    }
+    provenance = {
+        "classes": list(CLASSES),
+        "outputs": {"probabilities": "(B, 2) [p_LGG, p_HGG]", "logits": "(B, 2)"},
+        "ensemble": len(models) > 1,
+        "sources": [{k: v for k, v in s.items() if k not in ("preprocess", "config")} for s in sources],
+        "architecture": {k: sources[0]["config"][k] for k in ("depth", "layout", "dropout")},
+        "cv_summary": {
+            "protocol": summary["protocol"],
+            "mean_std": {m: summary["mean_std"][m] for m in ("auc", "f1", "accuracy")},
+            "pooled": summary["pooled"],
+        },
+        "run": str(run),
+    }
+
+    wrapper = Exported(models).eval()
+    out = Path(out) if out else run / ("model_ensemble.onnx" if len(models) > 1 else "model.onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+    # Parity inputs: three real preprocessed patients from the run's cache.
+    cached = open_cache(ensure_prepared(run_cfg["data"], None, run_cfg["size"], None))
+    channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
+    inputs = np.stack([np.asarray(v[channels], dtype=np.float32) for v in cached.volumes[:3]])
+    try:
+        torch.onnx.export(
+            wrapper,
+            (torch.from_numpy(inputs[:2]),),
+            str(tmp),
+            dynamo=False,  # TorchScript exporter: dynamic batch via dynamic_axes, ~3x faster to export
+            opset_version=OPSET,
+            input_names=["input"],
+            output_names=["probabilities", "logits"],
+            dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}, "logits": {0: "batch"}},
+        )
+        proto = onnx.load(str(tmp))
+        for key, value in ((CONTRACT_KEY, contract), (PROVENANCE_KEY, provenance)):
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
+        proto.producer_name = "brats"
+        onnx.save(proto, str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
+        worst = check_parity(tmp, wrapper, inputs)
+        if not worst <= PARITY_TOLERANCE:
+            raise BratsError(
+                f"ONNX parity failed: max |p_onnx - p_torch| = {worst:.2e} > {PARITY_TOLERANCE:g}; "
+                "nothing written"
+            )
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    card = {
+        "model": out.name,
+        "contract": contract,
+        **provenance,
+        "parity_max_abs_diff": worst,
+        "opset": OPSET,
+    }
+    card_path = card_for(out)
+    write_json_atomic(card_path, card)
+    log.info(f"wrote {out} (parity max |dp| {worst:.1e}) and {card_path}")
+    return out

@@ -1,0 +1,45 @@
+"""Export the verified best model of a run to ONNX for CPU inference.
+
+    python export.py --run runs/cv                 # the fold with the best re-scored val AUC
+    python export.py --run runs/cv --fold 2
+    python export.py --run runs/cv --ensemble      # every fold in one graph (mean probabilities)
+
+Writes MODEL.onnx and MODEL_card.json (preprocessing contract + provenance); fails, writing
+nothing, unless onnxruntime matches torch within 1e-4 at batch 1 and 3.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from brats.errors import BratsError, exit_on_error
+
+app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+
+
+@app.command()
+@exit_on_error
+def main(
+    run: Annotated[Path, typer.Option(help="run folder (trained and evaluated)")] = Path("runs/cv"),
+    fold: Annotated[int | None, typer.Option(help="export this fold [best re-scored val AUC]")] = None,
+    ensemble: Annotated[bool, typer.Option("--ensemble", help="every fold in one graph")] = False,
+    out: Annotated[Path | None, typer.Option(help="output .onnx [RUN/model.onnx]")] = None,
+    trust_checkpoints: Annotated[
+        bool, typer.Option("--trust-checkpoints", help="allow unpickling your own old checkpoints")
+    ] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if ensemble and fold is not None:
+        raise BratsError("--fold and --ensemble exclude each other")
+    from brats.onnx_export import export
+
+    path = export(run, out, fold=fold, ensemble=ensemble, trust=trust_checkpoints)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,100 @@
+"""Grade new patients with an exported ONNX model, on the CPU, without PyTorch.
+
+    python predict.py runs/cv/model.onnx NEW_PATIENTS/ [MORE...] [--out predictions.csv]
+    python predict.py model.onnx --t1 a_t1.nii.gz --t1ce a_t1ce.nii.gz --t2 a_t2.nii.gz --flair a_flair.nii.gz
+
+Each INPUT is one patient folder or a cohort root in any supported layout (BraTS 2018/2019,
+2020, CSV manifest, or a folder of patient folders). Writes patient_id,p_hgg,p_lgg,prediction,error
+and prints a table; patients that cannot be graded are listed with the reason (exit status 1),
+every other patient is still graded.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from brats.cache import write_csv_atomic
+from brats.cohort import MODALITIES, Case, find_cases
+from brats.errors import BratsError, CaseError, exit_on_error
+from brats.inference import Grader, Prediction
+
+app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+
+
+def gather_cases(
+    inputs: list[Path], explicit: dict[str, Path | None], patient_id: str
+) -> tuple[list[Case], list[CaseError]]:
+    cases, problems = [], []
+    given = {m: p for m, p in explicit.items() if p is not None}
+    if given:
+        missing = [m for m in MODALITIES if m not in given]
+        if missing:
+            raise BratsError(f"--{' --'.join(missing)} missing: give all four of --t1 --t1ce --t2 --flair")
+        cases.append(Case(patient_id, None, tuple(Path(given[m]) for m in MODALITIES)))
+    for root in inputs:
+        cohort = find_cases(root, labelled=False)
+        cases += cohort.cases
+        problems += cohort.problems
+    if not cases and not problems:
+        raise BratsError(
+            "no patients given: pass patient folders, a cohort root, or --t1/--t1ce/--t2/--flair"
+        )
+    return cases, problems
+
+
+@app.command()
+@exit_on_error
+def main(
+    model: Annotated[Path, typer.Argument(help="exported .onnx model")],
+    inputs: Annotated[list[Path] | None, typer.Argument(help="patient folders or cohort roots")] = None,
+    out: Annotated[Path, typer.Option(help="CSV to write")] = Path("predictions.csv"),
+    t1: Annotated[Path | None, typer.Option(help="one patient's T1 file")] = None,
+    t1ce: Annotated[Path | None, typer.Option(help="... T1ce file")] = None,
+    t2: Annotated[Path | None, typer.Option(help="... T2 file")] = None,
+    flair: Annotated[Path | None, typer.Option(help="... FLAIR file")] = None,
+    patient_id: Annotated[
+        str, typer.Option("--id", help="patient id for --t1/--t1ce/--t2/--flair")
+    ] = "patient",
+    batch_size: Annotated[int, typer.Option(help="patients per onnxruntime call")] = 4,
+    threads: Annotated[int, typer.Option(help="onnxruntime threads [all cores]")] = 0,
+) -> None:
+    grader = Grader(model, threads or None)
+    cases, problems = gather_cases(
+        inputs or [], {"t1": t1, "t1ce": t1ce, "t2": t2, "flair": flair}, patient_id
+    )
+    print(
+        f"{model}: {len(cases) + len(problems)} patient(s), "
+        f"input {grader.cfg.size}^3 {','.join(grader.cfg.modalities)}"
+    )
+    results = grader.grade(cases, batch_size)
+    results += [Prediction(e.patient_id, None, e.reason) for e in problems]
+    rows = [
+        {
+            "patient_id": r.patient_id,
+            "p_hgg": "" if r.p_hgg is None else f"{r.p_hgg:.6f}",
+            "p_lgg": "" if r.p_lgg is None else f"{r.p_lgg:.6f}",
+            "prediction": r.prediction,
+            "error": r.error,
+        }
+        for r in results
+    ]
+    write_csv_atomic(out, rows, ["patient_id", "p_hgg", "p_lgg", "prediction", "error"])
+    width = max([len(r["patient_id"]) for r in rows] + [10])
+    print(f"{'patient':<{width}}  {'p_hgg':>8}  prediction")
+    for r in rows:
+        print(f"{r['patient_id']:<{width}}  {r['p_hgg'] or '-':>8}  {r['prediction'] or 'FAILED'}")
+    failed = [r for r in results if r.error]
+    print(f"wrote {out}: {len(results) - len(failed)} graded, {len(failed)} failed")
+    if failed:
+        print(f"{len(failed)} patient(s) could not be graded:", file=sys.stderr)
+        for r in failed:
+            print(f"  {r.patient_id}: {r.error}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    app()
