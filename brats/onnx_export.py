@@ -81,6 +81,42 @@ def check_parity(path: Path, model: nn.Module, inputs: np.ndarray) -> float:
     return worst
 
 
+def write_onnx(wrapper: Exported, inputs: np.ndarray, out: Path, metadata: dict[str, dict]) -> float:
+    """Export `wrapper` to `out` atomically: dynamic batch, metadata as JSON strings, full
+    checker, and parity against torch on `inputs` (>= 3 samples); returns the max |dp|."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+    try:
+        torch.onnx.export(
+            wrapper,
+            (torch.from_numpy(inputs[:2]),),
+            str(tmp),
+            dynamo=False,  # TorchScript exporter: dynamic batch via dynamic_axes, ~3x faster to export
+            opset_version=OPSET,
+            input_names=["input"],
+            output_names=["probabilities", "logits"],
+            dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}, "logits": {0: "batch"}},
+        )
+        proto = onnx.load(str(tmp))
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
+        proto.producer_name = "brats"
+        onnx.save(proto, str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
+        worst = check_parity(tmp, wrapper, inputs)
+        if not worst <= PARITY_TOLERANCE:
+            raise BratsError(
+                f"ONNX parity failed: max |p_onnx - p_torch| = {worst:.2e} > {PARITY_TOLERANCE:g}; "
+                "nothing written"
+            )
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return worst
+
+
 def card_for(model_path: Path) -> Path:
     """model.onnx -> model_card.json beside it."""
     return model_path.with_name(f"{model_path.stem}_card.json")
@@ -154,40 +190,11 @@ def export(
 
     wrapper = Exported(models).eval()
     out = Path(out) if out else run / ("model_ensemble.onnx" if len(models) > 1 else "model.onnx")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
     # Parity inputs: three real preprocessed patients from the run's cache.
     cached = open_cache(ensure_prepared(run_cfg["data"], None, run_cfg["size"], None))
     channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
     inputs = np.stack([np.asarray(v[channels], dtype=np.float32) for v in cached.volumes[:3]])
-    try:
-        torch.onnx.export(
-            wrapper,
-            (torch.from_numpy(inputs[:2]),),
-            str(tmp),
-            dynamo=False,  # TorchScript exporter: dynamic batch via dynamic_axes, ~3x faster to export
-            opset_version=OPSET,
-            input_names=["input"],
-            output_names=["probabilities", "logits"],
-            dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}, "logits": {0: "batch"}},
-        )
-        proto = onnx.load(str(tmp))
-        for key, value in ((CONTRACT_KEY, contract), (PROVENANCE_KEY, provenance)):
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, json.dumps(value)
-        proto.producer_name = "brats"
-        onnx.save(proto, str(tmp))
-        onnx.checker.check_model(str(tmp), full_check=True)
-        worst = check_parity(tmp, wrapper, inputs)
-        if not worst <= PARITY_TOLERANCE:
-            raise BratsError(
-                f"ONNX parity failed: max |p_onnx - p_torch| = {worst:.2e} > {PARITY_TOLERANCE:g}; "
-                "nothing written"
-            )
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    worst = write_onnx(wrapper, inputs, out, {CONTRACT_KEY: contract, PROVENANCE_KEY: provenance})
     card = {
         "model": out.name,
         "contract": contract,
