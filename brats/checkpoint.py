@@ -9,13 +9,12 @@ resume state.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from pathlib import Path
 
 import torch
 
-from brats.cache import fsync_dir
+from brats.cache import write_atomic_bytes
 from brats.errors import BratsError
 
 log = logging.getLogger(__name__)
@@ -28,18 +27,7 @@ REQUIRED = ("model_state_dict", "val_metrics")
 
 def save_atomic(obj: dict, path: str | Path) -> None:
     """torch.save to a temp file in the same folder, fsync, os.replace: a kill never tears a file."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+    write_atomic_bytes(Path(path), lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | Path, trust: bool = False, map_location: str = "cpu") -> dict:
