@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from brats.cache import write_csv_atomic
-from brats.cohort import MODALITIES, Case, find_cases
+from brats.cohort import CLASSES, MODALITIES, Case, find_cases
 from brats.errors import BratsError, CaseError, exit_on_error
 from brats.inference import Grader, Prediction
 
@@ -83,10 +83,17 @@ def main(
         for r in results
     ]
     write_csv_atomic(out, rows, ["patient_id", "p_hgg", "p_lgg", "prediction", "error"])
+    # Grades found in a labelled layout are shown beside the prediction (not written to the CSV).
+    truth = {c.patient_id: CLASSES[c.label] for c in cases if c.label is not None}
     width = max([len(r["patient_id"]) for r in rows] + [10])
-    print(f"{'patient':<{width}}  {'p_hgg':>8}  prediction")
+    print(f"{'patient':<{width}}  {'p_hgg':>8}  prediction" + ("  grade on disk" if truth else ""))
     for r in rows:
-        print(f"{r['patient_id']:<{width}}  {r['p_hgg'] or '-':>8}  {r['prediction'] or 'FAILED'}")
+        known = f"  {truth.get(r['patient_id'], '')}" if truth else ""
+        print(f"{r['patient_id']:<{width}}  {r['p_hgg'] or '-':>8}  {r['prediction'] or 'FAILED':<10}{known}")
+    graded = [r for r in results if r.p_hgg is not None and r.patient_id in truth]
+    if graded:
+        right = sum(r.prediction == truth[r.patient_id] for r in graded)
+        print(f"{right}/{len(graded)} graded patients match the grade on disk")
     failed = [r for r in results if r.error]
     print(f"wrote {out}: {len(results) - len(failed)} graded, {len(failed)} failed")
     if failed:

@@ -92,6 +92,15 @@ def test_spacing_mismatch(cohort18, tmp_path):
         preprocess_case(case, CFG)
 
 
+def test_orientation_mismatch(cohort18, tmp_path):
+    case = copy_case(first_case(cohort18), tmp_path)
+    img = sitk.ReadImage(str(case.path("t1ce")))
+    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    sitk.WriteImage(img, str(case.path("t1ce")))
+    with pytest.raises(CaseError, match="t1ce file .* has an orientation \\(direction\\) different from t1"):
+        preprocess_case(case, CFG)
+
+
 def test_nan_voxels(cohort18, tmp_path):
     case = copy_case(first_case(cohort18), tmp_path)
     arr = sitk.GetArrayFromImage(sitk.ReadImage(str(case.path("t1")))).astype(np.float32)
