@@ -28,6 +28,7 @@ def main(
     fold: Annotated[int | None, typer.Option(help="export this fold [best re-scored val AUC]")] = None,
     ensemble: Annotated[bool, typer.Option("--ensemble", help="every fold in one graph")] = False,
     out: Annotated[Path | None, typer.Option(help="output .onnx [RUN/model.onnx]")] = None,
+    exporter: Annotated[str, typer.Option(help="torchscript (fast) or dynamo")] = "torchscript",
     trust_checkpoints: Annotated[
         bool, typer.Option("--trust-checkpoints", help="allow unpickling your own old checkpoints")
     ] = False,
@@ -37,7 +38,7 @@ def main(
         raise BratsError("--fold and --ensemble exclude each other")
     from brats.onnx_export import export
 
-    path = export(run, out, fold=fold, ensemble=ensemble, trust=trust_checkpoints)
+    path = export(run, out, fold=fold, ensemble=ensemble, trust=trust_checkpoints, exporter=exporter)
     print(f"wrote {path}")
 
 

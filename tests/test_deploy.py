@@ -71,6 +71,14 @@ def test_ensemble_export(exported, tmp_path):
     assert out.stat().st_size > 4 * (run / "model.onnx").stat().st_size
 
 
+def test_dynamo_exporter(exported, tmp_path):
+    run, _ = exported
+    out = export(run, tmp_path / "dyn.onnx", fold=1, exporter="dynamo")
+    card = json.loads((tmp_path / "dyn_card.json").read_text())
+    assert (card["exporter"], card["opset"]) == ("dynamo", 18) and card["parity_max_abs_diff"] <= 1e-4
+    assert Grader(out).contract == card["contract"]
+
+
 def test_failed_parity_writes_nothing(exported, tmp_path, monkeypatch):
     import brats.onnx_export as onnx_export
 
