@@ -50,7 +50,10 @@ def main(
     lr: Annotated[float | None, typer.Option(help="backbone lr [1e-4]")] = None,
     classifier_lr_mult: Annotated[float | None, typer.Option(help="[2; baseline 10]")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="[1e-4]")] = None,
-    warmup_epochs: Annotated[float | None, typer.Option(help="[3; baseline 6]")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="[3]")] = None,
+    warmup_fraction: Annotated[
+        float | None, typer.Option(help="warm-up as a fraction of --max-epochs [0; baseline 0.1]")
+    ] = None,
     max_grad_norm: Annotated[float | None, typer.Option(help="[0 = off]")] = None,
     loss: Annotated[str | None, typer.Option(help="ce or ldam [policy]")] = None,
     drw_start_epoch: Annotated[int | None, typer.Option(help="[0 = off; baseline 25]")] = None,
@@ -89,6 +92,7 @@ def main(
         classifier_lr_mult=classifier_lr_mult,
         weight_decay=weight_decay,
         warmup_epochs=warmup_epochs,
+        warmup_fraction=warmup_fraction,
         max_grad_norm=max_grad_norm,
         loss=loss,
         drw_start_epoch=drw_start_epoch,

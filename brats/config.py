@@ -50,6 +50,7 @@ class TrainConfig:
     classifier_lr_mult: float = 2.0  # classifier lr = lr x this (seed 3.4.1: 10x -> 2x)
     weight_decay: float = 1e-4  # Adam L2 penalty (seed 6.4)
     warmup_epochs: float = 3.0  # linear warm-up then cosine, sized in optimizer updates (seed 6.3: 3-5)
+    warmup_fraction: float = 0.0  # >0: warm-up = this fraction of --max-epochs instead (seed 1.3: 10%)
     max_grad_norm: float = 0.0  # gradient clipping; 0 = off (the seed does not clip)
     loss: str = "ce"  # ce = nn.CrossEntropyLoss (seed 6.1); ldam (seed 1.2)
     ldam_max_m: float = 0.2  # LDAM largest margin (seed 1.2)
@@ -68,6 +69,11 @@ class TrainConfig:
     resume: bool = False  # continue after the last completed epoch of RUN/fold_K/state.pt
     progress: bool = True  # progress bar on the main process
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
+
+    @property
+    def warmup(self) -> float:
+        """Warm-up length in epochs."""
+        return self.warmup_fraction * self.max_epochs if self.warmup_fraction > 0 else self.warmup_epochs
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -92,7 +98,7 @@ BASELINE = {
     "classifier_lr_mult": 10.0,
     "batch_size": 2,
     "grad_accum": 2,
-    "warmup_epochs": 6.0,  # 10% of the 60 epochs
+    "warmup_fraction": 0.1,  # 10% of the epochs
     "patience": 7,
     "min_epochs": 10,
 }
@@ -104,6 +110,8 @@ def make_config(policy: str = "final", **overrides: Any) -> TrainConfig:
         raise BratsError(f"--policy {policy!r}: choose one of {', '.join(POLICIES)}")
     base = dict(BASELINE) if policy == "baseline" else {}
     base.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("warmup_epochs") is not None and overrides.get("warmup_fraction") is None:
+        base["warmup_fraction"] = 0.0  # an explicit --warmup-epochs wins over the policy's fraction
     cfg = TrainConfig(policy=policy, **base)
     validate(cfg)
     return cfg
@@ -144,6 +152,7 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.classifier_lr_mult > 0, f"--classifier-lr-mult {cfg.classifier_lr_mult}: must be > 0")
     check(cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: must be >= 0")
     check(cfg.warmup_epochs >= 0, f"--warmup-epochs {cfg.warmup_epochs}: must be >= 0")
+    check(0 <= cfg.warmup_fraction < 1, f"--warmup-fraction {cfg.warmup_fraction}: must be in [0, 1)")
     check(cfg.max_grad_norm >= 0, f"--max-grad-norm {cfg.max_grad_norm}: must be >= 0 (0 = off)")
     check(0.0 <= cfg.ema_decay < 1.0, f"--ema-decay {cfg.ema_decay}: use 0 (off) or a value in (0, 1)")
     check(cfg.ldam_max_m > 0 and cfg.ldam_s > 0, "LDAM max_m and s must be > 0")

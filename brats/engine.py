@@ -246,7 +246,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> dict:
     updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
     total_updates = cfg.max_epochs * updates_per_epoch
     scheduler = LambdaLR(
-        optimizer.optimizer, warmup_cosine(round(cfg.warmup_epochs * updates_per_epoch), total_updates)
+        optimizer.optimizer, warmup_cosine(round(cfg.warmup * updates_per_epoch), total_updates)
     )
     ema = ModelEma(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
 

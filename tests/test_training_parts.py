@@ -42,6 +42,9 @@ def test_baseline_policy_follows_seed_section_1_and_overrides_win():
     )
     assert cfg.sampler == "inverse_freq"  # the sampler was kept in the baseline
     assert make_config("baseline", data="x", patience=3).patience == 3
+    assert cfg.warmup == 6.0 and make_config("baseline", data="x", max_epochs=30).warmup == 3.0  # 10%
+    assert make_config(data="x").warmup == 3.0
+    assert make_config("baseline", data="x", warmup_epochs=2.0).warmup == 2.0
     assert set(BASELINE) <= set(TrainConfig.__dataclass_fields__)
 
 
