@@ -50,6 +50,9 @@ from brats.model import build_model, load_pretrained, param_groups
 log = get_logger(__name__)
 
 STREAM_DROPOUT, STREAM_SAMPLER, STREAM_AUGMENT = 0, 1, 2
+# A new best must beat the old one by more than float noise: the same ranking can give AUCs that
+# differ in the last bits, which must not count as an improvement.
+AUC_EPS = 1e-9
 
 
 class TrainingError(BratsError):
@@ -306,13 +309,13 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> dict:
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["classifier_lr"] = optimizer.param_groups[1]["lr"]
         row["drw"] = int(drw)
-        improved = val["auc"] > state.best_auc  # strict; NaN never improves
+        improved = val["auc"] > state.best_auc + AUC_EPS  # strict; NaN never improves
         ema_improved = False
         if ema is not None:
             ema_logits, _ = predict(ema.module, val_loader, accelerator)
             ema_val, ema_p = score(ema_logits, val_labels)
             row.update({f"ema_val_{m}": ema_val[m] for m in ("auc", "f1", "accuracy")})
-            ema_improved = ema_val["auc"] > state.best_ema_auc
+            ema_improved = ema_val["auc"] > state.best_ema_auc + AUC_EPS
         row["seconds"] = round(time.perf_counter() - t0, 3)
 
         if improved:

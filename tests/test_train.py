@@ -42,7 +42,7 @@ def test_accelerate_launch_writes_every_file(cache20, tmp_path):
         "--run",
         str(run),
         "--max-epochs",
-        "2",
+        "3",
         *CLI_FAST,
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
@@ -56,7 +56,7 @@ def test_accelerate_launch_writes_every_file(cache20, tmp_path):
         "pr_curve",
         "confusion_matrix",
     }
-    assert len(rows(fold / "metrics.csv")) == 2
+    assert len(rows(fold / "metrics.csv")) == 3
     assert set(rows(fold / "metrics.csv")[0]) >= {
         "epoch",
         "train_loss",
@@ -81,6 +81,9 @@ def test_accelerate_launch_writes_every_file(cache20, tmp_path):
         "is_ema",
     } <= set(ckpt)
     assert ckpt["is_ema"] is False and ckpt["fold"] == 0 and isinstance(ckpt["config"], dict)
+    aucs = [float(r["val_auc"]) for r in rows(fold / "metrics.csv")]
+    assert ckpt["epoch"] == 1 + aucs.index(max(aucs))  # the first epoch with the best AUC, never a later tie
+    assert ckpt["val_metrics"]["auc"] == max(aucs)
     splits = json.loads((run / "splits.json").read_text())
     assert ckpt["splits_fingerprint"] == splits["cohort_fingerprint"]
     assert json.loads((run / "config.json").read_text())["depth"] == 10
