@@ -16,7 +16,7 @@ FOLDS  ?= 0 1 2 3 4
 ACCEL  := $(BIN)/accelerate launch --config_file accelerate_config.yaml
 TRAIN_ARGS ?=
 
-.PHONY: install test lint prepare cv evaluate ablation demo clean
+.PHONY: install test lint prepare cv evaluate export predict ablation demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ cv: $(STAMP)
 
 evaluate: $(STAMP)
 	$(BIN)/python evaluate.py --run $(RUN)
+
+export: $(STAMP)
+	$(BIN)/python export.py --run $(RUN)
+
+MODEL ?= $(RUN)/model.onnx
+INPUT ?= demo/new
+OUT   ?= predictions.csv
+predict: $(STAMP)
+	$(BIN)/python predict.py $(MODEL) $(INPUT) --out $(OUT)
 
 # The seed's first setup (section 1) against its final policy (section 6) on the same folds.
 ablation: $(STAMP)

@@ -134,6 +134,8 @@ def write_onnx(
                 f"ONNX parity failed: max |p_onnx - p_torch| = {worst:.2e} > {PARITY_TOLERANCE:g}; "
                 "nothing written"
             )
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, out)
     finally:
         if tmp.exists():
