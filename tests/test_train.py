@@ -232,3 +232,15 @@ def test_two_processes_score_like_one(cache20, tmp_path):
     assert sorted(a["labels"]) == sorted(b["labels"])
     for k in ("auc", "f1", "accuracy", "loss"):
         assert a["metrics"][k] == pytest.approx(b["metrics"][k], abs=1e-6), k
+
+
+def test_raw_cohort_is_prepared_first(cache20, tmp_path, fresh_accelerate):
+    import shutil
+
+    raw = tmp_path / "MICCAI_BraTS_2018_Data_Training"
+    shutil.copytree(cache20.parent / "cohort", raw)
+    cfg = make_config(data=str(raw), run=str(tmp_path / "r"), fold=0, max_epochs=1, size=24, **FAST)
+    train_fold(cfg)
+    cache = tmp_path / "MICCAI_BraTS_2018_Data_Training_cache24"
+    assert (cache / "index.json").is_file()
+    assert torch.load(tmp_path / "r" / "fold_0" / BEST, weights_only=True)["preprocess"]["size"] == 24
