@@ -264,9 +264,3 @@ def preprocess_case(case: Case, cfg: PreprocessConfig = PreprocessConfig()) -> n
     else:
         volume = resample_any(chosen, origin, spacing, cfg.size)
     return zscore_brain(volume)
-
-
-def preprocess_paths(patient_id: str, paths: dict[str, str | Path], cfg: PreprocessConfig) -> np.ndarray:
-    """Preprocess one patient given as explicit modality -> file paths."""
-    case = Case(patient_id, None, tuple(Path(paths[m]) for m in MODALITIES))
-    return preprocess_case(case, cfg)
