@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# Machines without SimpleITK/nibabel: put their wheels (manylinux, matching Python) in .whl/.
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
 $PY - <<'PY'
 import torch
 assert torch.cuda.is_available(), "no CUDA device"
