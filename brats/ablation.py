@@ -79,10 +79,13 @@ def ablation_markdown(before: Path, after: Path) -> str:
     ma, mb = runs["before"]["summary"]["mean_std"], runs["after"]["summary"]["mean_std"]
     cells = [f"{m[k]['mean']:.4f} +- {m[k]['std']:.4f}" for k in ("auc", "f1", "accuracy") for m in (ma, mb)]
     lines.append("| mean +- std | " + " | ".join(cells) + " |")
+    pooled = [runs[r]["summary"]["pooled"].get("auc", float("nan")) for r in ("before", "after")]
+    lines += ["", f"Pooled out-of-fold AUC: before {pooled[0]:.4f}, after {pooled[1]:.4f}."]
     lines += [
         "",
         "Training stability (seed 5.1), per fold: std of val AUC over epochs; "
-        "min / max training loss; epochs run.",
+        "min / max training loss (each policy's own loss: LDAM's is scaled by s, so compare its spread "
+        "within a policy); epochs run.",
         "",
         "| Fold | val AUC std before | after | train loss min-max before | after | epochs before | after |",
         "|------|--------------------|-------|---------------------------|-------|---------------|-------|",
