@@ -138,7 +138,8 @@ def write_run_config(run: Path, cfg: TrainConfig) -> None:
     path = run / "config.json"
     d = cfg.to_dict()
     if path.exists():
-        old = json.loads(path.read_text())
+        # Fields added by a later brats version take their defaults, so an older run still matches.
+        old = TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
         diff = sorted(k for k in set(comparable(old)) | set(comparable(d)) if old.get(k) != d.get(k))
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {d.get(k)!r}" for k in diff[:4])

@@ -112,6 +112,17 @@ def test_two_folds_of_one_run_must_share_settings(cache20, tmp_path, fresh_accel
         train_fold(make_config(data=str(cache20), run=run, fold=1, max_epochs=1, lr=3e-4, **FAST))
     with pytest.raises(BratsError, match="already holds a trained fold: pass --resume"):
         train_fold(make_config(data=str(cache20), run=run, fold=0, max_epochs=1, **FAST))
+    # a config.json written before a field existed still matches (the field takes its default)
+    path = tmp_path / "r" / "config.json"
+    old = json.loads(path.read_text())
+    del old["warmup_fraction"]
+    path.write_text(json.dumps(old))
+    assert (
+        train_fold(make_config(data=str(cache20), run=run, fold=0, max_epochs=1, resume=True, **FAST))[
+            "epochs"
+        ]
+        == 1
+    )
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_best(cache20, tmp_path, fresh_accelerate, monkeypatch):
