@@ -164,7 +164,7 @@ def test_sigkill_then_resume_equals_uninterrupted(cache20, tmp_path):
         "--fold",
         "2",
         "--max-epochs",
-        "5",
+        "6",
         "--patience",
         "10",
         "--ema-decay",
@@ -188,11 +188,11 @@ def test_sigkill_then_resume_equals_uninterrupted(cache20, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(rows(metrics)) < 2):
         time.sleep(0.02)
-    time.sleep(0.3)  # land somewhere inside epoch 3
+    time.sleep(0.3)  # land somewhere inside epoch 3 (an epoch takes about a second here)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(rows(metrics))
-    assert 2 <= done < 5, "the kill must land part-way"
+    assert 2 <= done < 6, "the kill must land part-way"
     resumed = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--run", str(run), "--resume", *args],
         capture_output=True,
