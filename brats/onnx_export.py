@@ -96,31 +96,22 @@ def write_onnx(
         raise BratsError(f"--exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    example = (torch.from_numpy(inputs[:2]),)
-    names = {"input_names": ["input"], "output_names": ["probabilities", "logits"]}
+    if exporter == "dynamo":
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        how = {"dynamo": True, "dynamic_shapes": {"x": {0: batch}}, "external_data": False}
+    else:
+        axes = {"input": {0: "batch"}, "probabilities": {0: "batch"}, "logits": {0: "batch"}}
+        how = {"dynamo": False, "dynamic_axes": axes}
     try:
-        if exporter == "dynamo":
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            torch.onnx.export(
-                wrapper,
-                example,
-                str(tmp),
-                dynamo=True,
-                opset_version=OPSET[exporter],
-                dynamic_shapes={"x": {0: batch}},
-                external_data=False,
-                **names,
-            )
-        else:
-            torch.onnx.export(
-                wrapper,
-                example,
-                str(tmp),
-                dynamo=False,
-                opset_version=OPSET[exporter],
-                dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}, "logits": {0: "batch"}},
-                **names,
-            )
+        torch.onnx.export(
+            wrapper,
+            (torch.from_numpy(inputs[:2]),),
+            str(tmp),
+            opset_version=OPSET[exporter],
+            input_names=["input"],
+            output_names=["probabilities", "logits"],
+            **how,
+        )
         proto = onnx.load(str(tmp))
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
