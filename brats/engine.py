@@ -214,7 +214,8 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> dict:
     log.info(
         f"fold {cfg.fold}: {len(train_ds)} train ({class_counts[1]} HGG, {class_counts[0]} LGG), "
         f"{len(val_ds)} val; {protocol(splits.inner_val)}; "
-        f"policy {cfg.policy}; channels {','.join(cfg.modalities)}"
+        f"policy {cfg.policy}; channels {','.join(cfg.modalities)}; "
+        f"{accelerator.num_processes} process(es) on {accelerator.device.type}"
     )
     sample_gen, augment_gen = torch.Generator(), torch.Generator()
     sampler = make_sampler(cfg.sampler, train_ds.labels, sample_gen)

@@ -255,3 +255,33 @@ def test_raw_cohort_is_prepared_first(cache20, tmp_path, fresh_accelerate):
     cache = tmp_path / "MICCAI_BraTS_2018_Data_Training_cache24"
     assert (cache / "index.json").is_file()
     assert torch.load(tmp_path / "r" / "fold_0" / BEST, weights_only=True)["preprocess"]["size"] == 24
+
+
+def test_two_gloo_processes_train_a_fold(cache20, tmp_path):
+    """`--multi_gpu --num_processes 2` with --cpu starts two gloo processes (`--cpu
+    --num_processes 2` would silently start one), and both end cleanly."""
+    run = tmp_path / "ddp"
+    cmd = [
+        *ACCELERATE,
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        str(ROOT / "train.py"),
+        "--cpu",
+        "--fold",
+        "1",
+        "--data",
+        str(cache20),
+        "--run",
+        str(run),
+        "--max-epochs",
+        "2",
+        *CLI_FAST,
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es) on cpu" in r.stderr
+    assert len(rows(run / "fold_1" / "metrics.csv")) == 2
+    assert (
+        torch.load(run / "fold_1" / BEST, weights_only=True)["val_metrics"]["n"] == 4
+    )  # every val patient once
