@@ -157,18 +157,22 @@ def prepare(
     written = []
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     bar = tqdm(total=len(jobs), desc="prepare", unit="patient", disable=not progress or not jobs)
+
+    def record(case: Case, err: str | None) -> None:
+        if err:
+            failed.append(err)
+        else:
+            written.append(case.patient_id)
+        bar.update()
+
     if workers == 1:
         for case, target in jobs:
-            err = _prepare_one(case, cfg, target)
-            (failed.append(err) if err else written.append(case.patient_id))
-            bar.update()
+            record(case, _prepare_one(case, cfg, target))
     else:
         with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
             futures = {pool.submit(_prepare_one, case, cfg, target): case for case, target in jobs}
             for fut in as_completed(futures):
-                err = fut.result()
-                (failed.append(err) if err else written.append(futures[fut].patient_id))
-                bar.update()
+                record(futures[fut], fut.result())
     bar.close()
 
     failed_ids = {line.split(":", 1)[0] for line in failed}
@@ -201,6 +205,16 @@ class CachedCohort:
     def __len__(self) -> int:
         return len(self.patient_ids)
 
+    def indices(self, patients: list[str]) -> list[int]:
+        """Positions of `patients` (ids) in this cache."""
+        position = {p: i for i, p in enumerate(self.patient_ids)}
+        return [position[p] for p in patients]
+
+
+def open_data(data: str | Path, size: int) -> CachedCohort:
+    """The cache a run trains on: `data` itself, or the raw cohort `data` prepared first."""
+    return open_cache(ensure_prepared(data, size))
+
 
 def is_cache(path: str | Path) -> bool:
     return (Path(path) / INDEX).is_file()
@@ -229,8 +243,9 @@ def open_cache(path: str | Path) -> CachedCohort:
     return CachedCohort(root, ids, labels, volumes, index["preprocess"])
 
 
-def ensure_prepared(data: str | Path, cache_dir: str | Path | None, size: int, workers: int | None) -> Path:
-    """`data` is a prepared cache (returned as is) or a raw cohort (prepared into `cache_dir`)."""
+def ensure_prepared(data: str | Path, size: int) -> Path:
+    """`data` is a prepared cache (returned as is) or a raw cohort, prepared into the folder
+    `<data>_cache<size>` beside it (reused when up to date)."""
     from brats.cohort import find_cases, summarize
 
     data = Path(data)
@@ -238,13 +253,12 @@ def ensure_prepared(data: str | Path, cache_dir: str | Path | None, size: int, w
         return data
     cohort = find_cases(data)
     check_trainable(cohort.cases, data)
-    out = Path(cache_dir) if cache_dir else data.parent / f"{data.name}_cache{size}"
+    out = data.parent / f"{data.name}_cache{size}"
     print(f"{data}: {summarize([c.label for c in cohort.cases])}; preparing into {out}")
     result = prepare(
         cohort.cases,
         out,
         PreprocessConfig(size=size),
-        workers,
         known_failures=cohort.problems,
         source=str(data),
     )

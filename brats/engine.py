@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from brats import __version__
 from brats.augment import augment_batch
-from brats.cache import ensure_prepared, open_cache, write_csv_atomic, write_json_atomic
+from brats.cache import open_data, write_csv_atomic, write_json_atomic
 from brats.checkpoint import BEST, BEST_EMA, STATE, save_atomic
 from brats.config import TrainConfig, comparable
 from brats.data import CachedVolumes, make_sampler
@@ -200,16 +200,14 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> dict:
 
     # --- data: the main process prepares the cache and writes the splits first
     with accelerator.main_process_first():
-        cache_dir = ensure_prepared(cfg.data, None, cfg.size, None)
-        cached = open_cache(cache_dir)
+        cached = open_data(cfg.data, cfg.size)
         ids, labels = cached.patient_ids, cached.labels.tolist()
         splits = load_or_make_splits(run / SPLITS, ids, labels, cfg.folds, cfg.split_seed, cfg.inner_val)
         if main:
             write_run_config(run, cfg)
     fold = splits.fold(cfg.fold, ids, labels)
-    index_of = {p: i for i, p in enumerate(ids)}
-    train_ds = CachedVolumes(cached, [index_of[p] for p in fold.train], cfg.modalities)
-    val_ds = CachedVolumes(cached, [index_of[p] for p in fold.val], cfg.modalities)
+    train_ds = CachedVolumes(cached, cached.indices(fold.train), cfg.modalities)
+    val_ds = CachedVolumes(cached, cached.indices(fold.val), cfg.modalities)
     class_counts = np.bincount(train_ds.labels, minlength=2).tolist()
     log.info(
         f"fold {cfg.fold}: {len(train_ds)} train ({class_counts[1]} HGG, {class_counts[0]} LGG), "

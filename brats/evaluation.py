@@ -19,7 +19,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
-from brats.cache import ensure_prepared, open_cache, write_atomic_bytes, write_csv_atomic, write_json_atomic
+from brats.cache import open_data, write_atomic_bytes, write_csv_atomic, write_json_atomic
 from brats.checkpoint import load_checkpoint, select_checkpoint
 from brats.config import TrainConfig
 from brats.data import CachedVolumes
@@ -61,6 +61,19 @@ def model_config(ckpt: dict, run_cfg: dict) -> dict:
     return cfg if isinstance(cfg, dict) else run_cfg
 
 
+def load_best_model(run: Path, k: int, run_cfg: dict, trust: bool) -> tuple[torch.nn.Module, dict, Path]:
+    """Fold k's checkpoint chosen by the policy, loaded into a freshly built fp32 model in eval
+    mode; returns (model, checkpoint, path)."""
+    path = select_checkpoint(run / f"fold_{k}", float(run_cfg.get("ema_decay", 0.0)) > 0)
+    ckpt = load_checkpoint(path, trust=trust)
+    model = build_model(model_config(ckpt, run_cfg))
+    try:
+        model.load_state_dict(ckpt["model_state_dict"])
+    except RuntimeError as e:
+        raise BratsError(f"{path}: weights do not fit the configured model ({str(e).splitlines()[0]})") from e
+    return model.eval().float(), ckpt, path
+
+
 def evaluate_fold(
     run: Path,
     k: int,
@@ -72,10 +85,8 @@ def evaluate_fold(
     device: torch.device,
     batch: int,
 ) -> FoldResult:
-    fold_dir = run / f"fold_{k}"
-    ema_enabled = float(run_cfg.get("ema_decay", 0.0)) > 0
-    path = select_checkpoint(fold_dir, ema_enabled)
-    ckpt = load_checkpoint(path, trust=trust)
+    model, ckpt, path = load_best_model(run, k, run_cfg, trust)
+    model.to(device)
     stored = ckpt["val_metrics"].get("auc") if isinstance(ckpt["val_metrics"], dict) else None
     stored = float(stored) if stored is not None else math.nan
     epoch = int(ckpt.get("epoch", -1))
@@ -94,21 +105,11 @@ def evaluate_fold(
             "evaluate with the splits and cache the run was trained on"
         )
 
-    cfg = model_config(ckpt, run_cfg)
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(ckpt["model_state_dict"])
-    except RuntimeError as e:
-        raise BratsError(f"{path}: weights do not fit the configured model ({str(e).splitlines()[0]})") from e
-    model.to(device).eval().float()
-
-    ids, labels = cached.patient_ids, cached.labels.tolist()
-    fold = splits.fold(k, ids, labels)
-    index_of = {p: i for i, p in enumerate(ids)}
-    modalities = tuple(cfg["modalities"])
+    fold = splits.fold(k, cached.patient_ids, cached.labels.tolist())
+    modalities = tuple(model_config(ckpt, run_cfg)["modalities"])
 
     def rescore(patients: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
-        ds = CachedVolumes(cached, [index_of[p] for p in patients], modalities)
+        ds = CachedVolumes(cached, cached.indices(patients), modalities)
         logits, y = predict(model, DataLoader(ds, batch_size=batch, shuffle=False))
         metrics, p_hgg = score(logits, y)
         return metrics, y, p_hgg
@@ -247,8 +248,7 @@ def evaluate_run(
             f"{run}: fold(s) {', '.join(map(str, missing))} not trained; "
             "train them or leave them out with --folds"
         )
-    cache_dir = ensure_prepared(data or cfg.data, None, cfg.size, None)
-    cached = open_cache(cache_dir)
+    cached = open_data(data or cfg.data, cfg.size)
     splits = load_or_make_splits(
         run / SPLITS, cached.patient_ids, cached.labels.tolist(), cfg.folds, cfg.split_seed, cfg.inner_val
     )

@@ -20,12 +20,10 @@ import onnx
 import torch
 from torch import nn
 
-from brats.cache import ensure_prepared, open_cache, write_json_atomic
-from brats.checkpoint import load_checkpoint, select_checkpoint
+from brats.cache import open_data, write_json_atomic
 from brats.cohort import CLASSES
 from brats.errors import BratsError
-from brats.evaluation import evaluate_run, model_config, run_config
-from brats.model import build_model
+from brats.evaluation import evaluate_run, load_best_model, model_config, run_config
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +46,8 @@ class Exported(nn.Module):
 
 
 def load_fold(run: Path, k: int, run_cfg: dict, trust: bool) -> tuple[nn.Module, dict]:
-    path = select_checkpoint(run / f"fold_{k}", float(run_cfg.get("ema_decay", 0.0)) > 0)
-    ckpt = load_checkpoint(path, trust=trust)
-    model = build_model(model_config(ckpt, run_cfg))
-    model.load_state_dict(ckpt["model_state_dict"])
-    model.eval().float()
+    """Fold k's model by evaluate.py's policy, and where it came from."""
+    model, ckpt, path = load_best_model(run, k, run_cfg, trust)
     info = {
         "fold": k,
         "checkpoint": str(path),
@@ -209,7 +204,7 @@ def export(
     wrapper = Exported(models).eval()
     out = Path(out) if out else run / ("model_ensemble.onnx" if len(models) > 1 else "model.onnx")
     # Parity inputs: three real preprocessed patients from the run's cache.
-    cached = open_cache(ensure_prepared(run_cfg["data"], None, run_cfg["size"], None))
+    cached = open_data(run_cfg["data"], run_cfg["size"])
     channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
     inputs = np.stack([np.asarray(v[channels], dtype=np.float32) for v in cached.volumes[:3]])
     worst = write_onnx(wrapper, inputs, out, {CONTRACT_KEY: contract, PROVENANCE_KEY: provenance}, exporter)

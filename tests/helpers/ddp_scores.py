@@ -20,8 +20,7 @@ accelerator = Accelerator(cpu=True)
 cached = open_cache(cache)
 splits = make_splits(cached.patient_ids, cached.labels.tolist(), k=4, seed=42)  # 5 val patients
 fold = splits.fold(0, cached.patient_ids, cached.labels.tolist())
-index_of = {p: i for i, p in enumerate(cached.patient_ids)}
-ds = CachedVolumes(cached, [index_of[p] for p in fold.val], ("t1", "t1ce", "t2", "flair"))
+ds = CachedVolumes(cached, cached.indices(fold.val), ("t1", "t1ce", "t2", "flair"))
 torch.manual_seed(0)
 model = build_model(make_config(data=cache, depth=10))
 loader = DataLoader(ds, batch_size=2)
