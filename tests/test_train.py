@@ -23,6 +23,19 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 CLI_FAST = ["--depth", "10", "--workers", "0", "--no-progress", "--min-epochs", "1", "--warmup-epochs", "1"]
 
 
+def free_port() -> int:
+    """A port for the gloo rendezvous, so that back-to-back launches never collide on 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def multi_process(n: int) -> list[str]:
+    return [*ACCELERATE, "--multi_gpu", "--num_processes", str(n), "--main_process_port", str(free_port())]
+
+
 def rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -225,10 +238,7 @@ def test_two_processes_score_like_one(cache20, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
         [
-            *ACCELERATE,
-            "--multi_gpu",
-            "--num_processes",
-            "2",
+            *multi_process(2),
             helper,
             str(cache20),
             str(tmp_path / "two.json"),
@@ -262,10 +272,7 @@ def test_two_gloo_processes_train_a_fold(cache20, tmp_path):
     --num_processes 2` would silently start one), and both end cleanly."""
     run = tmp_path / "ddp"
     cmd = [
-        *ACCELERATE,
-        "--multi_gpu",
-        "--num_processes",
-        "2",
+        *multi_process(2),
         str(ROOT / "train.py"),
         "--cpu",
         "--fold",
