@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -99,8 +100,28 @@ def cv_run(cache20, tmp_path_factory) -> Path:
     return train_cv(cache20, tmp_path_factory.mktemp("cv") / "run", max_epochs=2, ema_decay=0.9)
 
 
+def copy_run(src: Path, dst: Path) -> Path:
+    """Copy a run folder, hard-linking its checkpoints (~300 MB a fold even at depth 10): a test
+    that changes one must write it with `resave`, which breaks the link first."""
+
+    def copy(a: str, b: str) -> None:
+        if a.endswith(".pt"):
+            os.link(a, b)
+        else:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=copy)
+    return dst
+
+
+def resave(obj: dict, path: Path) -> None:
+    """torch.save to a fresh file, leaving any hard-linked original untouched."""
+    import torch
+
+    path.unlink()
+    torch.save(obj, path)
+
+
 @pytest.fixture
 def cv_copy(cv_run, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(cv_run, dst)
-    return dst
+    return copy_run(cv_run, tmp_path / "run")

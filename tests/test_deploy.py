@@ -2,7 +2,6 @@
 
 import csv
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import TINY_SHAPE
+from conftest import TINY_SHAPE, copy_run
 
 from brats.cache import open_cache
 from brats.errors import BratsError
@@ -31,7 +30,7 @@ NO_TORCH = (
 @pytest.fixture(scope="module")
 def exported(cv_run, tmp_path_factory):
     run = tmp_path_factory.mktemp("deploy") / "run"
-    shutil.copytree(cv_run, run)
+    copy_run(cv_run, run)
     evaluate_run(run)
     return run, export(run)
 

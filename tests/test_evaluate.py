@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import train_cv
+from conftest import resave, train_cv
 from sklearn.metrics import roc_auc_score
 
 from brats.ablation import ablation_markdown
@@ -91,7 +91,7 @@ def test_legacy_pickled_checkpoint_needs_trust_flag(cv_copy):
     ckpt = torch.load(path, weights_only=True)
     ckpt["args"] = argparse.Namespace(lr=1e-4, batch_size=2)  # what older training code saved
     ckpt["val_metrics"]["auc"] = np.float64(ckpt["val_metrics"]["auc"])
-    torch.save(ckpt, path)
+    resave(ckpt, path)
     with pytest.raises(BratsError, match="pass --trust-checkpoints"):
         load_checkpoint(path)
     r = subprocess.run(
@@ -115,7 +115,7 @@ def test_checkpoint_must_hold_weights_and_metrics(cv_copy):
     path = cv_copy / "fold_0" / BEST_EMA
     ckpt = torch.load(path, weights_only=True)
     del ckpt["val_metrics"]
-    torch.save(ckpt, path)
+    resave(ckpt, path)
     with pytest.raises(BratsError, match="lacks val_metrics"):
         evaluate_run(cv_copy, folds=[0])
 
@@ -124,7 +124,7 @@ def test_splits_mismatch_is_refused(cv_copy):
     path = cv_copy / "fold_3" / BEST_EMA
     ckpt = torch.load(path, weights_only=True)
     ckpt["splits_fingerprint"] = "0123456789abcdef"
-    torch.save(ckpt, path)
+    resave(ckpt, path)
     with pytest.raises(BratsError, match="trained on splits 0123456789abcdef"):
         evaluate_run(cv_copy, folds=[3])
 
@@ -140,7 +140,7 @@ def test_strict_turns_an_auc_mismatch_into_an_error(cv_copy):
     path = cv_copy / "fold_2" / BEST_EMA
     ckpt = torch.load(path, weights_only=True)
     ckpt["val_metrics"]["auc"] = ckpt["val_metrics"]["auc"] - 0.5
-    torch.save(ckpt, path)
+    resave(ckpt, path)
     evaluate_run(cv_copy, folds=[2])  # a warning only
     with pytest.raises(BratsError, match="fold 2: re-scored val AUC .* differs from the stored .*--strict"):
         evaluate_run(cv_copy, folds=[2], strict=True)
