@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from brats.errors import BratsError, exit_on_error
+from brats.runs import RunPaths
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
@@ -45,8 +46,9 @@ def main(
     from brats.evaluation import evaluate_run
 
     summary = evaluate_run(run, wanted, strict=strict, trust=trust_checkpoints, data=data, device=device)
-    print((run / "evaluation" / "report.md").read_text())
-    print(f"wrote {run / 'evaluation'} ({len(summary['folds'])} folds)")
+    paths = RunPaths(run)
+    print(paths.report.read_text())
+    print(f"wrote {paths.evaluation} ({len(summary['folds'])} folds)")
 
 
 if __name__ == "__main__":

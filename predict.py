@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from brats.cache import write_csv_atomic
+from brats.atomic import write_csv_atomic
 from brats.cohort import CLASSES, MODALITIES, Case, find_cases
 from brats.errors import BratsError, CaseError, exit_on_error
 from brats.inference import Grader, Prediction

@@ -16,19 +16,19 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from brats.cache import write_atomic_bytes
+from brats.atomic import write_text_atomic
 from brats.errors import BratsError, exit_on_error
-from brats.folds import SPLITS
+from brats.runs import RunPaths
 
 
 def load_run(run: Path) -> dict:
-    path = run / "evaluation" / "summary.json"
+    path = RunPaths(run).summary
     if not path.is_file():
         raise BratsError(f"{run}: not evaluated yet (no {path}): run python evaluate.py --run {run}")
     summary = json.loads(path.read_text())
     stability = []
     for row in summary["folds"]:
-        with open(run / f"fold_{row['fold']}" / "metrics.csv") as f:
+        with open(RunPaths(run).metrics(row["fold"])) as f:
             epochs = list(csv.DictReader(f))
         auc = np.array([float(e["val_auc"]) for e in epochs])
         loss = np.array([float(e["train_loss"]) for e in epochs])
@@ -41,12 +41,12 @@ def load_run(run: Path) -> dict:
                 "epochs": len(epochs),
             }
         )
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads(RunPaths(run).config.read_text())
     return {"summary": summary, "stability": stability, "config": config}
 
 
 def check_same_folds(a: Path, b: Path) -> None:
-    sa, sb = (json.loads((r / SPLITS).read_text()) for r in (a, b))
+    sa, sb = (json.loads(RunPaths(r).splits.read_text()) for r in (a, b))
     if sa["cohort_fingerprint"] != sb["cohort_fingerprint"] or [f["val"] for f in sa["folds"]] != [
         f["val"] for f in sb["folds"]
     ]:
@@ -114,7 +114,7 @@ def main(
 ) -> None:
     text = ablation_markdown(before, after)
     if out:
-        write_atomic_bytes(out, lambda f: f.write(text.encode()))
+        write_text_atomic(out, text)
     print(text)
 
 

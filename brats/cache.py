@@ -12,9 +12,7 @@ any point leaves no partial entry, and the next run redoes only what is missing 
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 from collections.abc import Iterable
@@ -25,13 +23,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from brats.atomic import remove_stale_temps, write_atomic, write_json_atomic
 from brats.cohort import Case, check_trainable
 from brats.errors import BratsError, CaseError
 from brats.preprocess import PreprocessConfig, preprocess_case
 
 INDEX = "index.json"
 VOLUMES = "volumes"
-TMP_PREFIX = ".tmp-"
 
 
 def fingerprint(case: Case, cfg: PreprocessConfig) -> str:
@@ -42,42 +40,6 @@ def fingerprint(case: Case, cfg: PreprocessConfig) -> str:
         files.append([Path(p).name, st.st_size, st.st_mtime_ns])
     blob = json.dumps({"preprocess": cfg.to_dict(), "files": files}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic_bytes(path: Path, write) -> None:
-    """Call `write(fileobj)` on a temp file beside `path`, fsync it, then rename over `path`."""
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}.part")  # never matches *.npy
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_atomic_bytes(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def write_csv_atomic(path: Path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
-    """A CSV with a header row, written atomically."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fieldnames or (list(rows[0]) if rows else []))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic_bytes(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def volume_name(patient_id: str, fp: str) -> str:
@@ -99,7 +61,7 @@ def _prepare_one(case: Case, cfg: PreprocessConfig, target: Path) -> str | None:
         return str(e)
     except Exception as e:  # an unexpected failure of one patient must not stop the others
         return f"{case.patient_id}: preprocessing failed ({type(e).__name__}: {e})"
-    write_atomic_bytes(target, lambda f: np.save(f, volume))
+    write_atomic(target, lambda f: np.save(f, volume))
     for old in target.parent.glob(f"{case.patient_id}.*.npy"):
         if old.name != target.name:
             old.unlink(missing_ok=True)
@@ -133,8 +95,7 @@ def prepare(
     out = Path(out)
     vol_dir = out / VOLUMES
     vol_dir.mkdir(parents=True, exist_ok=True)
-    for stale in vol_dir.glob(f"{TMP_PREFIX}*"):
-        stale.unlink(missing_ok=True)  # left by a killed run
+    remove_stale_temps(vol_dir)  # left by a killed run
 
     entries, jobs, reused = [], [], []
     for case in cases:

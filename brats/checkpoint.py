@@ -14,20 +14,18 @@ from pathlib import Path
 
 import torch
 
-from brats.cache import write_atomic_bytes
+from brats.atomic import write_atomic
 from brats.errors import BratsError
+from brats.runs import BEST, BEST_EMA, STATE
 
 log = logging.getLogger(__name__)
 
-BEST = "best.pt"
-BEST_EMA = "best_ema.pt"
-STATE = "state.pt"  # resume state: never used for evaluation
 REQUIRED = ("model_state_dict", "val_metrics")
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:
     """torch.save to a temp file in the same folder, fsync, os.replace: a kill never tears a file."""
-    write_atomic_bytes(Path(path), lambda f: torch.save(obj, f))
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | Path, trust: bool = False, map_location: str = "cpu") -> dict:

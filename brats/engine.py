@@ -35,17 +35,19 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from brats import __version__
+from brats.atomic import write_csv_atomic, write_json_atomic
 from brats.augment import augment_batch
-from brats.cache import open_data, write_csv_atomic, write_json_atomic
-from brats.checkpoint import BEST, BEST_EMA, STATE, save_atomic
+from brats.cache import open_data
+from brats.checkpoint import save_atomic
 from brats.config import TrainConfig, comparable
 from brats.data import CachedVolumes, make_sampler
 from brats.ema import ModelEma
 from brats.errors import BratsError
-from brats.folds import SPLITS, load_or_make_splits, protocol
+from brats.folds import load_or_make_splits, protocol
 from brats.losses import apply_drw, make_criterion
 from brats.metrics import METRICS, classification_metrics, save_plots
 from brats.model import build_model, load_pretrained, param_groups
+from brats.runs import RunPaths
 
 log = get_logger(__name__)
 
@@ -135,7 +137,7 @@ def score(logits: np.ndarray, labels: np.ndarray) -> tuple[dict, np.ndarray]:
 
 def write_run_config(run: Path, cfg: TrainConfig) -> None:
     """RUN/config.json: the resolved config; every fold of a run must share it."""
-    path = run / "config.json"
+    path = RunPaths(run).config
     d = cfg.to_dict()
     if path.exists():
         # Fields added by a later brats version take their defaults, so an older run still matches.
@@ -195,14 +197,15 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> dict:
         # share the cores among the processes instead.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
     run = Path(cfg.run)
-    fold_dir = run / f"fold_{cfg.fold}"
+    paths = RunPaths(run)
+    fold_dir = paths.fold(cfg.fold)
     main = accelerator.is_main_process
 
     # --- data: the main process prepares the cache and writes the splits first
     with accelerator.main_process_first():
         cached = open_data(cfg.data, cfg.size)
         ids, labels = cached.patient_ids, cached.labels.tolist()
-        splits = load_or_make_splits(run / SPLITS, ids, labels, cfg.folds, cfg.split_seed, cfg.inner_val)
+        splits = load_or_make_splits(paths.splits, ids, labels, cfg.folds, cfg.split_seed, cfg.inner_val)
         if main:
             write_run_config(run, cfg)
     fold = splits.fold(cfg.fold, ids, labels)
@@ -255,7 +258,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> dict:
 
     # --- resume
     state = FoldState()
-    state_path = fold_dir / STATE
+    state_path = paths.state(cfg.fold)
     if cfg.resume and state_path.exists():
         state = _load_state(state_path, accelerator, model, optimizer, scheduler, ema)
         log.info(
@@ -264,7 +267,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> dict:
         )
     elif cfg.resume:
         log.info(f"--resume: no {state_path} yet, starting fold {cfg.fold} from scratch")
-    elif any((fold_dir / f).exists() for f in (BEST, BEST_EMA, STATE)):
+    elif any(p.exists() for p in (paths.best(cfg.fold), paths.best(cfg.fold, ema=True), state_path)):
         raise BratsError(
             f"{fold_dir} already holds a trained fold: "
             "pass --resume to continue it, or use a new --run folder"
@@ -273,7 +276,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> dict:
         fold_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.log_with:
         accelerator.init_trackers(
-            f"fold_{cfg.fold}",
+            paths.fold(cfg.fold).name,
             config={k: v for k, v in cfg.to_dict().items() if isinstance(v, int | float | str | bool)},
         )
 
@@ -335,7 +338,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> dict:
 
         if main:
             if improved:
-                path = fold_dir / BEST
+                path = paths.best(cfg.fold)
                 save_atomic(
                     {
                         **payload_base,
@@ -349,7 +352,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> dict:
                 replace_plots(fold_dir, "", epoch, val_labels, p_hgg, f"fold {cfg.fold} epoch {epoch}")
                 log.info(f"epoch {epoch}: new best val AUC {val['auc']:.4f} -> {path}")
             if ema_improved:
-                path = fold_dir / BEST_EMA
+                path = paths.best(cfg.fold, ema=True)
                 save_atomic(
                     {
                         **payload_base,
@@ -364,7 +367,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> dict:
                     fold_dir, "ema_", epoch, val_labels, ema_p, f"fold {cfg.fold} EMA epoch {epoch}"
                 )
                 log.info(f"epoch {epoch}: new best EMA val AUC {ema_val['auc']:.4f} -> {path}")
-            write_csv_atomic(fold_dir / "metrics.csv", state.history)
+            write_csv_atomic(paths.metrics(cfg.fold), state.history)
             _save_state(state_path, state, accelerator, model, optimizer, scheduler, ema, cfg)
         accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         log.info(

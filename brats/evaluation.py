@@ -19,15 +19,17 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
-from brats.cache import open_data, write_atomic_bytes, write_csv_atomic, write_json_atomic
+from brats.atomic import write_csv_atomic, write_json_atomic, write_text_atomic
+from brats.cache import open_data
 from brats.checkpoint import load_checkpoint, select_checkpoint
 from brats.config import TrainConfig
 from brats.data import CachedVolumes
 from brats.engine import predict, score
 from brats.errors import BratsError
-from brats.folds import SPLITS, load_or_make_splits, protocol
+from brats.folds import load_or_make_splits, protocol
 from brats.metrics import METRICS, bootstrap_auc_ci, mean_std, save_plots
 from brats.model import build_model
+from brats.runs import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,9 @@ class FoldResult:
 
 
 def run_config(run: Path) -> dict:
-    path = run / "config.json"
+    path = RunPaths(run).config
     if not path.is_file():
-        raise BratsError(f"{run}: no config.json: is this a run folder made by train.py?")
+        raise BratsError(f"{run}: no {path.name}: is this a run folder made by train.py?")
     return json.loads(path.read_text())
 
 
@@ -64,7 +66,7 @@ def model_config(ckpt: dict, run_cfg: dict) -> dict:
 def load_best_model(run: Path, k: int, run_cfg: dict, trust: bool) -> tuple[torch.nn.Module, dict, Path]:
     """Fold k's checkpoint chosen by the policy, loaded into a freshly built fp32 model in eval
     mode; returns (model, checkpoint, path)."""
-    path = select_checkpoint(run / f"fold_{k}", float(run_cfg.get("ema_decay", 0.0)) > 0)
+    path = select_checkpoint(RunPaths(run).fold(k), float(run_cfg.get("ema_decay", 0.0)) > 0)
     ckpt = load_checkpoint(path, trust=trust)
     model = build_model(model_config(ckpt, run_cfg))
     try:
@@ -98,10 +100,10 @@ def evaluate_fold(
 
     fp = ckpt.get("splits_fingerprint")
     if fp is None:
-        log.warning(f"{path}: no splits fingerprint stored; assuming {run / SPLITS}")
+        log.warning(f"{path}: no splits fingerprint stored; assuming {RunPaths(run).splits}")
     elif fp != splits.fingerprint:
         raise BratsError(
-            f"{path}: trained on splits {fp}, but {run / SPLITS} is for cohort {splits.fingerprint}: "
+            f"{path}: trained on splits {fp}, but {RunPaths(run).splits} is for cohort {splits.fingerprint}: "
             "evaluate with the splits and cache the run was trained on"
         )
 
@@ -235,6 +237,7 @@ def evaluate_run(
 ) -> dict:
     """Evaluate `folds` (default: all K) of a run; writes RUN/evaluation/; returns the summary."""
     run = Path(run)
+    paths = RunPaths(run)
     run_cfg = run_config(run)
     cfg = TrainConfig.from_dict(run_cfg)
     k_all = list(range(cfg.folds))
@@ -242,7 +245,7 @@ def evaluate_run(
     bad = [k for k in wanted if k not in k_all]
     if bad:
         raise BratsError(f"--folds {bad}: this run has folds 0..{cfg.folds - 1}")
-    missing = [k for k in wanted if not (run / f"fold_{k}").is_dir()]
+    missing = [k for k in wanted if not paths.fold(k).is_dir()]
     if missing:
         raise BratsError(
             f"{run}: fold(s) {', '.join(map(str, missing))} not trained; "
@@ -250,12 +253,12 @@ def evaluate_run(
         )
     cached = open_data(data or cfg.data, cfg.size)
     splits = load_or_make_splits(
-        run / SPLITS, cached.patient_ids, cached.labels.tolist(), cfg.folds, cfg.split_seed, cfg.inner_val
+        paths.splits, cached.patient_ids, cached.labels.tolist(), cfg.folds, cfg.split_seed, cfg.inner_val
     )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = [evaluate_fold(run, k, run_cfg, cached, splits, trust, strict, dev, batch) for k in wanted]
 
-    out = run / "evaluation"
+    out = paths.evaluation
     out.mkdir(parents=True, exist_ok=True)
     for r in results:
         save_plots(out / f"fold_{r.fold}", r.labels, r.p_hgg, title=f"fold {r.fold} epoch {r.epoch}")
@@ -265,10 +268,9 @@ def evaluate_run(
         for r in results
         for p, y, prob in zip(r.patient_ids, r.labels, r.p_hgg)
     ]
-    write_csv_atomic(out / "predictions.csv", rows, ["patient_id", "fold", "label", "p_hgg"])
+    write_csv_atomic(paths.predictions, rows, ["patient_id", "fold", "label", "p_hgg"])
     summary = summarize_folds(results, cfg.inner_val)
     summary["run"] = str(run)
-    write_json_atomic(out / "summary.json", summary)
-    report = report_markdown(summary, run)
-    write_atomic_bytes(out / "report.md", lambda f: f.write(report.encode()))
+    write_json_atomic(paths.summary, summary)
+    write_text_atomic(paths.report, report_markdown(summary, run))
     return summary

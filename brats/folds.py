@@ -15,10 +15,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from brats.cache import write_json_atomic
+from brats.atomic import write_json_atomic
 from brats.errors import BratsError
-
-SPLITS = "splits.json"
 
 
 def cohort_fingerprint(patient_ids: list[str], labels: list[int]) -> str:

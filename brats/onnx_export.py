@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,12 @@ import onnx
 import torch
 from torch import nn
 
-from brats.cache import open_data, write_json_atomic
+from brats.atomic import atomic_path, write_json_atomic
+from brats.cache import open_data
 from brats.cohort import CLASSES
 from brats.errors import BratsError
 from brats.evaluation import evaluate_run, load_best_model, model_config, run_config
+from brats.runs import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +90,13 @@ def write_onnx(
     """
     if exporter not in EXPORTERS:
         raise BratsError(f"--exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
     if exporter == "dynamo":
         batch = torch.export.Dim("batch", min=1, max=4096)
         how = {"dynamo": True, "dynamic_shapes": {"x": {0: batch}}, "external_data": False}
     else:
         axes = {"input": {0: "batch"}, "probabilities": {0: "batch"}, "logits": {0: "batch"}}
         how = {"dynamo": False, "dynamic_axes": axes}
-    try:
+    with atomic_path(out) as tmp:
         torch.onnx.export(
             wrapper,
             (torch.from_numpy(inputs[:2]),),
@@ -120,18 +119,7 @@ def write_onnx(
                 f"ONNX parity failed: max |p_onnx - p_torch| = {worst:.2e} > {PARITY_TOLERANCE:g}; "
                 "nothing written"
             )
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return worst
-
-
-def card_for(model_path: Path) -> Path:
-    """model.onnx -> model_card.json beside it."""
-    return model_path.with_name(f"{model_path.stem}_card.json")
 
 
 def export(
@@ -145,7 +133,7 @@ def export(
     """Write the ONNX model and model_card.json; returns the model path."""
     run = Path(run)
     run_cfg = run_config(run)
-    summary_path = run / "evaluation" / "summary.json"
+    summary_path = RunPaths(run).summary
     if not summary_path.is_file():
         log.info(f"{summary_path} missing: evaluating the run first")
         evaluate_run(run, trust=trust)
@@ -202,7 +190,7 @@ def export(
     }
 
     wrapper = Exported(models).eval()
-    out = Path(out) if out else run / ("model_ensemble.onnx" if len(models) > 1 else "model.onnx")
+    out = Path(out) if out else RunPaths(run).model(ensemble=len(models) > 1)
     # Parity inputs: three real preprocessed patients from the run's cache.
     cached = open_data(run_cfg["data"], run_cfg["size"])
     channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
@@ -216,7 +204,7 @@ def export(
         "exporter": exporter,
         "opset": OPSET[exporter],
     }
-    card_path = card_for(out)
+    card_path = RunPaths.card(out)
     write_json_atomic(card_path, card)
     log.info(f"wrote {out} (parity max |dp| {worst:.1e}) and {card_path}")
     return out

@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 import typer
 
+from brats.atomic import atomic_path
 from brats.cohort import CLASSES, MODALITIES
 from brats.errors import BratsError, exit_on_error
 
@@ -183,9 +184,11 @@ def write_patient(args: tuple[Path, str, int, int, bool, tuple[int, int, int]]) 
         img.SetSpacing((1.0, 1.0, 1.0))
         img.SetOrigin((0.0, -239.0, 0.0))  # as in real BraTS files
         img.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))  # LPS
-        tmp = folder / f".{pid}_{mod}.tmp.nii.gz"
-        sitk.WriteImage(img, str(tmp), useCompression=True)
-        os.replace(tmp, folder / f"{pid}_{mod}.nii.gz")
+        with atomic_path(folder / f"{pid}_{mod}.nii.gz") as tmp:
+            # the temp name must end in .nii.gz for ITK to pick its writer
+            gz = tmp.with_name(tmp.name + ".nii.gz")
+            sitk.WriteImage(img, str(gz), useCompression=True)
+            gz.replace(tmp)
     return pid
 
 

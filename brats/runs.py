@@ -1,0 +1,83 @@
+"""The layout of a run folder: the one place that names its files.
+
+RUN/
+  config.json                 resolved TrainConfig shared by every fold
+  splits.json                 patient-level folds (and inner validation)
+  fold_K/                     best.pt, best_ema.pt, state.pt, metrics.csv, plots, train.log
+  evaluation/                 summary.json, report.md, predictions.csv, plots
+  model.onnx | model_ensemble.onnx (+ <stem>_card.json beside each)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+BEST = "best.pt"
+BEST_EMA = "best_ema.pt"
+STATE = "state.pt"  # resume state: never used for evaluation
+_FOLD = re.compile(r"fold_(\d+)")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.json"
+
+    def fold(self, k: int) -> Path:
+        return self.root / f"fold_{k}"
+
+    def best(self, k: int, ema: bool = False) -> Path:
+        return self.fold(k) / (BEST_EMA if ema else BEST)
+
+    def state(self, k: int) -> Path:
+        return self.fold(k) / STATE
+
+    def metrics(self, k: int) -> Path:
+        return self.fold(k) / "metrics.csv"
+
+    def log(self, k: int) -> Path:
+        return self.fold(k) / "train.log"
+
+    def folds(self) -> list[int]:
+        """Indices of the fold folders present, ascending."""
+        if not self.root.is_dir():
+            return []
+        found = (_FOLD.fullmatch(p.name) for p in self.root.iterdir() if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    @property
+    def summary(self) -> Path:
+        return self.evaluation / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.evaluation / "report.md"
+
+    @property
+    def predictions(self) -> Path:
+        return self.evaluation / "predictions.csv"
+
+    def model(self, ensemble: bool = False) -> Path:
+        return self.root / ("model_ensemble.onnx" if ensemble else "model.onnx")
+
+    @staticmethod
+    def card(model_path: str | Path) -> Path:
+        """model.onnx -> model_card.json beside it."""
+        p = Path(model_path)
+        return p.with_name(f"{p.stem}_card.json")
