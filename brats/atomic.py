@@ -33,6 +33,7 @@ _ADVICE = {
     errno.EPERM: "permission denied: choose a folder you can write to",
     errno.EROFS: "the file system is read-only: choose another folder",
     errno.ENOTDIR: "a path component is a file, not a folder: choose another path",
+    errno.EEXIST: "a path component is a file, not a folder: choose another path",
     errno.EISDIR: "it is a folder: give a file name",
     errno.ENAMETOOLONG: "the name is too long",
 }
