@@ -27,6 +27,7 @@ from brats.runs import RunPaths
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
+CONFIG = "accelerate_config.yaml"
 POLL_S = 0.5
 
 
