@@ -38,10 +38,16 @@ prepare: $(STAMP)
 	$(BIN)/python -m brats.prepare $(DATA) --out $(CACHE) --size $(SIZE)
 
 # Folds 0..4 in turn, each through accelerate (restartable: a finished fold is skipped, a killed
-# one resumes), then the verified CV report.
+# one resumes), then the verified CV report. GPUS="0 1 2 3" trains folds concurrently, one per GPU,
+# each logging to RUN/fold_K/train.log.
+GPUS ?=
 cv: $(STAMP)
-	@test -n "$(DATA)" || (echo "usage: make cv DATA=<cache or BraTS folder> RUN=<run folder>"; exit 1)
+	@test -n "$(DATA)" || (echo "usage: make cv DATA=<cache or BraTS folder> RUN=<run folder> [GPUS=\"0 1\"]"; exit 1)
+ifeq ($(strip $(GPUS)),)
 	for f in $(FOLDS); do $(ACCEL) train.py --fold $$f --data $(DATA) --run $(RUN) --resume $(TRAIN_ARGS) || exit 1; done
+else
+	$(BIN)/python -m brats.cv --gpus "$(GPUS)" --folds "$(FOLDS)" --data $(DATA) --run $(RUN) --size $(SIZE) -- $(TRAIN_ARGS)
+endif
 	$(BIN)/python evaluate.py --run $(RUN)
 
 evaluate: $(STAMP)

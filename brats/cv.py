@@ -69,9 +69,8 @@ def run_folds(
                 cmd = fold_command(k, data, run, slot, config, train_args)
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=slot_env(slot))
                 running.append(Running(k, slot, proc, out))
-                log.info(
-                    f"fold {k}: started on {'CPU' if slot == 'cpu' else 'GPU ' + slot} -> {paths.log(k)}"
-                )
+                where = "the CPU" if slot == "cpu" else f"GPU {slot}"
+                log.info(f"fold {k}: started on {where} -> {paths.log(k)}")
             time.sleep(POLL_S)
             for r in [r for r in running if r.proc.poll() is not None]:
                 running.remove(r)
