@@ -1,12 +1,15 @@
 """Training-step and input-pipeline throughput, measured side by side in one run.
 
-- step: forward + backward + Adam step of the ResNet on random (B, C, S, S, S) input, samples/s;
-- input pipeline: cached float16 volumes -> float32 batch -> augmentation on the training device,
-  samples/s, and its ratio to the step (goal >= 10x: the model never waits for data).
+- step: forward + backward + Adam step of the ResNet on random (B, C, S, S, S) input, samples/s
+  (optionally channels_last_3d and/or torch.compile, whose one-off compile time is printed);
+- input pipeline, both paths: `loader` (memory-mapped float16 files -> DataLoader workers ->
+  float32 -> pinned -> device, `--cache-device off`) and `resident` (one float16 tensor on the
+  device -> index gather -> float32, the default), each followed by the augmentation on the
+  training device, samples/s, and its ratio to the step (goal >= 10x: the model never waits).
 - achieved TFLOP/s of the step, FLOPs counted by torch.utils.flop_counter.
 
     python bench/train.py                                   # CPU: depth 50 at 64^3 and 128^3
-    python bench/train.py --device cuda --precision bf16 --channels-last --sizes 128 --batch 4
+    python bench/train.py --device cuda --precision bf16 --channels-last --compile --sizes 128 --batch 8
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from brats.cache import CachedCohort
 from brats.cohort import MODALITIES
 from brats.data import CachedVolumes
 from brats.model import ResNet3D
+from brats.resident import ResidentVolumes, resident_loader
 
 
 def step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -64,19 +68,23 @@ def sync(device: torch.device) -> None:
 
 
 def time_pipeline(
-    cached: CachedCohort, batch: int, batches: int, device: torch.device, workers: int
+    cached: CachedCohort, batch: int, batches: int, device: torch.device, workers: int, resident: bool
 ) -> float:
-    ds = CachedVolumes(cached, list(range(len(cached))), MODALITIES)
-    loader = DataLoader(
-        ds,
-        batch_size=batch,
-        shuffle=True,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        persistent_workers=workers > 0,
-    )
-    gen = torch.Generator().manual_seed(0)
+    indices = list(range(len(cached)))
+    if resident:
+        ds = ResidentVolumes(cached, indices, MODALITIES, device, pin=device.type == "cuda")
+        loader = resident_loader(ds, batch, torch.utils.data.RandomSampler(ds), drop_last=True)
+    else:
+        loader = DataLoader(
+            CachedVolumes(cached, indices, MODALITIES),
+            batch_size=batch,
+            shuffle=True,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+            persistent_workers=workers > 0,
+        )
+    gen = torch.Generator(device=device).manual_seed(0) if device.type == "cuda" else torch.Generator()
     it = iter(loader)
     next(it)  # start the workers
     sync(device)
@@ -88,7 +96,7 @@ def time_pipeline(
         except StopIteration:
             it = iter(loader)
             continue
-        x = x.to(device, non_blocking=True)
+        x = x.to(device, non_blocking=True).float()
         augment_batch(x, gen)
         n += 1
     sync(device)
@@ -119,13 +127,15 @@ def main() -> None:
     ap.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--cohort", type=int, default=0, help="volumes in the fake cache [max(2 x batch, 8)]")
     args = ap.parse_args()
     device = torch.device(args.device)
     print(
         f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
         f"torch {torch.__version__}, "
         f"ResNet-{args.depth} {args.layout}, batch {args.batch}, precision {args.precision}, "
-        f"channels_last_3d {args.channels_last}, threads {torch.get_num_threads()}"
+        f"channels_last_3d {args.channels_last}, compile {args.compile}, threads {torch.get_num_threads()}"
     )
     for size in args.sizes:
         torch.manual_seed(0)
@@ -136,22 +146,29 @@ def main() -> None:
         y = torch.randint(0, 2, (args.batch,), device=device)
         flops = step_flops(model, x, y)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        if args.compile:
+            model = torch.compile(model)
+            t0 = time.perf_counter()
+            time_steps(model, opt, x, y, 1, args.precision, device)
+            print(f"{size}^3: torch.compile took {time.perf_counter() - t0:.1f} s (once per process)")
         step_s = time_steps(model, opt, x, y, args.steps, args.precision, device)
         step_sps = args.steps * args.batch / step_s
         tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
         try:
-            cached = fake_cache(tmp, max(2 * args.batch, 8), size)
+            cached = fake_cache(tmp, args.cohort or max(2 * args.batch, 8), size)
             batches = max(4, args.steps)
-            pipe_s = time_pipeline(cached, args.batch, batches, device, args.workers)
+            pipes = {}
+            for name, resident in (("loader", False), ("resident", True)):
+                pipe_s = time_pipeline(cached, args.batch, batches, device, args.workers, resident)
+                pipes[name] = batches * args.batch / pipe_s
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        pipe_sps = batches * args.batch / pipe_s
         tflops = flops * args.steps / step_s / 1e12
         print(
             f"{size}^3: step {step_sps:.2f} samples/s ({flops / args.batch / 1e9:.0f} GFLOP/sample fwd+bwd, "
-            f"{tflops:.2f} TFLOP/s); input pipeline {pipe_sps:.2f} samples/s; "
-            f"pipeline/step {pipe_sps / step_sps:.1f}x "
-            f"(goal >= 10x)"
+            f"{tflops:.2f} TFLOP/s); input pipeline "
+            + ", ".join(f"{k} {v:.2f} samples/s = {v / step_sps:.1f}x the step" for k, v in pipes.items())
+            + " (goal >= 10x)"
         )
 
 
