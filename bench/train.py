@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -129,6 +130,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--cohort", type=int, default=0, help="volumes in the fake cache [max(2 x batch, 8)]")
+    ap.add_argument("--json", help="also write the figures of the last size to this file")
     args = ap.parse_args()
     device = torch.device(args.device)
     print(
@@ -170,6 +172,9 @@ def main() -> None:
             + ", ".join(f"{k} {v:.2f} samples/s = {v / step_sps:.1f}x the step" for k, v in pipes.items())
             + " (goal >= 10x)"
         )
+        if args.json:
+            figures = {"size": size, "step_samples_per_s": step_sps, "tflops": tflops, **pipes}
+            Path(args.json).write_text(json.dumps(figures))
 
 
 if __name__ == "__main__":
