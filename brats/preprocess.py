@@ -75,13 +75,14 @@ class UnusableFile(Exception):
     """Why one NIfTI file cannot be used, ending in the fix; read_image adds patient and file."""
 
 
-def inflate(data: bytes, zlib_module: ModuleType = ZLIB_MODULE) -> bytes:
+def inflate(data: bytes, zlib_module: ModuleType | None = None) -> bytes:
     """Decompress every member of a gzip stream, checking each member's CRC-32 and length.
 
     ITK's NIfTI reader checks neither and fills a short stream with zeros, so a damaged file would
     be graded on wrong voxels. Zero bytes after the last member (padding some tools write) are
     allowed, as gzip allows them.
     """
+    zlib_module = zlib_module or ZLIB_MODULE
     parts = []
     rest = data
     while True:
