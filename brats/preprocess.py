@@ -1,11 +1,12 @@
 """Four NIfTI volumes -> one float32 (4, S, S, S) array; the same code at training and prediction.
 
-Steps (seed 3.2 / 6.2 input): read with SimpleITK, check that the modalities share shape, spacing
-and orientation, brain mask = voxels non-zero in any modality, then ONE linear resampling per
-modality onto a canonical LPS grid that covers the mask's bounding box padded to a cube (so the
-aspect ratio is kept) with S voxels a side: reorientation, crop, pad and resize in a single pass.
-Each modality is z-scored over that patient's brain voxels only (no cohort statistics, so nothing
-leaks across folds); background is 0.
+Steps (seed 3.2 / 6.2 input): read each file once and verify it whole (every gzip member's CRC
+and length, the voxel bytes its header needs; geometry and pixel type as SimpleITK reads them),
+check that the modalities share shape, spacing and orientation, brain mask = voxels non-zero in
+any modality, then ONE linear resampling per modality onto a canonical LPS grid that covers the
+mask's bounding box padded to a cube (so the aspect ratio is kept) with S voxels a side:
+reorientation, crop, pad and resize in a single pass. Each modality is z-scored over that
+patient's brain voxels only (no cohort statistics, so nothing leaks across folds); background is 0.
 
 No torch here: predict.py runs without it.
 """
@@ -25,7 +26,7 @@ import SimpleITK as sitk
 from brats.cohort import MODALITIES, Case
 from brats.errors import CaseError
 
-try:  # ISA-L inflates gzip about twice as fast as zlib, with the same checks (bench/preprocess.py)
+try:  # ISA-L inflates gzip about twice as fast as zlib, with the same checks (bench/RESULTS.md)
     from isal import isal_zlib as ZLIB_MODULE
 except ImportError:
     ZLIB_MODULE = zlib
@@ -148,10 +149,11 @@ def itk_header(header: nib.Nifti1Header, raw: bytes) -> bytes:
     return n1.binaryblock + bytes(4)
 
 
-def read_geometry(header_bytes: bytes) -> sitk.ImageFileReader:
+def read_geometry(header_bytes: bytes, name: str) -> sitk.ImageFileReader:
     """ITK's reading of a header (size, spacing, origin, direction, pixel type); ITK reads only
-    from files, so the header goes through a small temporary file."""
-    fd, name = tempfile.mkstemp(prefix="brats-header-", suffix=".nii")
+    from files, so the header goes through a small temporary file named after the image `name`
+    (ITK's warnings quote it)."""
+    fd, name = tempfile.mkstemp(prefix=f"{name}.header-", suffix=".nii")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header_bytes)
@@ -193,11 +195,12 @@ def read_image(case: Case, modality: str) -> sitk.Image:
         need = offset + n_voxels * dtype.itemsize
         if len(raw) < need:
             packed = " after decompression" if raw is not data else ""
+            voxels = f"{'x'.join(map(str, shape))} {dtype.name} voxels from byte {offset}"
             raise UnusableFile(
-                f"truncated: the header needs {need} bytes ({'x'.join(map(str, shape))} {dtype.name} "
-                f"voxels from byte {offset}), the file holds {len(raw)}{packed}; re-copy or re-download it"
+                f"truncated (or its header is corrupt): the header needs {need} bytes ({voxels}), "
+                f"the file holds {len(raw)}{packed}; re-copy or re-download it"
             )
-        info = read_geometry(itk_header(header, raw))
+        info = read_geometry(itk_header(header, raw), path.name)
     except UnusableFile as e:
         raise CaseError(pid, f"cannot read {modality} file {path}: {e}") from e
 
@@ -209,11 +212,17 @@ def read_image(case: Case, modality: str) -> sitk.Image:
         )
     size = info.GetSize()  # x, y, z
     out_dtype = PIXEL_DTYPES.get(info.GetPixelID())
-    if out_dtype is None or int(np.prod(size)) != n_voxels:
+    if out_dtype is None:
         raise CaseError(
             pid,
-            f"{modality} file {path} holds {info.GetPixelIDTypeAsString()} voxels: "
+            f"{modality} file {path} holds {sitk.GetPixelIDValueAsString(info.GetPixelID())} voxels: "
             "re-export it as a scalar image (e.g. int16 or float32)",
+        )
+    if int(np.prod(size)) != n_voxels:
+        raise CaseError(
+            pid,
+            f"cannot read {modality} file {path}: corrupt header (dims {shape} but ITK reads "
+            f"{size}): re-export it",
         )
     voxels = np.frombuffer(raw, dtype, count=n_voxels, offset=offset)
     slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
@@ -223,9 +232,16 @@ def read_image(case: Case, modality: str) -> sitk.Image:
     voxels = voxels.astype(np.dtype(out_dtype), copy=False).reshape(size[::-1])  # (z, y, x), native order
     check_values(case, modality, voxels)
     image = sitk.GetImageFromArray(voxels)
-    image.SetOrigin(info.GetOrigin())
-    image.SetSpacing(info.GetSpacing())
-    image.SetDirection(info.GetDirection())
+    try:
+        image.SetOrigin(info.GetOrigin())
+        image.SetSpacing(info.GetSpacing())
+        image.SetDirection(info.GetDirection())
+    except RuntimeError as e:  # e.g. a spacing of 0 or a singular direction matrix
+        raise CaseError(
+            pid,
+            f"cannot read {modality} file {path}: invalid geometry in its header (spacing "
+            f"{info.GetSpacing()} mm, direction {info.GetDirection()}): fix or re-export it",
+        ) from e
     return image
 
 

@@ -221,3 +221,25 @@ def test_damaged_file_is_one_line_naming_patient_and_file(plain, tmp_path, form)
     assert msg.startswith(f"{case.patient_id}: cannot read t1ce file {bad.path(MOD)}"), msg
     assert "\n" not in msg
     assert re.search(advice, msg), msg
+
+
+def test_damaged_headers_never_crash(plain, tmp_path):
+    """Random damage to header fields gives a result or one line naming patient and file, never a
+    traceback (wrong dims, data types, offsets, spacings, directions, magic)."""
+    case, _ = plain
+    raw = raw_bytes(case.path(MOD))
+    rng = np.random.default_rng(7)
+    fields = [0, 40, 42, 44, 46, 48, 70, 72, 76, 80, 108, 112, 116, 252, 254, 256, 280, 296, 312, 344]
+    failed = 0
+    for i in range(40):
+        damaged = bytearray(raw)
+        for at in rng.choice(fields, size=2, replace=False):
+            damaged[at : at + 4] = rng.integers(0, 256, 4, dtype=np.uint8).tobytes()
+        bad = copy_with(case, tmp_path / str(i), case.path(MOD).name, gzip.compress(bytes(damaged)))
+        try:
+            preprocess_case(bad, CFG)
+        except CaseError as e:
+            failed += 1
+            assert str(e).startswith(f"{case.patient_id}: ") and str(bad.path(MOD)) in str(e), e
+            assert "\n" not in str(e)
+    assert failed > 20  # most of this damage must be noticed
