@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from brats.preprocess import PreprocessConfig, preprocess_case
 
 INDEX = "index.json"
 VOLUMES = "volumes"
+STEM_CHARS = 64  # readable part of a volume file name; a hash of the whole id follows it
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_HEX = frozenset("0123456789abcdef")
 
 
 def fingerprint(case: Case, cfg: PreprocessConfig) -> str:
@@ -42,8 +46,35 @@ def fingerprint(case: Case, cfg: PreprocessConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def volume_stem(patient_id: str) -> str:
+    """A file name stem for a patient id that is safe whatever the id holds.
+
+    Ids come from folder names and CSV cells: they may hold `/`, `..`, glob metacharacters or
+    dots (`X` and `X.bak`). The stem keeps the id's harmless characters (readable listings)
+    and adds a hash of the exact id, so two ids never share a stem; it holds no dot, so the
+    owner of a volume file is the part of its name before the first dot.
+    """
+    safe = _UNSAFE.sub("_", patient_id)[:STEM_CHARS] or "_"
+    return f"{safe}-{hashlib.sha256(patient_id.encode()).hexdigest()[:8]}"
+
+
 def volume_name(patient_id: str, fp: str) -> str:
-    return f"{patient_id}.{fp}.npy"
+    return f"{volume_stem(patient_id)}.{fp}.npy"
+
+
+def _old_volumes(vol_dir: Path, patient_id: str, keep: str) -> list[Path]:
+    """The volume files of this patient other than `keep`, found by exact name, never by a
+    pattern built from the id. Files named `<id>.<fp>.npy` by earlier versions count too."""
+    stem = volume_stem(patient_id)
+    old = []
+    for f in vol_dir.iterdir():
+        name = f.name
+        if name == keep or not name.endswith(".npy"):
+            continue
+        owner, _, fp = name[: -len(".npy")].rpartition(".")
+        if owner in (stem, patient_id) and len(fp) == 16 and all(ch in _HEX for ch in fp):
+            old.append(f)
+    return old
 
 
 def _init_worker() -> None:
@@ -62,9 +93,8 @@ def _prepare_one(case: Case, cfg: PreprocessConfig, target: Path) -> str | None:
     except Exception as e:  # an unexpected failure of one patient must not stop the others
         return f"{case.patient_id}: preprocessing failed ({type(e).__name__}: {e})"
     write_atomic(target, lambda f: np.save(f, volume))
-    for old in target.parent.glob(f"{case.patient_id}.*.npy"):
-        if old.name != target.name:
-            old.unlink(missing_ok=True)
+    for old in _old_volumes(target.parent, case.patient_id, keep=target.name):
+        old.unlink(missing_ok=True)
     return None
 
 
