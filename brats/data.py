@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 
-from brats.cache import CachedCohort
+from brats.cache import CachedCohort, load_volume
 from brats.errors import BratsError
 
 
@@ -26,7 +26,7 @@ class CachedVolumes(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        vol = self.cached.volumes[self.indices[i]]  # memory-mapped float16
+        vol = load_volume(self.cached, self.indices[i])  # float16 (C, S, S, S), checked
         vol = vol if self.all_channels else vol[self.channels]
         return torch.from_numpy(np.asarray(vol, dtype=np.float32)), int(self.cached.labels[self.indices[i]])
 

@@ -61,3 +61,169 @@ def test_ids_with_path_characters_stay_inside_the_cache(cohort_copy, tmp_path, b
     assert cached.patient_ids == [bad, "ok"]
     assert np.isfinite(np.asarray(cached.volumes[0], dtype=np.float32)).all()
     assert json.loads((cache / "index.json").read_text())["patients"][0]["patient_id"] == bad
+
+
+def damage(path, how):
+    """Damage a cached volume file in place the ways disks, copies and people do."""
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "emptied":
+        path.write_bytes(b"")
+    elif how == "header":
+        data[:40] = os.urandom(40)
+        path.write_bytes(bytes(data))
+    elif how == "shape":  # a valid header that declares another shape
+        np.save(path, np.zeros((4, 2, 2, 2), np.float16))
+    elif how == "nan":  # the data garbled into NaNs, the header intact
+        data[-64:] = np.full(32, np.nan, np.float16).tobytes()
+        path.write_bytes(bytes(data))
+    elif how == "bytes":  # the data garbled into other finite values
+        data[-64:] = np.full(32, 3.0, np.float16).tobytes()
+        path.write_bytes(bytes(data))
+    elif how == "appended":
+        path.write_bytes(bytes(data) + b"\0" * 128)
+    else:
+        raise AssertionError(how)
+
+
+DAMAGES = ["truncated", "emptied", "header", "shape", "nan", "bytes", "appended"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A cohort of 4 tiny patients and its cache (read-only: copy the cache before damaging it)."""
+    from conftest import TINY_SHAPE
+
+    from brats.synthetic import make_cohort
+
+    base = tmp_path_factory.mktemp("prepared")
+    make_cohort(base / "cohort", 4, seed=5, shape=TINY_SHAPE, workers=1)
+    cases = find_cases(base / "cohort").cases
+    prepare(cases, base / "cache", CFG, workers=1, progress=False, source=str(base / "cohort"))
+    return cases, base / "cache"
+
+
+def copy_cache(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def volume_of(cache, position):
+    entry = json.loads((cache / "index.json").read_text())["patients"][position]
+    return entry["patient_id"], cache / entry["file"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_prepare_redoes_a_broken_volume_and_says_so(prepared, tmp_path, how):
+    cases, clean = prepared
+    cache = copy_cache(clean, tmp_path / "cache")
+    pid, path = volume_of(cache, 2)
+    damage(path, how)
+    result = prepare(cases, cache, CFG, workers=1, progress=False, source=str(clean.parent / "cohort"))
+    assert result.written == [pid] and len(result.reused) == 3 and not result.failed
+    assert len(result.repaired) == 1 and result.repaired[0].startswith(f"{pid}: ")
+    assert path.name in result.repaired[0]
+    np.testing.assert_array_equal(np.load(path), np.load(clean / path.relative_to(cache)))
+    assert not result.index_written  # the same volume again: the index is unchanged
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_training_on_a_broken_volume_names_it_in_one_line(prepared, tmp_path, how):
+    from brats.data import CachedVolumes
+    from brats.errors import BratsError
+
+    _, clean = prepared
+    cache = copy_cache(clean, tmp_path / "cache")
+    pid, path = volume_of(cache, 1)
+    damage(path, how)
+    with pytest.raises(BratsError) as e:
+        cached = open_cache(cache)
+        ds = CachedVolumes(cached, list(range(len(cached))), ("t1", "t1ce", "t2", "flair"))
+        for i in range(len(ds)):
+            x, _ = ds[i]
+            assert torch_finite(x)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{pid}: ") and path.name in msg
+    assert "rerun python -m brats.prepare" in msg and str(cache) in msg
+
+
+def torch_finite(x):
+    import torch
+
+    return bool(torch.isfinite(x).all())
+
+
+@pytest.mark.parametrize("how", ["nan", "bytes", "truncated"])
+def test_broken_volume_met_by_a_loader_worker_or_the_resident_path_is_one_line(prepared, tmp_path, how):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from brats.data import CachedVolumes
+    from brats.errors import BratsError
+    from brats.resident import ResidentVolumes
+
+    _, clean = prepared
+    cache = copy_cache(clean, tmp_path / "cache")
+    cached = open_cache(cache)  # opened before the damage: met while reading
+    pid, path = volume_of(cache, 3)
+    damage(path, how)
+    mods = ("t1", "t1ce", "t2", "flair")
+    ds = CachedVolumes(cached, list(range(len(cached))), mods)
+    with pytest.raises(BratsError) as e:
+        list(DataLoader(ds, batch_size=2, num_workers=1))
+    for err in (e.value,):
+        assert "\n" not in str(err) and str(err).startswith(f"{pid}: cached volume {path}")
+    with pytest.raises(BratsError) as e:
+        ResidentVolumes(cached, list(range(len(cached))), mods, torch.device("cpu"))
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{pid}: cached volume {path}")
+    assert "rerun python -m brats.prepare" in str(e.value)
+
+
+INDEX_DAMAGES = {
+    "garbage": os.urandom(200),
+    "empty": b"",
+    "truncated": None,  # the first half of the real index
+    "list": b"[]",
+    "no patients": b'{"preprocess": {"size": 24, "modalities": ["t1"]}}',
+    "patients not a list": b'{"preprocess": {"size": 24, "modalities": ["t1"]}, "patients": 3}',
+    "entry without file": None,  # the real index with one entry's file removed
+    "file outside": None,  # the real index with one entry's file pointing outside the cache
+}
+
+
+def damage_index(cache, how):
+    path = cache / "index.json"
+    text = path.read_text()
+    index = json.loads(text)
+    if how == "truncated":
+        path.write_text(text[: len(text) // 2])
+    elif how == "entry without file":
+        del index["patients"][1]["file"]
+        path.write_text(json.dumps(index))
+    elif how == "file outside":
+        index["patients"][1]["file"] = "volumes/../../../outside.npy"
+        path.write_text(json.dumps(index))
+    else:
+        path.write_bytes(INDEX_DAMAGES[how])
+
+
+@pytest.mark.parametrize("how", list(INDEX_DAMAGES))
+def test_a_damaged_index_is_rebuilt_by_prepare_and_named_by_training(prepared, tmp_path, how):
+    from brats.errors import BratsError
+
+    cases, clean = prepared
+    cache = copy_cache(clean, tmp_path / "cache")
+    damage_index(cache, how)
+    with pytest.raises(BratsError) as e:
+        open_cache(cache)
+    msg = str(e.value)
+    assert "\n" not in msg and str(cache / "index.json") in msg and "rerun python -m brats.prepare" in msg
+
+    result = prepare(cases, cache, CFG, workers=1, progress=False, source=str(clean.parent / "cohort"))
+    assert result.index_written and len(result.reused) == 4 and not result.written
+    assert result.index_problem.startswith(str(cache / "index.json"))
+    assert (cache / "index.json").read_text() == (clean / "index.json").read_text()
+    assert open_cache(cache).patient_ids == [c.patient_id for c in cases]
