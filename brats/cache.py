@@ -20,12 +20,17 @@ traceback, a crash or NaN losses.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import os
 import re
 import shlex
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -47,6 +52,8 @@ DTYPE = np.dtype(np.float16)
 STEM_CHARS = 64  # readable part of a volume file name; a hash of the whole id follows it
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _HEX = frozenset("0123456789abcdef")
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+PARENT_POLL_S = 0.5  # how often a worker without PR_SET_PDEATHSIG checks that prepare lives
 
 
 class BrokenVolumeError(BratsError):
@@ -182,7 +189,46 @@ def _old_volumes(vol_dir: Path, patient_id: str, keep: str) -> list[Path]:
     return old
 
 
-def _init_worker() -> None:
+def _arm_parent_death_signal() -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)  # orphaned: the run was killed, nobody will collect this patient
+
+
+def _die_with_parent(main_pid: int) -> None:
+    """Make a pool worker end when prepare ends, even by kill -9: a worker blocked on the task
+    queue never sees the parent go (it holds the queue's other end itself) and would live on."""
+    parent = os.getppid()  # `main_pid` itself, or the fork server the pool starts workers from
+    armed = _arm_parent_death_signal()
+    if os.getppid() != parent or (parent != main_pid and not _pid_alive(main_pid)):
+        os._exit(1)  # the parent died before the signal was armed
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+
+
+def _init_worker(main_pid: int) -> None:
+    _die_with_parent(main_pid)
     # One process per core: each SimpleITK reader runs single-threaded.
     import SimpleITK as sitk
 
@@ -349,7 +395,7 @@ def prepare(
         for case, target in jobs:
             record(case, *_prepare_one(case, cfg, target))
     else:
-        with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_prepare_one, case, cfg, target): case for case, target in jobs}
             for fut in as_completed(futures):
                 record(futures[fut], *fut.result())

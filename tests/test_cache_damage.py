@@ -3,6 +3,11 @@
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +232,90 @@ def test_a_damaged_index_is_rebuilt_by_prepare_and_named_by_training(prepared, t
     assert result.index_problem.startswith(str(cache / "index.json"))
     assert (cache / "index.json").read_text() == (clean / "index.json").read_text()
     assert open_cache(cache).patient_ids == [c.patient_id for c in cases]
+
+
+def descendants(pid):
+    """Ids of the live processes below `pid` (from /proc)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def wait_for(condition, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_9_of_prepare_takes_its_workers_with_it(cohort18, tmp_path):
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "brats.prepare", str(cohort18), "--out", str(out), "--size", "128"]
+    proc = subprocess.Popen([*cmd, "--workers", "2", "--no-progress"], stdout=subprocess.DEVNULL)
+    workers = []
+    try:
+        wait_for(lambda: any((out / "volumes").glob("*.npy")), 120, "the first volume")
+        workers = descendants(proc.pid)
+        assert workers, "prepare runs its patients in worker processes"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        wait_for(lambda: not any(alive(w) for w in workers), 5, "the workers to die with prepare")
+    finally:  # never leave a process of this test behind, whatever failed
+        proc.kill()
+        for w in workers:
+            if alive(w):
+                os.kill(w, signal.SIGKILL)
+    assert not (out / "index.json").exists()
+    # a temp file like the one a killed index write leaves, named after a process that is gone
+    (out / f".tmp-{proc.pid}-index.json.part").write_text("{")
+
+    r = subprocess.run([*cmd, "--workers", "2", "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(open_cache(out)) == 14
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
+
+
+POOL_WITHOUT_PRCTL = """
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+import brats.cache as cache
+
+cache._arm_parent_death_signal = lambda: False
+cache._init_worker = lambda pid: None  # as where prctl is missing: the thread must do
+with ProcessPoolExecutor(1, initializer=cache._init_worker, initargs=(os.getpid(),)) as pool:
+    print(pool.submit(os.getpid).result(), flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_without_prctl_a_thread_ends_the_worker_when_its_parent_dies():
+    proc = subprocess.Popen([sys.executable, "-c", POOL_WITHOUT_PRCTL], stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        wait_for(lambda: not alive(worker), 5, "the worker to notice its parent is gone")
+    finally:
+        if alive(worker):
+            os.kill(worker, signal.SIGKILL)
