@@ -300,8 +300,7 @@ import os, sys, time
 from concurrent.futures import ProcessPoolExecutor
 import brats.cache as cache
 
-cache._arm_parent_death_signal = lambda: False
-cache._init_worker = lambda pid: None  # as where prctl is missing: the thread must do
+cache._arm_parent_death_signal = lambda: False  # as where prctl is missing: the thread must do
 with ProcessPoolExecutor(1, initializer=cache._init_worker, initargs=(os.getpid(),)) as pool:
     print(pool.submit(os.getpid).result(), flush=True)
     time.sleep(60)
