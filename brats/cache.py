@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from brats.atomic import remove_stale_temps, write_atomic, write_json_atomic
+from brats.atomic import check_output_dir, remove_stale_temps, write_atomic, write_json_atomic
 from brats.cohort import Case, check_trainable
 from brats.errors import BratsError, CaseError
 from brats.preprocess import ZLIB_MODULE, PreprocessConfig, preprocess_case
@@ -52,6 +52,10 @@ DTYPE = np.dtype(np.float16)
 STEM_CHARS = 64  # readable part of a volume file name; a hash of the whole id follows it
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _HEX = frozenset("0123456789abcdef")
+# Cube sides prepare accepts. ResNet3D (depth 10 and 50, strided) trains on any side from 1 voxel
+# in batches of 2 or more (measured); at 16 layers 3-4 already see 1^3 maps, and train.py asks
+# for at least 16 too. Above 512, one float16 volume is 1 GiB: no GPU trains a batch of those.
+SIZE_MIN, SIZE_MAX = 16, 512
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 PARENT_POLL_S = 0.5  # how often a worker without PR_SET_PDEATHSIG checks that prepare lives
 
@@ -146,6 +150,22 @@ def rerun_hint(root: Path, source: str = "", size: int | None = None) -> str:
     return f"rerun python -m brats.prepare {cohort} --out {shlex.quote(str(root))}" + (
         f" --size {size}" if size else ""
     )
+
+
+def check_size(size: int) -> None:
+    if not SIZE_MIN <= size <= SIZE_MAX:
+        raise BratsError(
+            f"--size {size}: choose a cube side from {SIZE_MIN} to {SIZE_MAX} voxels (seed 6.2: 128)"
+        )
+
+
+def check_cache_dir(out: str | Path) -> Path:
+    """Check, before any work, that a cache can be written at `out` (created if needed)."""
+    out = check_output_dir(out, "cache folder")
+    check_output_dir(out / VOLUMES, "cache folder")
+    if (out / INDEX).is_dir():
+        raise BratsError(f"cache folder {out}: {out / INDEX} is a folder: remove it or choose another --out")
+    return out
 
 
 def fingerprint(case: Case, cfg: PreprocessConfig) -> str:
@@ -339,9 +359,9 @@ def prepare(
     (re)written only when every patient succeeded or `skip_bad` is set, and only when its
     content changed, so an unchanged cohort writes nothing; an unreadable index is rebuilt.
     """
-    out = Path(out)
+    check_size(cfg.size)
+    out = check_cache_dir(out)
     vol_dir = out / VOLUMES
-    vol_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(vol_dir)  # left by a killed run
     remove_stale_temps(out)
 
@@ -397,8 +417,14 @@ def prepare(
     else:
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_prepare_one, case, cfg, target): case for case, target in jobs}
-            for fut in as_completed(futures):
-                record(futures[fut], *fut.result())
+            try:
+                for fut in as_completed(futures):
+                    record(futures[fut], *fut.result())
+            except BaseException:
+                # a write error (full disk) or Ctrl-C: the patients under way finish or fail
+                # atomically, the queued ones never start
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     bar.close()
 
     failed_ids = {line.split(":", 1)[0] for line in failed}

@@ -15,9 +15,9 @@ from typing import Annotated
 
 import typer
 
-from brats.cache import prepare
+from brats.cache import check_cache_dir, check_size, prepare
 from brats.cohort import check_trainable, find_cases, summarize
-from brats.errors import exit_on_error
+from brats.errors import BratsError, exit_on_error
 from brats.preprocess import PreprocessConfig
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -33,6 +33,10 @@ def main(
     skip_bad: Annotated[bool, typer.Option(help="index the cache without the patients that failed")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
+    check_size(size)
+    if workers < 0:
+        raise BratsError(f"--workers {workers}: give 0 (all cores) or a number of processes")
+    check_cache_dir(out)  # before reading the cohort: a wrong --out costs nothing
     cohort = find_cases(root)
     print(f"{root}: {summarize([c.label for c in cohort.cases])}")
     check_trainable(cohort.cases, root)

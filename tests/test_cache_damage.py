@@ -318,3 +318,73 @@ def test_without_prctl_a_thread_ends_the_worker_when_its_parent_dies():
     finally:
         if alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+
+
+def one_line_error(r):
+    """The CLI failed with one line on stderr (no traceback) and exit status 1."""
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("size", ["0", "-3", "8", "15", "513", "100000"])
+def test_prepare_refuses_a_size_outside_the_range_up_front(cohort18, tmp_path, size):
+    out = tmp_path / "cache"
+    line = one_line_error(run_cli("brats.prepare", str(cohort18), "--out", str(out), "--size", size))
+    assert f"--size {size}" in line and "16 to 512" in line
+    assert not out.exists()  # nothing written
+
+
+def test_the_smallest_and_largest_sizes_are_accepted():
+    from brats.cache import SIZE_MAX, SIZE_MIN, check_size
+
+    assert (SIZE_MIN, SIZE_MAX) == (16, 512)
+    for ok in (SIZE_MIN, 128, SIZE_MAX):
+        check_size(ok)
+
+
+@pytest.mark.parametrize(
+    "where", ["out is a file", "parent is a file", "volumes is a file", "index is a folder"]
+)
+def test_prepare_checks_the_output_folder_up_front(cohort18, tmp_path, where):
+    out = tmp_path / "cache"
+    if where == "out is a file":
+        out.write_text("x")
+    elif where == "parent is a file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "cache"
+    elif where == "volumes is a file":
+        out.mkdir()
+        (out / "volumes").write_text("x")
+    else:
+        (out / "index.json").mkdir(parents=True)
+    before = files_in(tmp_path)
+    line = one_line_error(run_cli("brats.prepare", str(cohort18), "--out", str(out), "--size", "24"))
+    assert str(out) in line
+    assert files_in(tmp_path) == before  # nothing half-written
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_disk_stops_prepare_with_one_line_and_loses_nothing(prepared, tmp_path, monkeypatch, workers):
+    import errno
+
+    from brats.errors import BratsError
+
+    cases, clean = prepared
+    cache = copy_cache(clean, tmp_path / "cache")
+    before = {f: f.read_bytes() for f in cache.rglob("*") if f.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)  # forked workers inherit it
+    with pytest.raises(BratsError) as e:
+        prepare(cases, cache, PreprocessConfig(size=TINY_SIZE + 2), workers=workers, progress=False)
+    assert "\n" not in str(e.value) and "the disk is full" in str(e.value)
+    after = {f: f.read_bytes() for f in cache.rglob("*") if f.is_file()}
+    assert after == before  # no temp file, no new volume, the old volumes and index intact
