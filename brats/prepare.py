@@ -20,7 +20,7 @@ from brats.cohort import check_trainable, find_cases, summarize
 from brats.errors import BratsError, exit_on_error
 from brats.preprocess import PreprocessConfig
 
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
 
 @app.command()
@@ -36,10 +36,10 @@ def main(
     check_size(size)
     if workers < 0:
         raise BratsError(f"--workers {workers}: give 0 (all cores) or a number of processes")
-    check_cache_dir(out)  # before reading the cohort: a wrong --out costs nothing
-    cohort = find_cases(root)
+    cohort = find_cases(root)  # lists files only: cheap, and a wrong ROOT creates no --out folder
     print(f"{root}: {summarize([c.label for c in cohort.cases])}")
     check_trainable(cohort.cases, root)
+    check_cache_dir(out)  # before any preprocessing
     result = prepare(
         cohort.cases,
         out,
@@ -50,6 +50,10 @@ def main(
         source=str(root),
         progress=progress,
     )
+    if result.index_problem:
+        print(f"{result.index_problem}: rebuilt")
+    for line in result.repaired:
+        print(line)
     print(
         f"{out}: {len(result.written)} preprocessed, {len(result.reused)} unchanged, "
         f"{len(result.failed)} failed; index {'written' if result.index_written else 'unchanged'}"

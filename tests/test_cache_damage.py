@@ -388,3 +388,45 @@ def test_a_full_disk_stops_prepare_with_one_line_and_loses_nothing(prepared, tmp
     assert "\n" not in str(e.value) and "the disk is full" in str(e.value)
     after = {f: f.read_bytes() for f in cache.rglob("*") if f.is_file()}
     assert after == before  # no temp file, no new volume, the old volumes and index intact
+
+
+def test_prepare_cli_says_what_it_redid(prepared, tmp_path):
+    _, clean = prepared
+    cache = copy_cache(clean, tmp_path / "cache")
+    pid, path = volume_of(cache, 0)
+    damage(path, "bytes")
+    (cache / "index.json").write_text("{")
+    r = run_cli("brats.prepare", str(clean.parent / "cohort"), "--out", str(cache), "--size", str(TINY_SIZE))
+    assert r.returncode == 0, r.stderr
+    # the index was unreadable, so no checksum tells the garbled volume apart: its values are
+    # finite and it is adopted, while the index is rebuilt
+    assert f"{cache / 'index.json'} is not valid JSON" in r.stdout and "rebuilt" in r.stdout
+    damage(path, "nan")
+    r = run_cli("brats.prepare", str(clean.parent / "cohort"), "--out", str(cache), "--size", str(TINY_SIZE))
+    assert r.returncode == 0, r.stderr
+    assert f"{pid}: cached volume {path} does not match the checksum" in r.stdout
+    # redone, it gets its right checksum again
+    assert "1 preprocessed, 3 unchanged, 0 failed; index written" in r.stdout
+    assert (cache / "index.json").read_text() == (clean / "index.json").read_text()
+
+
+def test_ensure_prepared_logs_and_never_prints(cohort_copy, caplog, capsys):
+    import logging
+
+    from brats.cache import ensure_prepared
+
+    with caplog.at_level(logging.INFO, logger="brats.cache"):
+        out = ensure_prepared(cohort_copy, TINY_SIZE)
+        pid, path = volume_of(out, 4)
+        damage(path, "truncated")
+        assert ensure_prepared(cohort_copy, TINY_SIZE) == out
+    assert capsys.readouterr().out == ""  # every training process calls it: stdout stays clean
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "brats.cache"]
+    assert (
+        "INFO",
+        f"{cohort_copy}: 14 patients: 10 HGG, 4 LGG (HGG:LGG 2.50:1); preparing into {out}",
+    ) in messages
+    assert any(
+        level == "WARNING" and m.startswith(f"{pid}: cached volume {path} is truncated")
+        for level, m in messages
+    )
