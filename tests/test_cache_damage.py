@@ -430,3 +430,22 @@ def test_ensure_prepared_logs_and_never_prints(cohort_copy, caplog, capsys):
         level == "WARNING" and m.startswith(f"{pid}: cached volume {path} is truncated")
         for level, m in messages
     )
+
+
+@pytest.mark.parametrize("how", ["nan", "truncated"])
+def test_train_py_on_a_broken_volume_stops_with_one_line(cache20, tmp_path, how):
+    cache = copy_cache(cache20, tmp_path / "cache")
+    pid, path = volume_of(cache, 7)
+    damage(path, how)
+    r = subprocess.run(
+        [sys.executable, "train.py", "--data", str(cache), "--run", str(tmp_path / "run"), "--cpu"]
+        + ["--depth", "10", "--max-epochs", "1", "--min-epochs", "1", "--warmup-epochs", "1"]
+        + ["--workers", "1", "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and "nan" not in r.stderr.lower().replace(pid.lower(), "")
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {pid}: cached volume {path}") and "rerun python -m brats.prepare" in last
