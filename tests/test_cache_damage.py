@@ -461,3 +461,35 @@ def test_train_py_on_a_broken_volume_stops_with_one_line(cache20, tmp_path, how)
     assert "Traceback" not in r.stderr and "nan" not in r.stderr.lower().replace(pid.lower(), "")
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {pid}: cached volume {path}") and "rerun python -m brats.prepare" in last
+
+
+def make_legacy(cache):
+    """Turn a cache into what earlier versions wrote: volumes/<id>.<fp>.npy, no checksums."""
+    index = json.loads((cache / "index.json").read_text())
+    for e in index["patients"]:
+        legacy = f"volumes/{e['patient_id']}.{e['fingerprint']}.npy"
+        (cache / e["file"]).rename(cache / legacy)
+        e["file"] = legacy
+        del e["crc32"]
+    (cache / "index.json").write_text(json.dumps(index, indent=2))
+    return index
+
+
+def test_a_cache_of_earlier_versions_trains_checked_and_is_renamed_by_prepare(prepared, tmp_path):
+    from brats.data import CachedVolumes
+    from brats.errors import BratsError
+
+    cases, clean = prepared
+    cache = copy_cache(clean, tmp_path / "cache")
+    index = make_legacy(cache)
+    mods = ("t1", "t1ce", "t2", "flair")
+    cached = open_cache(cache)
+    assert len(CachedVolumes(cached, [0, 1, 2, 3], mods)) == 4
+    damage(cache / index["patients"][2]["file"], "nan")  # without a checksum, NaN is still caught
+    with pytest.raises(BratsError, match=f"^{index['patients'][2]['patient_id']}: .* NaN"):
+        CachedVolumes(open_cache(cache), [0, 1, 2, 3], mods)
+
+    result = prepare(cases, cache, CFG, workers=1, progress=False, source=str(clean.parent / "cohort"))
+    assert len(result.written) == 4 and result.index_written
+    assert files_in(cache) == files_in(clean)  # the old names are gone, exactly
+    assert (cache / "index.json").read_text() == (clean / "index.json").read_text()
