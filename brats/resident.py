@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from brats.cache import CachedCohort
+from brats.cache import CachedCohort, load_volume
 from brats.errors import BratsError
 
 CACHE_DEVICES = ("auto", "cuda", "cpu", "off")
@@ -46,7 +46,7 @@ def resolve_cache_device(choice: str, nbytes: int, device: torch.device) -> tupl
 
 
 def _load(cached: CachedCohort, i: int) -> np.ndarray:
-    return np.asarray(cached.volumes[i])
+    return load_volume(cached, i)  # checked: a broken file stops the run with one line
 
 
 class ResidentVolumes(Dataset):

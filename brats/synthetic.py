@@ -16,6 +16,7 @@ identity direction = nibabel affine diag(-1,-1,1)), background exactly 0. Same s
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 import typer
 
-from brats.atomic import atomic_path
+from brats.atomic import atomic_path, check_output_dir
 from brats.cohort import CLASSES, MODALITIES
 from brats.errors import BratsError, exit_on_error
 
@@ -225,7 +226,29 @@ def make_cohort(
     return [(job[1], int(job[4])) for job in jobs]
 
 
-app = typer.Typer(add_completion=False, help="Write a synthetic BraTS 2018-like cohort.")
+app = typer.Typer(
+    add_completion=False, help="Write a synthetic BraTS 2018-like cohort.", pretty_exceptions_enable=False
+)
+SHAPE_MIN, SHAPE_MAX = 8, 1024  # voxels per side: a brain and a tumour need room; BraTS is 240x240x155
+_PREFIX = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_options(patients: int, seed: int, shape: tuple[int, int, int], prefix: str, workers: int) -> None:
+    """Every option checked before anything is written (one line each, naming the option)."""
+    class_counts(patients)
+    if seed < 0:
+        raise BratsError(f"--seed {seed}: give 0 or a positive integer")
+    if not all(SHAPE_MIN <= n <= SHAPE_MAX for n in shape):
+        raise BratsError(
+            f"--shape {' '.join(map(str, shape))}: each side from {SHAPE_MIN} to {SHAPE_MAX} voxels "
+            f"(BraTS: {' '.join(map(str, BRATS18_SHAPE))})"
+        )
+    if not _PREFIX.fullmatch(prefix):
+        raise BratsError(
+            f"--prefix {prefix!r}: use letters, digits, _ and - only (it starts every patient id and folder)"
+        )
+    if workers < 0:
+        raise BratsError(f"--workers {workers}: give 0 (all cores) or a number of processes")
 
 
 @app.command()
@@ -238,6 +261,8 @@ def main(
     prefix: Annotated[str, typer.Option(help="patient id prefix")] = "Brats18_SYN",
     workers: Annotated[int, typer.Option(help="parallel processes (0 = all cores)")] = 0,
 ) -> None:
+    check_options(patients, seed, shape, prefix, workers)
+    check_output_dir(out, "output folder")
     made = make_cohort(out, patients, seed, shape, prefix, workers or None)
     n_hgg = sum(label for _, label in made)
     print(f"wrote {len(made)} synthetic patients ({n_hgg} HGG, {len(made) - n_hgg} LGG) to {out}")
