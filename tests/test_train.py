@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST
+from support import FAST
 
 from brats.checkpoint import BEST, BEST_EMA, STATE
 from brats.config import make_config
