@@ -310,3 +310,23 @@ def test_two_gloo_processes_train_a_fold(cache20, tmp_path):
     assert (
         torch.load(run / "fold_1" / BEST, weights_only=True)["val_metrics"]["n"] == 4
     )  # every val patient once
+
+
+def test_a_state_written_by_older_code_still_resumes(cache20, tmp_path, fresh_accelerate):
+    """state.pt as older versions wrote it: bests inside fold_state, rng_cpu/rng_cuda, no keepers."""
+    settings = dict(data=str(cache20), run=str(tmp_path / "r"), fold=0, max_epochs=2, ema_decay=0.9, **FAST)
+    first = train_fold(make_config(**settings))
+    reset_accelerate()
+    path = tmp_path / "r" / "fold_0" / STATE
+    blob = torch.load(path, weights_only=True)
+    best, best_ema, rng = blob.pop("best"), blob.pop("best_ema"), blob.pop("rng")
+    blob["fold_state"].update(
+        best_auc=best["best_auc"],
+        best_epoch=best["best_epoch"],
+        best_ema_auc=best_ema["best_auc"],
+        best_ema_epoch=best_ema["best_epoch"],
+    )
+    blob.update(rng_cpu=rng["cpu"], rng_cuda=rng["cuda"], scaler=None)
+    torch.save(blob, path)
+    again = train_fold(make_config(**settings, resume=True))
+    assert again == first
