@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,15 +20,15 @@ from torch.utils.data import DataLoader
 
 from brats.atomic import write_csv_atomic, write_json_atomic, write_text_atomic
 from brats.cache import open_data
-from brats.checkpoint import load_checkpoint, select_checkpoint
+from brats.checkpoint import Checkpoint, read_checkpoint, select_checkpoint
 from brats.config import TrainConfig
 from brats.data import CachedVolumes
-from brats.engine import predict, score
 from brats.errors import BratsError
 from brats.folds import load_or_make_splits, protocol
 from brats.metrics import METRICS, bootstrap_auc_ci, mean_std, save_plots
 from brats.model import build_model
 from brats.runs import RunPaths
+from brats.scoring import predict, score
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +56,22 @@ def run_config(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def model_config(ckpt: dict, run_cfg: dict) -> dict:
+def model_config(ckpt: Checkpoint, run_cfg: dict) -> dict:
     """The checkpoint's own config when it has one (a plain dict), else the run's."""
-    cfg = ckpt.get("config")
+    cfg = ckpt.config
     return cfg if isinstance(cfg, dict) else run_cfg
 
 
-def load_best_model(run: Path, k: int, run_cfg: dict, trust: bool) -> tuple[torch.nn.Module, dict, Path]:
+def load_best_model(
+    run: Path, k: int, run_cfg: dict, trust: bool
+) -> tuple[torch.nn.Module, Checkpoint, Path]:
     """Fold k's checkpoint chosen by the policy, loaded into a freshly built fp32 model in eval
     mode; returns (model, checkpoint, path)."""
     path = select_checkpoint(RunPaths(run).fold(k), float(run_cfg.get("ema_decay", 0.0)) > 0)
-    ckpt = load_checkpoint(path, trust=trust)
+    ckpt = read_checkpoint(path, trust=trust)
     model = build_model(model_config(ckpt, run_cfg))
     try:
-        model.load_state_dict(ckpt["model_state_dict"])
+        model.load_state_dict(ckpt.model_state_dict)
     except RuntimeError as e:
         raise BratsError(f"{path}: weights do not fit the configured model ({str(e).splitlines()[0]})") from e
     return model.eval().float(), ckpt, path
@@ -89,16 +90,13 @@ def evaluate_fold(
 ) -> FoldResult:
     model, ckpt, path = load_best_model(run, k, run_cfg, trust)
     model.to(device)
-    stored = ckpt["val_metrics"].get("auc") if isinstance(ckpt["val_metrics"], dict) else None
-    stored = float(stored) if stored is not None else math.nan
-    epoch = int(ckpt.get("epoch", -1))
-    is_ema = bool(ckpt.get("is_ema", path.name.endswith("_ema.pt")))
+    stored, epoch, is_ema = ckpt.val_auc, ckpt.epoch, ckpt.is_ema
     log.info(
         f"fold {k}: {'EMA' if is_ema else 'regular'} best checkpoint {path} "
         f"(epoch {epoch}, stored val AUC {stored:.4f})"
     )
 
-    fp = ckpt.get("splits_fingerprint")
+    fp = ckpt.splits_fingerprint
     if fp is None:
         log.warning(f"{path}: no splits fingerprint stored; assuming {RunPaths(run).splits}")
     elif fp != splits.fingerprint:

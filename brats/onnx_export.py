@@ -52,10 +52,10 @@ def load_fold(run: Path, k: int, run_cfg: dict, trust: bool) -> tuple[nn.Module,
     info = {
         "fold": k,
         "checkpoint": str(path),
-        "is_ema": bool(ckpt.get("is_ema", False)),
-        "epoch": int(ckpt.get("epoch", -1)),
-        "stored_val_auc": float(ckpt["val_metrics"].get("auc", float("nan"))),
-        "preprocess": ckpt.get("preprocess"),
+        "is_ema": ckpt.is_ema,
+        "epoch": ckpt.epoch,
+        "stored_val_auc": ckpt.val_auc,
+        "preprocess": ckpt.preprocess,
         "config": model_config(ckpt, run_cfg),
     }
     return model, info

@@ -7,8 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TINY_SIZE, case_dirs
-from test_cohort import make_brats20
+from support import TINY_SIZE, case_dirs, make_brats20
 
 from brats.cache import open_cache, prepare, volume_stem
 from brats.cohort import find_cases

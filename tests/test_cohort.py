@@ -2,7 +2,7 @@ import csv
 import shutil
 
 import pytest
-from conftest import case_dirs
+from support import case_dirs, make_brats20
 
 from brats.cohort import MODALITIES, check_trainable, find_cases, summarize
 from brats.errors import BratsError
@@ -17,20 +17,6 @@ def test_brats18_layout(cohort18):
         for mod, p in zip(MODALITIES, case.paths):
             assert p.name == f"{case.patient_id}_{mod}.nii.gz"
     assert summarize([c.label for c in cohort.cases]) == "14 patients: 10 HGG, 4 LGG (HGG:LGG 2.50:1)"
-
-
-def make_brats20(src, dst):
-    """Flatten a 2018 tree into the 2020 layout with name_mapping.csv."""
-    dst.mkdir()
-    rows = []
-    for d in case_dirs(src):
-        shutil.copytree(d, dst / d.name)
-        rows.append({"Grade": d.parent.name, "BraTS_2017_subject_ID": "x", "BraTS_2020_subject_ID": d.name})
-    with (dst / "name_mapping.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["Grade", "BraTS_2017_subject_ID", "BraTS_2020_subject_ID"])
-        w.writeheader()
-        w.writerows(rows)
-    return dst
 
 
 def test_brats20_layout_grade_from_csv(cohort18, tmp_path):

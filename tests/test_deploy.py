@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import TINY_SHAPE, copy_run
+from support import TINY_SHAPE, copy_run
 
 from brats.cache import open_cache
 from brats.errors import BratsError

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import resave, train_cv
 from sklearn.metrics import roc_auc_score
+from support import resave, train_cv
 
 from brats.ablation import ablation_markdown
 from brats.checkpoint import BEST, BEST_EMA, STATE, load_checkpoint, select_checkpoint

@@ -3,7 +3,7 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import TINY_SIZE, write_nifti
+from support import TINY_SIZE, write_nifti
 
 from brats.cohort import MODALITIES, Case, find_cases
 from brats.errors import CaseError

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import TINY_SIZE
+from support import TINY_SIZE
 
 from brats.cache import prepare
 from brats.cohort import MODALITIES, Case, find_cases
