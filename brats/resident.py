@@ -45,10 +45,6 @@ def resolve_cache_device(choice: str, nbytes: int, device: torch.device) -> tupl
     return "cpu", f"{gib:.2f} GiB in pinned host memory: more than {GPU_SHARE:.0%} of the GPU's free memory"
 
 
-def _load(cached: CachedCohort, i: int) -> np.ndarray:
-    return load_volume(cached, i)  # checked: a broken file stops the run with one line
-
-
 class ResidentVolumes(Dataset):
     """Patients `indices` of a cache as one (N, C, S, S, S) float16 tensor on `device`.
 
@@ -70,11 +66,11 @@ class ResidentVolumes(Dataset):
         if missing:
             raise BratsError(f"{cached.root}: cache has channels {have}, not {missing}: prepare it again")
         channels = [have.index(m) for m in modalities]
-        first = _load(cached, indices[0]) if len(indices) else None
+        first = load_volume(cached, indices[0]) if len(indices) else None
         shape = (len(indices), len(channels), *first.shape[1:]) if first is not None else (0,)
         host = torch.empty(shape, dtype=torch.float16, pin_memory=pin and device.type == "cpu")
         for row, i in enumerate(indices):  # one patient at a time: peak memory is the tensor itself
-            vol = first if row == 0 else _load(cached, i)
+            vol = first if row == 0 else load_volume(cached, i)
             host[row] = torch.from_numpy(np.ascontiguousarray(vol[channels]))
         self.volumes = host.to(device) if device.type != "cpu" else host  # (N, C, S, S, S) float16
         self.labels = torch.as_tensor(cached.labels[list(indices)], dtype=torch.int64)

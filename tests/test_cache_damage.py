@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_SIZE
+from support import TINY_SIZE
 
 from brats.cache import open_cache, prepare
 from brats.cohort import find_cases
@@ -98,7 +98,7 @@ DAMAGES = ["truncated", "emptied", "header", "shape", "nan", "bytes", "appended"
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A cohort of 4 tiny patients and its cache (read-only: copy the cache before damaging it)."""
-    from conftest import TINY_SHAPE
+    from support import TINY_SHAPE
 
     from brats.synthetic import make_cohort
 
