@@ -10,14 +10,23 @@ Exact resume: every random stream is reseeded per epoch (`epoch_seed`), and the 
 bests, the fold's progress and the RNG. A run killed at any moment and resumed repeats at most
 the epoch it was in, with the same numbers.
 
-BatchNorm under DDP: plain per-process BatchNorm by default (`--sync-bn` converts to
-SyncBatchNorm). With the seed's batch of 4 per process, each GPU normalises over the same
-4-sample batches that a single-GPU run sees, so N GPUs reproduce the single-GPU recipe with N x
-the throughput; SyncBatchNorm would add a collective per BN layer (53 in ResNet-50).
+Data: by default the fold's volumes are resident (`--cache-device auto`: one float16 tensor on
+the GPU when it fits, else in host memory; brats/resident.py) and a batch is an index gather on
+the device; `--cache-device off` is the DataLoader-with-workers path. Both draw the same batches
+from the same seeded sampler, so on the CPU they give the same metrics. No step reads a value
+back to the host except at optimizer-update boundaries (the non-finite-loss check).
+
+Several processes: the effective batch is batch x accumulation x processes, so N GPUs at the
+seed's batch 4 x 2 train with an effective batch of 8N, not the single-GPU recipe;
+`--effective-batch 8` keeps the recipe's 8 by lowering accumulation, then the per-process batch.
+BatchNorm stays per process (`--sync-bn` converts to SyncBatchNorm): each GPU normalises over
+its own batch as a single-GPU run does; SyncBatchNorm would add a collective per BN layer (53
+in ResNet-50) for statistics over a few more samples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -58,8 +67,16 @@ from brats.folds import load_or_make_splits, protocol
 from brats.losses import apply_drw, make_criterion
 from brats.metrics import METRICS
 from brats.model import build_model, load_pretrained, param_groups
+from brats.resident import ResidentVolumes, resident_loader, resolve_cache_device, volume_bytes
 from brats.runs import RunPaths
 from brats.scoring import predict, score
+from brats.speed import (
+    FirstStepTimer,
+    configure_backends,
+    maybe_compile,
+    memory_format,
+    split_effective_batch,
+)
 
 log = get_logger(__name__)
 
@@ -168,28 +185,46 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> Fo
         if accelerator.is_main_process:
             write_run_config(paths.root, cfg)
     fold = splits.fold(cfg.fold, ids, labels)
-    train_ds = CachedVolumes(cached, cached.indices(fold.train), cfg.modalities)
-    val_ds = CachedVolumes(cached, cached.indices(fold.val), cfg.modalities)
-    class_counts = np.bincount(train_ds.labels, minlength=2).tolist()
+    train_idx, val_idx = cached.indices(fold.train), cached.indices(fold.val)
+    train_labels = cached.labels[train_idx]
+    class_counts = np.bincount(train_labels, minlength=2).tolist()
     log.info(
-        f"fold {cfg.fold}: {len(train_ds)} train ({class_counts[1]} HGG, {class_counts[0]} LGG), "
-        f"{len(val_ds)} val; {protocol(splits.inner_val)}; "
+        f"fold {cfg.fold}: {len(train_idx)} train ({class_counts[1]} HGG, {class_counts[0]} LGG), "
+        f"{len(val_idx)} val; {protocol(splits.inner_val)}; "
         f"policy {cfg.policy}; channels {','.join(cfg.modalities)}; "
-        f"{accelerator.num_processes} process(es) on {accelerator.device.type}"
+        f"{accelerator.num_processes} process(es) on {accelerator.device.type}; effective batch "
+        f"{cfg.batch_size} x {cfg.grad_accum} x {accelerator.num_processes} = "
+        f"{cfg.batch_size * cfg.grad_accum * accelerator.num_processes}"
     )
     sample_gen = torch.Generator()
-    pin = accelerator.device.type == "cuda"
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        sampler=make_sampler(cfg.sampler, train_ds.labels, sample_gen),
-        num_workers=cfg.workers,
-        pin_memory=pin,
-        drop_last=len(train_ds) > cfg.batch_size,  # a batch of 1 breaks BatchNorm at 1^3 feature maps
-    )
-    val_loader = DataLoader(
-        val_ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers, pin_memory=pin
-    )
+    sampler = make_sampler(cfg.sampler, train_labels, sample_gen)
+    drop_last = len(train_idx) > cfg.batch_size  # a batch of 1 breaks BatchNorm at 1^3 feature maps
+    val_batch = cfg.val_batch_size or 2 * cfg.batch_size
+    nbytes = volume_bytes(cached, len(train_idx) + len(val_idx), len(cfg.modalities))
+    where, why = resolve_cache_device(cfg.cache_device, nbytes, accelerator.device)
+    log.info(f"fold {cfg.fold}: data {'resident, ' + why if where != 'off' else 'DataLoader workers'}")
+    if where == "off":
+        pin = accelerator.device.type == "cuda"
+        train_ds = CachedVolumes(cached, train_idx, cfg.modalities)
+        train_loader = DataLoader(
+            train_ds,
+            cfg.batch_size,
+            sampler=sampler,
+            num_workers=cfg.workers,
+            pin_memory=pin,
+            drop_last=drop_last,
+        )
+        val_ds = CachedVolumes(cached, val_idx, cfg.modalities)
+        val_loader = DataLoader(val_ds, val_batch, shuffle=False, num_workers=cfg.workers, pin_memory=pin)
+    else:
+        # Train patients first, then val ones: the sampler's positions index the train part as is.
+        device = accelerator.device if where == "cuda" else torch.device("cpu")
+        resident = ResidentVolumes(
+            cached, train_idx + val_idx, cfg.modalities, device, pin=accelerator.device.type == "cuda"
+        )
+        train_loader = resident_loader(resident, cfg.batch_size, sampler, drop_last)
+        val_positions = list(range(len(train_idx), len(train_idx) + len(val_idx)))
+        val_loader = resident_loader(resident, val_batch, val_positions)
     recorded = {
         "splits_fingerprint": splits.fingerprint,
         "protocol": protocol(splits.inner_val),
@@ -240,6 +275,10 @@ class TrainParts:
 def train_fold(cfg: TrainConfig) -> dict:
     """Train fold `cfg.fold`; returns a summary (best epochs and AUCs, why it stopped)."""
     check_output_dir(cfg.run, "--run folder")  # before any work: one line if it cannot be written
+    if cfg.effective_batch:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch
+        batch, accum = split_effective_batch(cfg.effective_batch, cfg.batch_size, processes)
+        cfg = dataclasses.replace(cfg, batch_size=batch, grad_accum=accum)
     precision, note = resolve_mixed_precision(cfg)
     accelerator = Accelerator(
         cpu=cfg.cpu,
@@ -273,6 +312,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> TrainParts:
         # `accelerate launch` exports OMP_NUM_THREADS=1, which halves CPU training on 2 cores:
         # share the cores among the processes instead.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    log.info(configure_backends(accelerator.device, cfg.deterministic))
     paths = RunPaths(cfg.run)
     if accelerator.is_main_process:  # what a killed writer left behind
         for folder in (paths.root, paths.fold(cfg.fold)):
@@ -284,8 +324,10 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> TrainParts:
         load_pretrained(model, cfg.pretrained)
     if cfg.sync_bn and accelerator.num_processes > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(memory_format=memory_format(accelerator.device, cfg.channels_last))
     optimizer = torch.optim.Adam(param_groups(model, cfg.lr, cfg.classifier_lr_mult, cfg.weight_decay))
     criterion = make_criterion(cfg, data.class_counts)
+    model = maybe_compile(model, cfg.compile)  # shares the plain module's weights (unwrap_model)
     model, optimizer, data.train_loader, data.val_loader = accelerator.prepare(
         model, optimizer, data.train_loader, data.val_loader
     )
@@ -368,7 +410,7 @@ def run_epoch(parts: TrainParts, epoch: int) -> None:
     parts.data.sample_gen.manual_seed(epoch_seed(cfg.seed, epoch, STREAM_SAMPLER))
     parts.augment_gen.manual_seed(epoch_seed(cfg.seed, epoch, STREAM_AUGMENT, rank))
     drw = apply_drw(parts.criterion, cfg, epoch, parts.data.class_counts)
-    train_loss = train_epoch(parts, epoch)
+    train_loss, samples_per_s = train_epoch(parts, epoch)
 
     # (keeper, weights, metrics, p_hgg) for the raw model and, with EMA, for the EMA copy
     logits, val_labels = predict(parts.model, parts.data.val_loader, accelerator)
@@ -379,6 +421,7 @@ def run_epoch(parts: TrainParts, epoch: int) -> None:
     row["lr"] = parts.optimizer.param_groups[0]["lr"]
     row["classifier_lr"] = parts.optimizer.param_groups[1]["lr"]
     row["drw"] = int(drw)
+    row["train_samples_per_s"] = round(samples_per_s, 2)
     if parts.ema is not None:
         ema_val, ema_p = score(predict(parts.ema.module, parts.data.val_loader, accelerator)[0], val_labels)
         row.update({f"ema_val_{m}": ema_val[m] for m in ("auc", "f1", "accuracy")})
@@ -410,40 +453,46 @@ def run_epoch(parts: TrainParts, epoch: int) -> None:
     log.info(
         f"epoch {epoch}/{cfg.max_epochs} train_loss {train_loss:.4f} val_loss {val['loss']:.4f} "
         f"val_auc {val['auc']:.4f} f1 {val['f1']:.4f} acc {val['accuracy']:.4f} "
-        f"lr {row['lr']:.2e} ({row['seconds']:.1f}s)"
+        f"lr {row['lr']:.2e} ({row['seconds']:.1f}s, train {samples_per_s:.1f} samples/s)"
     )
 
 
-def train_epoch(parts: TrainParts, epoch: int) -> float:
-    """One pass over the training loader; returns the mean loss over every process.
+def train_epoch(parts: TrainParts, epoch: int) -> tuple[float, float]:
+    """One pass over the training loader; returns the mean loss over every process and the
+    training samples per second (all processes, validation excluded).
 
-    A non-finite loss on any process stops training before its update (TrainingError naming
-    the epoch and step). The scheduler and the EMA follow real optimizer updates only: not
-    micro-batches that accumulate, nor steps the fp16 grad scaler skipped.
+    Nothing is read back to the host per micro-batch: the loss sum and the first non-finite
+    step stay on the device and are read at optimizer-update boundaries, where a non-finite
+    loss on any process stops training before the update (TrainingError naming the epoch and
+    step). The scheduler and the EMA follow real optimizer updates only: not micro-batches that
+    accumulate, nor steps the fp16 grad scaler skipped.
     """
     cfg, accelerator, model = parts.cfg, parts.accelerator, parts.model
     model.train()
+    fmt = memory_format(accelerator.device, cfg.channels_last)
     total = torch.zeros((), device=accelerator.device)
-    steps = 0
+    # (first non-finite step or 0, its loss): read only at update boundaries
+    first_bad = torch.zeros(2, device=accelerator.device)
+    steps = samples = 0
+    timer = FirstStepTimer(f"epoch {epoch}") if epoch == 1 else None
     bar = tqdm(
         parts.data.train_loader,
         desc=f"epoch {epoch}",
         leave=False,
         disable=not (cfg.progress and accelerator.is_local_main_process),
     )
+    t0 = time.perf_counter()
     for step, (x, y) in enumerate(bar, start=1):
+        x = x.float().contiguous(memory_format=fmt)  # resident host batches arrive as float16
         if cfg.augment:
             x = augment_batch(x, parts.augment_gen)  # (B, C, D, H, W), on the training device
         with accelerator.accumulate(model):
             loss = parts.criterion(model(x).float(), y)
-            bad = (~torch.isfinite(loss.detach())).float()
-            if accelerator.num_processes > 1:
-                bad = accelerator.reduce(bad, "sum")
-            if bad.item():
-                raise TrainingError(
-                    f"loss is {loss.item()} at epoch {epoch}, step {step}: training stopped, "
-                    "the best checkpoint is untouched (lower --lr, or check the inputs)"
-                )
+            new_bad = (first_bad[0] == 0) & ~torch.isfinite(loss.detach())
+            here = torch.stack([torch.full_like(loss.detach(), step), loss.detach()])
+            first_bad = torch.where(new_bad, here, first_bad)
+            if accelerator.sync_gradients:
+                check_finite(accelerator, first_bad, epoch)
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -454,10 +503,30 @@ def train_epoch(parts: TrainParts, epoch: int) -> float:
             parts.optimizer.zero_grad(set_to_none=True)
         if updated and parts.ema is not None:
             parts.ema.update(accelerator.unwrap_model(model))
+        if timer is not None:
+            timer.step()
         total += loss.detach()
         steps += 1
+        samples += len(y)
     bar.close()
     mean = total / max(steps, 1)
     if accelerator.num_processes > 1:
         mean = accelerator.reduce(mean, "mean")
-    return float(mean.item())
+    mean_loss = float(mean.item())  # waits for the device: the time below is the real one
+    seconds = time.perf_counter() - t0
+    return mean_loss, samples * accelerator.num_processes / max(seconds, 1e-9)
+
+
+def check_finite(accelerator: Accelerator, first_bad: torch.Tensor, epoch: int) -> None:
+    """Raise (on every process alike) when any process met a non-finite loss since the epoch began."""
+    bad = first_bad
+    if accelerator.num_processes > 1:  # every process must raise alike: report the first bad one
+        everyone = accelerator.gather(first_bad[None])  # (P, 2)
+        hit = (everyone[:, 0] > 0).nonzero()
+        bad = everyone[hit[0, 0]] if len(hit) else first_bad
+    step, value = bad.tolist()
+    if step:
+        raise TrainingError(
+            f"loss is {value} at epoch {epoch}, step {int(step)}: training stopped, "
+            "the best checkpoint is untouched (lower --lr, or check the inputs)"
+        )

@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from brats.cache import CachedCohort, load_volume
+from brats.config import CACHE_DEVICES
 from brats.errors import BratsError
 
-CACHE_DEVICES = ("auto", "cuda", "cpu", "off")
 GPU_SHARE = 0.4  # `auto` puts the cohort on the GPU only if it takes at most this share of free memory
 
 

@@ -20,6 +20,7 @@ from brats.errors import BratsError
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+TIMING = ("seconds", "train_samples_per_s")  # metrics.csv columns that measure the machine
 CLI_FAST = ["--depth", "10", "--workers", "0", "--no-progress", "--min-epochs", "1", "--warmup-epochs", "1"]
 
 
@@ -234,7 +235,7 @@ def test_sigkill_then_resume_equals_uninterrupted(cache20, tmp_path):
 
     a, b = tmp_path / "ref" / "fold_2", run / "fold_2"
     assert rows(a / "metrics.csv") == [
-        {**r, "seconds": x["seconds"]} for r, x in zip(rows(b / "metrics.csv"), rows(a / "metrics.csv"))
+        {**r, **{k: x[k] for k in TIMING}} for r, x in zip(rows(b / "metrics.csv"), rows(a / "metrics.csv"))
     ]
     for name in (BEST, BEST_EMA, STATE):
         wa, wb = weights(a / name), weights(b / name)
@@ -330,3 +331,25 @@ def test_a_state_written_by_older_code_still_resumes(cache20, tmp_path, fresh_ac
     torch.save(blob, path)
     again = train_fold(make_config(**settings, resume=True))
     assert again == first
+
+
+def test_resident_and_dataloader_paths_give_the_same_metrics(cache20, tmp_path, fresh_accelerate):
+    """The default resident data path draws the same batches as --cache-device off (DataLoader
+    with a worker process): on the CPU every metric but the timings is equal."""
+    runs = {}
+    for mode, workers in (("auto", 0), ("off", 1)):
+        run = tmp_path / mode
+        overrides = {**FAST, "workers": workers}
+        train_fold(
+            make_config(
+                data=str(cache20), run=str(run), fold=1, max_epochs=2, ema_decay=0.9, cache_device=mode,
+                **overrides,
+            )
+        )  # fmt: skip
+        reset_accelerate()
+        runs[mode] = [
+            {k: v for k, v in r.items() if k not in TIMING} for r in rows(run / "fold_1" / "metrics.csv")
+        ]
+    assert len(runs["auto"]) == 2 and runs["auto"] == runs["off"]
+    first = rows(tmp_path / "auto" / "fold_1" / "metrics.csv")[0]
+    assert float(first["train_samples_per_s"]) > 0
