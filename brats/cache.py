@@ -38,7 +38,7 @@ def fingerprint(case: Case, cfg: PreprocessConfig) -> str:
     for p in case.paths:
         st = os.stat(p)
         files.append([Path(p).name, st.st_size, st.st_mtime_ns])
-    blob = json.dumps({"preprocess": cfg.to_dict(), "files": files}, sort_keys=True)
+    blob = json.dumps({"preprocess": cfg.to_contract(), "files": files}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -140,7 +140,7 @@ def prepare(
     index_written = False
     if not failed or skip_bad:
         index = {
-            "preprocess": cfg.to_dict(),
+            "preprocess": cfg.to_contract(),
             "source": source,
             "patients": [e for e in entries if e["patient_id"] not in failed_ids],
             "skipped": sorted(failed),

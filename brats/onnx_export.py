@@ -24,6 +24,8 @@ from brats.cache import open_data
 from brats.cohort import CLASSES
 from brats.errors import BratsError
 from brats.evaluation import evaluate_run, load_best_model, model_config, run_config
+from brats.inference import CONTRACT_KEY, PROVENANCE_KEY
+from brats.preprocess import PreprocessConfig
 from brats.runs import RunPaths
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,6 @@ log = logging.getLogger(__name__)
 OPSET = {"torchscript": 17, "dynamo": 18}  # set explicitly per exporter
 EXPORTERS = tuple(OPSET)
 PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch|
-CONTRACT_KEY, PROVENANCE_KEY = "brats_contract", "brats_provenance"
 
 
 class Exported(nn.Module):
@@ -165,18 +166,13 @@ def export(
             f"{run}: the folds disagree on channels or preprocessing (or a checkpoint lacks it): "
             "cannot export them together"
         )
-    prep = sources[0]["preprocess"]
     modalities = sources[0]["config"]["modalities"]
-    contract = {
-        "modalities": list(modalities),
-        "size": prep["size"],
-        "orientation": prep["orientation"],
-        "normalization": prep["normalization"],
-        "preprocess_version": prep["version"],
-        "input": "float32 (B, C, S, S, S), channels in `modalities` order",
-    }
+    contract = PreprocessConfig.from_contract(
+        {**sources[0]["preprocess"], "modalities": list(modalities)}, sources[0]["checkpoint"]
+    ).to_contract()
     provenance = {
         "classes": list(CLASSES),
+        "input": "float32 (B, C, S, S, S), channels in the contract's `modalities` order",
         "outputs": {"probabilities": "(B, 2) [p_LGG, p_HGG]", "logits": "(B, 2)"},
         "ensemble": len(models) > 1,
         "sources": [{k: v for k, v in s.items() if k not in ("preprocess", "config")} for s in sources],
