@@ -16,6 +16,7 @@ import errno
 import io
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,7 +118,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:
-    """Remove the temp files a killed writer left in `folder` (not those of a live process)."""
+    """Remove the temp files (or staging folders) a killed writer left in `folder` (not those of
+    a live process)."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
@@ -127,7 +129,10 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
         if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
             continue
         try:
-            tmp.unlink()
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
             removed.append(tmp)
         except OSError:
             pass

@@ -174,7 +174,7 @@ def fingerprint(case: Case, cfg: PreprocessConfig) -> str:
     for p in case.paths:
         st = os.stat(p)
         files.append([Path(p).name, st.st_size, st.st_mtime_ns])
-    blob = json.dumps({"preprocess": cfg.to_dict(), "files": files}, sort_keys=True)
+    blob = json.dumps({"preprocess": cfg.to_contract(), "files": files}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -431,7 +431,7 @@ def prepare(
     index_written = False
     if not failed or skip_bad:
         index = {
-            "preprocess": cfg.to_dict(),
+            "preprocess": cfg.to_contract(),
             "source": source,
             "patients": [e for pid, e in entries.items() if pid not in failed_ids],
             "skipped": sorted(failed),

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import tempfile
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from types import ModuleType
 
 import nibabel as nib
@@ -24,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from brats.cohort import MODALITIES, Case
-from brats.errors import CaseError
+from brats.errors import BratsError, CaseError
 
 try:  # ISA-L inflates gzip about twice as fast as zlib, with the same checks (bench/RESULTS.md)
     from isal import isal_zlib as ZLIB_MODULE
@@ -58,7 +59,9 @@ PIXEL_DTYPES = {
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """The preprocessing contract; stored in the cache fingerprint and in exported models."""
+    """The preprocessing contract: stored in the cache index, in every checkpoint and in exported
+    models (as `to_contract()`), and read back with `from_contract()`, the one place that decides
+    what this code can honour."""
 
     size: int = 128  # S: output cube side in voxels (seed 6.2: 128^3)
     modalities: tuple[str, ...] = MODALITIES  # channel order (seed 3.2: T1, T1ce, T2, FLAIR)
@@ -66,10 +69,64 @@ class PreprocessConfig:
     normalization: str = "zscore-brain"  # per patient, per modality, over brain voxels
     version: int = PREPROCESS_VERSION
 
-    def to_dict(self) -> dict:
+    def to_contract(self) -> dict:
+        """Plain JSON values; also part of every cached volume's fingerprint, so unchanged keys
+        and values keep existing caches valid."""
         d = asdict(self)
         d["modalities"] = list(self.modalities)
         return d
+
+    @staticmethod
+    def _read(contract: dict) -> dict:
+        # Models exported before the contract had one home store `preprocess_version` (and an
+        # `input` note, ignored here).
+        d = dict(contract)
+        if "version" not in d and "preprocess_version" in d:
+            d["version"] = d["preprocess_version"]
+        return d
+
+    @classmethod
+    def from_contract(cls, contract: dict, source: str | Path) -> PreprocessConfig:
+        """The config a stored contract asks for; refuses (naming `source`) what this code cannot
+        reproduce exactly rather than approximating it."""
+        if not isinstance(contract, dict):
+            raise BratsError(
+                f"{source}: unknown preprocessing contract (a {type(contract).__name__}, not a mapping): "
+                "use the brats version that wrote it"
+            )
+        d = contract
+        problems = []
+        # A version under either name (see _read) that this code does not implement is refused.
+        claimed = [d[k] for k in ("version", "preprocess_version") if k in d] or [None]
+        unknown = [v for v in claimed if v != PREPROCESS_VERSION]
+        if unknown:
+            problems.append(f"preprocessing version {unknown[0]} (this code implements {PREPROCESS_VERSION})")
+        if d.get("orientation") != ORIENTATION:
+            problems.append(f"orientation {d.get('orientation')}")
+        if d.get("normalization") != cls.normalization:
+            problems.append(f"normalisation {d.get('normalization')}")
+        raw = d.get("modalities")
+        mods = tuple(raw) if isinstance(raw, list | tuple) else (raw,)
+        if not mods or len(set(mods)) != len(mods) or any(m not in MODALITIES for m in mods):
+            problems.append(f"modalities {mods}")
+        size = d.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            problems.append(f"size {size!r}")
+        if problems:
+            raise BratsError(
+                f"{source}: unknown preprocessing contract ({'; '.join(problems)}): "
+                "use the brats version that wrote it"
+            )
+        return cls(size=size, modalities=mods)
+
+    @classmethod
+    def differences(cls, a: dict, b: dict) -> list[tuple[str, object, object]]:
+        """(setting, value in a, value in b) for each setting on which two stored contracts
+        differ. Channels aside: a model reads a subset of a cache's channels, each preprocessed
+        on its own."""
+        a, b = cls._read(a), cls._read(b)
+        names = [f.name for f in fields(cls) if f.name != "modalities"]
+        return [(n, a.get(n), b.get(n)) for n in names if a.get(n) != b.get(n)]
 
 
 class UnusableFile(Exception):
