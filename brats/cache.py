@@ -373,6 +373,31 @@ def prepare(
             index_problem = f"{out / INDEX} {e}"
     known_crc = {(e["patient_id"], e["file"]): e.get("crc32") for e in (old_index or {}).get("patients", [])}
 
+    entries, jobs, reused, repaired = _plan(cases, cfg, vol_dir, known_crc)
+    failed = [str(e) for e in known_failures]
+    written = _run_jobs(jobs, cfg, workers, progress, entries, failed)
+
+    failed_ids = {line.split(":", 1)[0] for line in failed}
+    index_written = False
+    if not failed or skip_bad:
+        index = {
+            "preprocess": cfg.to_contract(),
+            "source": source,
+            "patients": [e for pid, e in entries.items() if pid not in failed_ids],
+            "skipped": sorted(failed),
+        }
+        if old_index != index:
+            write_json_atomic(out / INDEX, index)
+            index_written = True
+    return PrepareResult(
+        sorted(written), sorted(reused), sorted(failed), index_written, repaired, index_problem
+    )
+
+
+def _plan(
+    cases: list[Case], cfg: PreprocessConfig, vol_dir: Path, known_crc: dict
+) -> tuple[dict[str, dict], list[tuple[Case, Path]], list[str], list[str]]:
+    """Index entries of every case, and which volumes must be (re)made: missing or broken ones."""
     shape = (len(cfg.modalities), cfg.size, cfg.size, cfg.size)
     entries: dict[str, dict] = {}
     jobs, reused, repaired = [], [], []
@@ -397,9 +422,20 @@ def prepare(
         except _Broken as e:
             repaired.append(f"{case.patient_id}: cached volume {target} {e}; preprocessed again")
             jobs.append((case, target))
+    return entries, jobs, reused, repaired
 
-    failed = [str(e) for e in known_failures]
-    written = []
+
+def _run_jobs(
+    jobs: list[tuple[Case, Path]],
+    cfg: PreprocessConfig,
+    workers: int | None,
+    progress: bool,
+    entries: dict[str, dict],
+    failed: list[str],
+) -> list[str]:
+    """Preprocess `jobs` (in worker processes when there are several); records checksums in
+    `entries` and error lines in `failed`; returns the patients written."""
+    written: list[str] = []
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     bar = tqdm(total=len(jobs), desc="prepare", unit="patient", disable=not progress or not jobs)
 
@@ -426,22 +462,7 @@ def prepare(
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     bar.close()
-
-    failed_ids = {line.split(":", 1)[0] for line in failed}
-    index_written = False
-    if not failed or skip_bad:
-        index = {
-            "preprocess": cfg.to_contract(),
-            "source": source,
-            "patients": [e for pid, e in entries.items() if pid not in failed_ids],
-            "skipped": sorted(failed),
-        }
-        if old_index != index:
-            write_json_atomic(out / INDEX, index)
-            index_written = True
-    return PrepareResult(
-        sorted(written), sorted(reused), sorted(failed), index_written, repaired, index_problem
-    )
+    return written
 
 
 @dataclass(frozen=True)

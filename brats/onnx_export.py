@@ -238,6 +238,39 @@ def export(
     else:  # the fold whose re-scored validation AUC is best
         folds = [max(evaluated.values(), key=lambda r: (r["rescored_val_auc"], -r["fold"]))["fold"]]
 
+    models, sources = load_sources(run, folds, run_cfg, trust, evaluated)
+    # Parity inputs: three real preprocessed patients from the cache, which must be preprocessed
+    # as the checkpoints were (the graph is traced at its size).
+    cached = open_data(data or run_cfg["data"], run_cfg["size"])
+    for s in sources:
+        check_preprocessing(cached, s["preprocess"], Path(s["checkpoint"]))
+    modalities = sources[0]["config"]["modalities"]
+    contract = PreprocessConfig.from_contract(
+        {**sources[0]["preprocess"], "modalities": list(modalities)}, sources[0]["checkpoint"]
+    ).to_contract()
+    provenance = make_provenance(run, sources, summary)
+    wrapper = Exported(models).eval()
+    channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
+    inputs = np.stack([np.asarray(v[channels], dtype=np.float32) for v in cached.volumes[:3]])
+    card = {
+        "model": out.name,
+        "contract": contract,
+        **provenance,
+        "exporter": exporter,
+        "opset": OPSET[exporter],
+    }
+    worst = write_onnx(
+        wrapper, inputs, out, {CONTRACT_KEY: contract, PROVENANCE_KEY: provenance}, exporter, card=card
+    )
+    log.info(f"wrote {out} (parity max |dp| {worst:.1e}) and {RunPaths.card(out)}")
+    return out
+
+
+def load_sources(
+    run: Path, folds: list[int], run_cfg: dict, trust: bool, evaluated: dict[int, dict]
+) -> tuple[list[nn.Module], list[dict]]:
+    """The folds' models by the policy and where each came from; they must agree on channels
+    and preprocessing to be exported together."""
     models, sources = [], []
     for k in folds:
         model, info = load_fold(run, k, run_cfg, trust)
@@ -255,20 +288,16 @@ def export(
             f"{run}: the folds disagree on channels or preprocessing (or a checkpoint lacks it): "
             "cannot export them together"
         )
-    # Parity inputs: three real preprocessed patients from the cache, which must be preprocessed
-    # as the checkpoints were (the graph is traced at its size).
-    cached = open_data(data or run_cfg["data"], run_cfg["size"])
-    for s in sources:
-        check_preprocessing(cached, s["preprocess"], Path(s["checkpoint"]))
-    modalities = sources[0]["config"]["modalities"]
-    contract = PreprocessConfig.from_contract(
-        {**sources[0]["preprocess"], "modalities": list(modalities)}, sources[0]["checkpoint"]
-    ).to_contract()
-    provenance = {
+    return models, sources
+
+
+def make_provenance(run: Path, sources: list[dict], summary: dict) -> dict:
+    """What the exported model is and where it came from (ONNX metadata and model card)."""
+    return {
         "classes": list(CLASSES),
         "input": "float32 (B, C, S, S, S), channels in the contract's `modalities` order",
         "outputs": {"probabilities": "(B, 2) [p_LGG, p_HGG]", "logits": "(B, 2)"},
-        "ensemble": len(models) > 1,
+        "ensemble": len(sources) > 1,
         "sources": [{k: v for k, v in s.items() if k not in ("preprocess", "config")} for s in sources],
         "architecture": {k: sources[0]["config"][k] for k in ("depth", "layout", "dropout")},
         "cv_summary": {
@@ -278,19 +307,3 @@ def export(
         },
         "run": str(run),
     }
-
-    wrapper = Exported(models).eval()
-    channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
-    inputs = np.stack([np.asarray(v[channels], dtype=np.float32) for v in cached.volumes[:3]])
-    card = {
-        "model": out.name,
-        "contract": contract,
-        **provenance,
-        "exporter": exporter,
-        "opset": OPSET[exporter],
-    }
-    worst = write_onnx(
-        wrapper, inputs, out, {CONTRACT_KEY: contract, PROVENANCE_KEY: provenance}, exporter, card=card
-    )
-    log.info(f"wrote {out} (parity max |dp| {worst:.1e}) and {RunPaths.card(out)}")
-    return out
