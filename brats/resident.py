@@ -94,7 +94,8 @@ class ResidentVolumes(Dataset):
             return self.volumes.index_select(0, idx.to(self.volumes.device)).float(), y.to(
                 self.volumes.device
             )
-        return self.volumes.index_select(0, idx), y
+        x = self.volumes.index_select(0, idx)
+        return (x, y) if self.pin else (x.float(), y)  # pinned: copied as float16, cast on the GPU
 
 
 def resident_loader(

@@ -30,7 +30,7 @@ def predict(
     for x, y in loader:
         if accelerator is None:
             x, y = x.to(device), y.to(device)
-        out = model(x).float()
+        out = model(x.float()).float()  # resident host batches arrive as float16
         if accelerator is not None:
             out, y = accelerator.gather_for_metrics((out, y))
         logits.append(out.cpu())
