@@ -258,7 +258,7 @@ class TrainParts:
     def stateful(self) -> dict[str, Stateful]:
         """The resume state, under the names state.pt has always used for them."""
         objects: dict[str, Stateful] = {
-            "model_state_dict": self.accelerator.unwrap_model(self.model),
+            "model_state_dict": self.plain_module(self.accelerator, self.model),
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
             "fold_state": self.state,
@@ -270,6 +270,11 @@ class TrainParts:
         if self.ema is not None:
             objects["ema_state_dict"] = self.ema
         return objects
+
+
+def plain_module(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The plain ResNet3D under DDP and torch.compile wrappers: what is saved, averaged, exported."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def train_fold(cfg: TrainConfig) -> dict:
@@ -339,7 +344,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> TrainParts:
     scheduler = LambdaLR(
         optimizer.optimizer, warmup_cosine(round(cfg.warmup * updates_per_epoch), total_updates)
     )
-    ema = ModelEma(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = ModelEma(plain_module(accelerator, model), cfg.ema_decay) if cfg.ema_decay > 0 else None
     keepers = {"best": BestKeeper(paths.best(cfg.fold), False, f"fold {cfg.fold}")}
     if ema is not None:
         keepers["best_ema"] = BestKeeper(paths.best(cfg.fold, ema=True), True, f"fold {cfg.fold} EMA")
@@ -415,7 +420,7 @@ def run_epoch(parts: TrainParts, epoch: int) -> None:
     # (keeper, weights, metrics, p_hgg) for the raw model and, with EMA, for the EMA copy
     logits, val_labels = predict(parts.model, parts.data.val_loader, accelerator)
     val, p_hgg = score(logits, val_labels)
-    judged = [(parts.keepers["best"], accelerator.unwrap_model(parts.model), val, p_hgg)]
+    judged = [(parts.keepers["best"], plain_module(accelerator, parts.model), val, p_hgg)]
     row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"]}
     row.update({f"val_{m}": val[m] for m in METRICS})
     row["lr"] = parts.optimizer.param_groups[0]["lr"]
@@ -502,7 +507,7 @@ def train_epoch(parts: TrainParts, epoch: int) -> tuple[float, float]:
                 parts.scheduler.step()
             parts.optimizer.zero_grad(set_to_none=True)
         if updated and parts.ema is not None:
-            parts.ema.update(accelerator.unwrap_model(model))
+            parts.ema.update(plain_module(accelerator, model))
         if timer is not None:
             timer.step()
         total += loss.detach()
