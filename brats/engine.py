@@ -258,7 +258,7 @@ class TrainParts:
     def stateful(self) -> dict[str, Stateful]:
         """The resume state, under the names state.pt has always used for them."""
         objects: dict[str, Stateful] = {
-            "model_state_dict": self.plain_module(self.accelerator, self.model),
+            "model_state_dict": plain_module(self.accelerator, self.model),
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
             "fold_state": self.state,
