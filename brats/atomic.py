@@ -104,7 +104,8 @@ def write_csv_atomic(path: str | Path, rows: list[dict], fieldnames: list[str] |
     write_text_atomic(path, buf.getvalue())
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -126,7 +127,7 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
         return removed
     for tmp in folder.glob(f"{TMP_PREFIX}*{TMP_SUFFIX}"):
         pid = tmp.name[len(TMP_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue
         try:
             if tmp.is_dir():

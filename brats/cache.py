@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from brats.atomic import check_output_dir, remove_stale_temps, write_atomic, write_json_atomic
+from brats.atomic import check_output_dir, pid_alive, remove_stale_temps, write_atomic, write_json_atomic
 from brats.cohort import Case, check_trainable
 from brats.errors import BratsError, CaseError
 from brats.preprocess import ZLIB_MODULE, PreprocessConfig, preprocess_case
@@ -220,16 +220,6 @@ def _arm_parent_death_signal() -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(PARENT_POLL_S)
@@ -241,7 +231,7 @@ def _die_with_parent(main_pid: int) -> None:
     queue never sees the parent go (it holds the queue's other end itself) and would live on."""
     parent = os.getppid()  # `main_pid` itself, or the fork server the pool starts workers from
     armed = _arm_parent_death_signal()
-    if os.getppid() != parent or (parent != main_pid and not _pid_alive(main_pid)):
+    if os.getppid() != parent or (parent != main_pid and not pid_alive(main_pid)):
         os._exit(1)  # the parent died before the signal was armed
     if not armed:
         threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
