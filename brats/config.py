@@ -155,7 +155,8 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.patience >= 1, f"--patience {cfg.patience}: at least 1")
     check(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: at least 1")
     check(cfg.grad_accum >= 1, f"--grad-accum {cfg.grad_accum}: at least 1")
-    check(cfg.lr > 0, f"--lr {cfg.lr}: must be > 0")
+    # above ~1e38 Adam's float32 state overflows with a traceback; NaN and inf fail here too
+    check(0 < cfg.lr <= 1e30, f"--lr {cfg.lr}: must be > 0 and at most 1e30 (the seed uses 1e-4)")
     check(cfg.classifier_lr_mult > 0, f"--classifier-lr-mult {cfg.classifier_lr_mult}: must be > 0")
     check(cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: must be >= 0")
     check(cfg.warmup_epochs >= 0, f"--warmup-epochs {cfg.warmup_epochs}: must be >= 0")
