@@ -237,3 +237,9 @@ def test_ema_follows_only_real_optimizer_updates(tmp_path, monkeypatch, fresh_ac
     engine.train_epoch(parts, 2)
     assert scheduler.last_epoch == 2
     assert not torch.equal(before["fc.weight"], ema.state_dict()["fc.weight"])
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 1e38, 0.0])
+def test_learning_rates_that_cannot_train_are_refused_up_front(lr):
+    with pytest.raises(BratsError, match="--lr"):
+        make_config(data="cache", lr=lr)
