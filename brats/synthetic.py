@@ -163,6 +163,14 @@ def make_patient(seed: int, index: int, hgg: bool, shape_xyz: tuple[int, int, in
         tissue[1][ring] += look.enhancement * profile
 
     bias = 1.0 + 0.08 * smooth_field(rng, (dz, dy, dx), 3, 1.5)
+    return render(rng, tissue, brain, bias)
+
+
+def render(
+    rng: np.random.Generator, tissue: np.ndarray, brain: np.ndarray, bias: np.ndarray
+) -> list[np.ndarray]:
+    """Tissue intensities (4, z, y, x) -> four int16 scans: per-scan gain, contrast and noise,
+    a shared bias field, background exactly 0 (skull-stripped)."""
     volumes = []
     for c in range(4):
         gain = rng.uniform(500, 1400)
@@ -171,7 +179,7 @@ def make_patient(seed: int, index: int, hgg: bool, shape_xyz: tuple[int, int, in
         img = (tissue[c] ** contrast) * bias
         img += rng.normal(0.0, noise_sd, img.shape).astype(np.float32) * brain
         img = np.clip(img * gain, 1, 32000)
-        img[~brain] = 0  # skull-stripped: background exactly 0
+        img[~brain] = 0
         volumes.append(img.astype(np.int16))
     return volumes
 
