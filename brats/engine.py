@@ -217,14 +217,14 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> Fo
         val_ds = CachedVolumes(cached, val_idx, cfg.modalities)
         val_loader = DataLoader(val_ds, val_batch, shuffle=False, num_workers=cfg.workers, pin_memory=pin)
     else:
-        # Train patients first, then val ones: the sampler's positions index the train part as is.
+        # One tensor for the fold, train patients first; each loader sees its part as a view.
         device = accelerator.device if where == "cuda" else torch.device("cpu")
         resident = ResidentVolumes(
             cached, train_idx + val_idx, cfg.modalities, device, pin=accelerator.device.type == "cuda"
         )
-        train_loader = resident_loader(resident, cfg.batch_size, sampler, drop_last)
-        val_positions = list(range(len(train_idx), len(train_idx) + len(val_idx)))
-        val_loader = resident_loader(resident, val_batch, val_positions)
+        n = len(train_idx)
+        train_loader = resident_loader(resident.part(0, n), cfg.batch_size, sampler, drop_last)
+        val_loader = resident_loader(resident.part(n, len(resident)), val_batch)
     recorded = {
         "splits_fingerprint": splits.fingerprint,
         "protocol": protocol(splits.inner_val),

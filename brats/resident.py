@@ -15,6 +15,7 @@ metrics for the same seed.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -79,6 +80,12 @@ class ResidentVolumes(Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def part(self, start: int, stop: int) -> ResidentVolumes:
+        """Patients [start, stop) as their own dataset: views of the same tensor, no copy."""
+        view = copy.copy(self)
+        view.volumes, view.labels = self.volumes[start:stop], self.labels[start:stop]
+        return view
 
     def __getitem__(self, i: int) -> int:
         return i
