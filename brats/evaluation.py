@@ -349,7 +349,8 @@ def evaluate_run(
     ]
     with staged(out) as stage:
         for r in results:
-            save_plots(stage / f"fold_{r.fold}", r.labels, r.p_hgg, title=f"fold {r.fold} epoch {r.epoch}")
+            title = f"fold {r.fold} epoch {r.epoch}"
+            save_plots(stage / RunPaths.fold_name(r.fold), r.labels, r.p_hgg, title=title)
         roc_all_folds(results, stage / "roc_all_folds.png")
         with open(stage / paths.predictions.name, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["patient_id", "fold", "label", "p_hgg"])
@@ -372,7 +373,7 @@ def check_outputs(paths: RunPaths, folds: list[int]) -> Path:
         if f.is_dir():
             raise BratsError(f"{f} is a folder, where the evaluation writes a file: move it away")
     for k in folds:
-        if (out / f"fold_{k}").exists() and not (out / f"fold_{k}").is_dir():
+        if (out / RunPaths.fold_name(k)).exists() and not (out / RunPaths.fold_name(k)).is_dir():
             raise BratsError(
                 f"{out / f'fold_{k}'} is a file, where the evaluation writes plots: move it away"
             )
