@@ -90,10 +90,6 @@ class ResidentVolumes(Dataset):
     def __getitem__(self, i: int) -> int:
         return i
 
-    @property
-    def nbytes(self) -> int:
-        return self.volumes.numel() * self.volumes.element_size()
-
     def collate(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(positions, dtype=torch.int64)
         y = self.labels[idx]
