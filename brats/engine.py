@@ -92,10 +92,23 @@ class FoldState:
     """How far the fold got; saved in state.pt (the best AUCs belong to the keepers)."""
 
     epoch: int = 0  # completed epochs (1-based numbering of the last one)
-    bad_epochs: int = 0  # epochs since the last new best (raw or EMA)
+    bad_epochs: int = 0  # epochs since the last new best of the checkpoint the policy evaluates
     finished: bool = False
     stop_reason: str = ""
     history: list[dict] = field(default_factory=list)  # metrics.csv rows
+
+    def record(self, epoch: int, row: dict, improved: bool, cfg: TrainConfig, ema: bool) -> None:
+        """Epoch `epoch` is done: `improved` says whether the checkpoint the policy evaluates
+        (EMA's when `ema`) reached a new best. Decides early stopping and --max-epochs."""
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        self.epoch = epoch
+        self.history.append(row)
+        if epoch >= cfg.min_epochs and self.bad_epochs >= cfg.patience:
+            self.finished = True
+            kind = "EMA val AUC" if ema else "val AUC"
+            self.stop_reason = f"early stop: no new best {kind} for {cfg.patience} epochs"
+        elif epoch == cfg.max_epochs:
+            self.finished, self.stop_reason = True, f"reached --max-epochs {cfg.max_epochs}"
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -272,6 +285,13 @@ class TrainParts:
         return objects
 
 
+def policy_keeper(keepers: dict[str, BestKeeper]) -> BestKeeper:
+    """The keeper of the checkpoint the selection policy evaluates (best_ema.pt when EMA is on,
+    else best.pt): patience counts its improvements only, so that training does not go on for
+    epochs in which only the other model improved, nor stop while the evaluated one still does."""
+    return keepers.get("best_ema") or keepers["best"]
+
+
 def plain_module(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """The plain ResNet3D under DDP and torch.compile wrappers: what is saved, averaged, exported."""
     return accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -434,14 +454,8 @@ def run_epoch(parts: TrainParts, epoch: int) -> None:
     row["seconds"] = round(time.perf_counter() - t0, 3)
 
     improved = [(k, w, m, p) for k, w, m, p in judged if k.consider(m["auc"], epoch)]
-    state.bad_epochs = 0 if improved else state.bad_epochs + 1
-    state.epoch = epoch
-    state.history.append(row)
-    if epoch >= cfg.min_epochs and state.bad_epochs >= cfg.patience:
-        state.finished = True
-        state.stop_reason = f"early stop: no new best val AUC for {cfg.patience} epochs"
-    elif epoch == cfg.max_epochs:
-        state.finished, state.stop_reason = True, f"reached --max-epochs {cfg.max_epochs}"
+    judge = policy_keeper(parts.keepers)
+    state.record(epoch, row, any(k is judge for k, *_ in improved), cfg, judge.is_ema)
 
     if accelerator.is_main_process:
         for keeper, weights, metrics, p in improved:

@@ -243,3 +243,28 @@ def test_ema_follows_only_real_optimizer_updates(tmp_path, monkeypatch, fresh_ac
 def test_learning_rates_that_cannot_train_are_refused_up_front(lr):
     with pytest.raises(BratsError, match="--lr"):
         make_config(data="cache", lr=lr)
+
+
+def test_with_ema_patience_counts_only_the_evaluated_checkpoint(tmp_path):
+    """Raw weights improving every epoch must not keep a run going whose EMA checkpoint (the one
+    evaluated) stopped improving after epoch 2; without EMA the raw checkpoint is the judge."""
+    from brats.checkpoint import BestKeeper
+    from brats.engine import FoldState, policy_keeper
+
+    cfg = make_config(data="x", min_epochs=3, patience=2, max_epochs=20, ema_decay=0.9)
+    keepers = {
+        "best": BestKeeper(tmp_path / "best.pt", False, "raw"),
+        "best_ema": BestKeeper(tmp_path / "best_ema.pt", True, "ema"),
+    }
+    judge = policy_keeper(keepers)
+    assert judge is keepers["best_ema"]
+    state = FoldState()
+    for epoch in range(1, 21):
+        raw_auc, ema_auc = 0.5 + epoch / 100, min(0.6 + epoch / 100, 0.62)  # EMA flat after epoch 2
+        improved = [k for k, auc in ((keepers["best"], raw_auc), (judge, ema_auc)) if k.consider(auc, epoch)]
+        state.record(epoch, {"epoch": epoch}, judge in improved, cfg, judge.is_ema)
+        if state.finished:
+            break
+    assert state.epoch == 4 and state.stop_reason == "early stop: no new best EMA val AUC for 2 epochs"
+    assert keepers["best"].best_epoch == 4 and keepers["best_ema"].best_epoch == 2
+    assert policy_keeper({"best": keepers["best"]}) is keepers["best"]
