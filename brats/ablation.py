@@ -2,8 +2,9 @@
 
     python -m brats.ablation RUN_BEFORE RUN_AFTER [--out ablation.md]
 
-Per fold: AUC, F1, accuracy of each run; mean +- sample std; and the stability figures of seed
-5.1 from each fold's metrics.csv: std of val AUC over epochs, min/max training loss, epochs run.
+Per fold: AUC, macro F1 (the seed's F1), accuracy of each run; mean +- sample std; and the
+stability figures of seed 5.1 from each fold's metrics.csv: std of val AUC over epochs, min/max
+training loss, epochs run.
 """
 
 from __future__ import annotations
@@ -85,19 +86,21 @@ def ablation_markdown(before: Path, after: Path) -> str:
         f"- before: `{before}` (policy {runs['before']['config']['policy']})",
         f"- after: `{after}` (policy {runs['after']['config']['policy']})",
         "",
-        "| Fold | AUC before | AUC after | F1 before | F1 after | Acc. before | Acc. after |",
-        "|------|-----------|-----------|-----------|----------|-------------|------------|",
+        "| Fold | AUC before | AUC after | F1 (macro) before | F1 (macro) after | Acc. before | Acc. after |",
+        "|------|-----------|-----------|-------------------|------------------|-------------|------------|",
     ]
     fa = {r["fold"]: r for r in runs["before"]["summary"]["folds"]}
     fb = {r["fold"]: r for r in runs["after"]["summary"]["folds"]}
     for k in sorted(set(fa) & set(fb)):
         a, b = fa[k], fb[k]
         lines.append(
-            f"| {k} | {a['auc']:.4f} | {b['auc']:.4f} | {a['f1']:.4f} | {b['f1']:.4f} | "
+            f"| {k} | {a['auc']:.4f} | {b['auc']:.4f} | {a['macro_f1']:.4f} | {b['macro_f1']:.4f} | "
             f"{a['accuracy']:.4f} | {b['accuracy']:.4f} |"
         )
     ma, mb = runs["before"]["summary"]["mean_std"], runs["after"]["summary"]["mean_std"]
-    cells = [f"{m[k]['mean']:.4f} +- {m[k]['std']:.4f}" for k in ("auc", "f1", "accuracy") for m in (ma, mb)]
+    cells = [
+        f"{m[k]['mean']:.4f} +- {m[k]['std']:.4f}" for k in ("auc", "macro_f1", "accuracy") for m in (ma, mb)
+    ]
     lines.append("| mean +- std | " + " | ".join(cells) + " |")
     pooled = [runs[r]["summary"]["pooled"].get("auc", float("nan")) for r in ("before", "after")]
     lines += ["", f"Pooled out-of-fold AUC: before {pooled[0]:.4f}, after {pooled[1]:.4f}."]

@@ -265,45 +265,56 @@ def summarize_folds(results: list[FoldResult], inner_val: float, seed: int = 0) 
     }
 
 
+TABLE_1 = (  # (summary key, column name): the seed's Table 1 columns first; its F1 is macro-F1
+    ("auc", "AUC"),
+    ("macro_f1", "F1 (macro)"),
+    ("f1", "F1 (HGG)"),
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced acc."),
+)
+
+
 def report_markdown(summary: dict, run: Path) -> str:
-    lines = [f"# Cross-validation report: {run}", "", f"Protocol: {summary['protocol']}.", ""]
-    lines += [
-        "| Fold | Best Epoch | Checkpoint | AUC | F1-score | Accuracy | Balanced acc. | Stored val AUC |",
-        "|------|-----------|------------|-----|----------|----------|---------------|----------------|",
-    ]
-    for r in summary["folds"]:
-        lines.append(
-            f"| {r['fold']} | {r['best_epoch']} | {r['checkpoint']} | {r['auc']:.4f} | {r['f1']:.4f} | "
-            f"{r['accuracy']:.4f} | {r['balanced_accuracy']:.4f} | {r['stored_val_auc']:.4f} |"
-        )
-    ms = summary["mean_std"]
-    lines += ["", "Mean +- sample std (ddof=1) across folds:", ""]
-    for m, name in (
-        ("auc", "AUC"),
-        ("f1", "F1-score"),
-        ("accuracy", "Accuracy"),
-        ("balanced_accuracy", "Balanced accuracy"),
-    ):
-        lines.append(f"- **{name}**: {ms[m]['mean']:.4f} +- {ms[m]['std']:.4f}")
+    """RUN/evaluation/report.md: what deserves trust first (the pooled out-of-fold AUC and the
+    protocol that produced it), then Table 1 and its mean +- std, then the decision figures."""
     pooled = summary["pooled"]
-    lines.append("")
+    lines = [f"# Cross-validation report: {run}", ""]
     if "auc" in pooled:
         lo, hi = pooled["auc_ci95"]
         lines.append(
-            f"Pooled out-of-fold AUC over {pooled['n']} patients: {pooled['auc']:.4f} "
-            f"(bootstrap 95% CI {lo:.4f}-{hi:.4f})."
+            f"**Pooled out-of-fold AUC: {pooled['auc']:.4f}** (bootstrap 95% CI {lo:.4f}-{hi:.4f}, "
+            f"{pooled['n']} patients: {pooled['hgg']} HGG, {pooled['lgg']} LGG)."
         )
-    lines.append(
-        f"Majority-class accuracy (always {'HGG' if pooled['hgg'] >= pooled['lgg'] else 'LGG'}): "
-        f"{pooled['majority_class_accuracy']:.4f} "
-        f"({pooled['hgg']} HGG, {pooled['lgg']} LGG)."
-    )
+    lines += ["", f"Protocol: {summary['protocol']}."]
     if summary["optimistic"]:
         lines += [
             "",
             "Note: each fold's epoch was chosen on the same validation fold that is scored here, so these "
             "numbers are optimistic. Train with `--inner-val 0.15` for an unbiased estimate.",
         ]
+    cols = [name for _, name in TABLE_1]
+    lines += [
+        "",
+        "| Fold | Best Epoch | Checkpoint | " + " | ".join(cols) + " | Stored val AUC |",
+        "|" + "|".join("---" for _ in range(len(cols) + 4)) + "|",
+    ]
+    for r in summary["folds"]:
+        cells = " | ".join(f"{r[key]:.4f}" for key, _ in TABLE_1)
+        lines.append(
+            f"| {r['fold']} | {r['best_epoch']} | {r['checkpoint']} | {cells} | {r['stored_val_auc']:.4f} |"
+        )
+    ms = summary["mean_std"]
+    lines += ["", "Mean +- sample std (ddof=1) across folds:", ""]
+    for key, name in TABLE_1:
+        lines.append(f"- **{name}**: {ms[key]['mean']:.4f} +- {ms[key]['std']:.4f}")
+    lines += [
+        "",
+        "F1 (macro) is the mean of the HGG and LGG F1 scores (the seed's Table 1 F1); F1 (HGG) is the "
+        "F1 of the HGG class alone, which the HGG majority keeps high.",
+        "",
+        f"Majority-class accuracy (always {'HGG' if pooled['hgg'] >= pooled['lgg'] else 'LGG'}): "
+        f"{pooled['majority_class_accuracy']:.4f}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
