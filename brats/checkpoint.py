@@ -53,6 +53,8 @@ class Checkpoint:
     val_patients: list[str] = field(default_factory=list)  # patients that chose the epoch
     preprocess: dict[str, Any] | None = None  # the cache's preprocessing settings
     brats_version: str | None = None  # brats version that wrote the file
+    mixed_precision: str | None = None  # forward precision of the validation ("no", "bf16", "fp16")
+    val_probabilities: dict[str, float] = field(default_factory=dict)  # p(HGG) per val patient
 
     @property
     def val_auc(self) -> float:

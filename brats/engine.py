@@ -186,6 +186,7 @@ class FoldData:
     sample_gen: torch.Generator  # drives the training sampler; reseeded per epoch
     class_counts: list[int]  # training patients per class (LGG, HGG)
     checkpoint_fields: dict[str, Any]  # splits fingerprint, protocol, val patients, preprocessing
+    val_ids: list[str]  # the validation patients in the validation loader's order
 
 
 def load_data(cfg: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> FoldData:
@@ -244,7 +245,8 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> Fo
         "val_patients": fold.val,
         "preprocess": cached.preprocess,
     }
-    return FoldData(train_loader, val_loader, sample_gen, class_counts, recorded)
+    val_ids = [cached.patient_ids[i] for i in val_idx]
+    return FoldData(train_loader, val_loader, sample_gen, class_counts, recorded, val_ids)
 
 
 @dataclass
@@ -437,8 +439,10 @@ def run_epoch(parts: TrainParts, epoch: int) -> None:
     drw = apply_drw(parts.criterion, cfg, epoch, parts.data.class_counts)
     train_loss, samples_per_s = train_epoch(parts, epoch)
 
-    # (keeper, weights, metrics, p_hgg) for the raw model and, with EMA, for the EMA copy
-    logits, val_labels = predict(parts.model, parts.data.val_loader, accelerator)
+    # (keeper, weights, metrics, p_hgg) for the raw model and, with EMA, for the EMA copy, both
+    # scored under the training precision (what the checkpoints record)
+    precision = accelerator.mixed_precision
+    logits, val_labels = predict(parts.model, parts.data.val_loader, accelerator, precision)
     val, p_hgg = score(logits, val_labels)
     judged = [(parts.keepers["best"], plain_module(accelerator, parts.model), val, p_hgg)]
     row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"]}
@@ -448,7 +452,8 @@ def run_epoch(parts: TrainParts, epoch: int) -> None:
     row["drw"] = int(drw)
     row["train_samples_per_s"] = round(samples_per_s, 2)
     if parts.ema is not None:
-        ema_val, ema_p = score(predict(parts.ema.module, parts.data.val_loader, accelerator)[0], val_labels)
+        ema_logits = predict(parts.ema.module, parts.data.val_loader, accelerator, precision)[0]
+        ema_val, ema_p = score(ema_logits, val_labels)
         row.update({f"ema_val_{m}": ema_val[m] for m in ("auc", "f1", "accuracy")})
         judged.append((parts.keepers["best_ema"], parts.ema.module, ema_val, ema_p))
     row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -461,7 +466,8 @@ def run_epoch(parts: TrainParts, epoch: int) -> None:
         for keeper, weights, metrics, p in improved:
             ckpt = Checkpoint(
                 cpu_state_dict(weights), metrics, epoch, keeper.is_ema, cfg.to_dict(), cfg.fold,
-                **parts.data.checkpoint_fields, brats_version=__version__,
+                **parts.data.checkpoint_fields, brats_version=__version__, mixed_precision=precision,
+                val_probabilities=dict(zip(parts.data.val_ids, map(float, p), strict=True)),
             )  # fmt: skip
             keeper.save(ckpt, val_labels, p)
             kind = "EMA val AUC" if keeper.is_ema else "val AUC"

@@ -15,7 +15,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +40,13 @@ from brats.metrics import METRICS, bootstrap_auc_ci, mean_std, save_plots
 from brats.model import build_model
 from brats.preprocess import PreprocessConfig
 from brats.runs import RunPaths
-from brats.scoring import predict, score
+from brats.scoring import AUTOCAST, predict, score
 
 log = logging.getLogger(__name__)
 
 AUC_TOLERANCE = 0.01  # seed 3.5: warn when re-scored and stored AUC differ by more
+DP_TOLERANCE = 1e-3  # per-patient |p(HGG) stored - re-scored|, same precision
+DP_TOLERANCE_CROSS = 0.05  # ... trained in bf16/fp16, re-scored in fp32 (on a CPU)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class FoldResult:
     patient_ids: list[str]
     labels: np.ndarray
     p_hgg: np.ndarray
+    verification: dict = field(default_factory=dict)  # Verification.row()
 
 
 def run_config(run: Path) -> dict:
@@ -190,28 +193,111 @@ def evaluate_fold(
 
     fold = splits.fold(k, cached.patient_ids, cached.labels.tolist())
     modalities = tuple(model_config(ckpt, run_cfg)["modalities"])
+    precision = rescore_precision(ckpt.mixed_precision, device)
 
     def rescore(patients: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
         ds = CachedVolumes(cached, cached.indices(patients), modalities)
-        logits, y = predict(model, DataLoader(ds, batch_size=batch, shuffle=False))
+        logits, y = predict(model, DataLoader(ds, batch_size=batch, shuffle=False), precision=precision)
         metrics, p_hgg = score(logits, y)
         return metrics, y, p_hgg
 
     scored, y, p_hgg = rescore(fold.test)
-    chosen = scored if fold.val == fold.test else rescore(fold.val)[0]
-    diff = abs(chosen["auc"] - stored)
-    if not diff <= AUC_TOLERANCE:  # also when either is NaN
-        msg = (
-            f"fold {k}: re-scored val AUC {chosen['auc']:.4f} differs from the stored {stored:.4f} of {path}"
-        )
+    chosen, _, chosen_p = (scored, y, p_hgg) if fold.val == fold.test else rescore(fold.val)
+    check = verify(ckpt, dict(zip(fold.val, chosen_p)), chosen["auc"], precision)
+    msg = f"fold {k}: {check.text} ({path})"
+    if not check.ok:
         if strict:
             raise BratsError(msg + " (--strict)")
         log.warning(msg)
     else:
-        log.info(
-            f"fold {k}: re-scored val AUC {chosen['auc']:.6f} matches stored {stored:.6f} (|diff| {diff:.2e})"
+        log.info(msg)
+    return FoldResult(
+        k, str(path), is_ema, epoch, stored, chosen["auc"], scored, fold.test, y, p_hgg, check.row()
+    )
+
+
+def precision_name(precision: str | None) -> str:
+    """accelerate's mixed-precision value as read in a report: "no" is fp32."""
+    return "fp32" if precision == "no" else str(precision or "unknown")
+
+
+def rescore_precision(trained: str | None, device: torch.device) -> str:
+    """The forward precision of a re-score: the one training validated in when this device can
+    run it (mixed precision on a GPU), else fp32 ("no")."""
+    return trained if device.type == "cuda" and trained in AUTOCAST else "no"
+
+
+@dataclass(frozen=True)
+class Verification:
+    """A re-scored checkpoint against what it stored: its val AUC and, patient by patient, the
+    stored p(HGG) (checkpoints record both; older ones the AUC only)."""
+
+    stored_auc: float
+    rescored_auc: float
+    trained: str  # precision of the stored figures ("no" = fp32; "unknown" in older files)
+    rescored: str
+    max_abs_dp: float | None  # over the patients compared; None when none is stored
+    worst: str  # the patient with the largest |dp|
+    compared: int
+
+    @property
+    def tolerance(self) -> float:
+        """Same precision: the same computation up to kernel choice. fp32 against a mixed
+        precision: bf16 keeps 8 bits of mantissa, so probabilities move by up to a few 0.01."""
+        return DP_TOLERANCE if self.trained in (self.rescored, "unknown") else DP_TOLERANCE_CROSS
+
+    @property
+    def ok(self) -> bool:
+        auc_ok = abs(self.rescored_auc - self.stored_auc) <= AUC_TOLERANCE  # False for NaN
+        return auc_ok and (self.max_abs_dp is None or self.max_abs_dp <= self.tolerance)
+
+    @property
+    def text(self) -> str:
+        diff = abs(self.rescored_auc - self.stored_auc)
+        verb = "matches" if diff <= AUC_TOLERANCE else "differs from"
+        text = (
+            f"re-scored val AUC {self.rescored_auc:.6f} {verb} the stored {self.stored_auc:.6f} "
+            f"(|diff| {diff:.2e})"
         )
-    return FoldResult(k, str(path), is_ema, epoch, stored, chosen["auc"], scored, fold.test, y, p_hgg)
+        if self.max_abs_dp is not None:
+            text += (
+                f"; per patient max |dp| {self.max_abs_dp:.2e} over {self.compared} ({self.worst}), "
+                f"tolerance {self.tolerance:g}"
+            )
+        if self.trained != self.rescored and self.trained != "unknown":
+            text += (
+                f"; validated in {precision_name(self.trained)} during training, re-scored in "
+                f"{precision_name(self.rescored)}"
+            )
+            if self.rescored == "no":
+                text += " on the CPU (re-score on a GPU to compare like with like)"
+        return text
+
+    def row(self) -> dict:
+        return {
+            "validated_in": self.trained,
+            "rescored_in": self.rescored,
+            "max_abs_dp": self.max_abs_dp,
+            "patients_compared": self.compared,
+        }
+
+
+def verify(
+    ckpt: Checkpoint, rescored_p: dict[str, float], rescored_auc: float, precision: str
+) -> Verification:
+    """Compare a re-score with what `ckpt` stored (see `Verification`)."""
+    common = [p for p in rescored_p if p in ckpt.val_probabilities]
+    dps = {p: abs(float(rescored_p[p]) - float(ckpt.val_probabilities[p])) for p in common}
+    worst = max(dps, key=dps.__getitem__) if dps else ""
+    return Verification(
+        ckpt.val_auc,
+        rescored_auc,
+        ckpt.mixed_precision or "unknown",
+        precision,
+        dps[worst] if dps else None,
+        worst,
+        len(dps),
+    )
 
 
 def roc_all_folds(results: list[FoldResult], path: Path) -> None:
@@ -242,6 +328,7 @@ def summarize_folds(results: list[FoldResult], inner_val: float, seed: int = 0) 
             "is_ema": r.is_ema,
             "stored_val_auc": r.stored_auc,
             "rescored_val_auc": r.rescored_auc,
+            **r.verification,
             **{m: r.metrics[m] for m in METRICS},
             "n": len(r.labels),
         }
@@ -302,6 +389,18 @@ def report_markdown(summary: dict, run: Path) -> str:
         cells = " | ".join(f"{r[key]:.4f}" for key, _ in TABLE_1)
         lines.append(
             f"| {r['fold']} | {r['best_epoch']} | {r['checkpoint']} | {cells} | {r['stored_val_auc']:.4f} |"
+        )
+    lines += ["", "Verification (each checkpoint re-scored against what it stored):", ""]
+    for r in summary["folds"]:
+        dp = r.get("max_abs_dp")
+        per_patient = f", per-patient max |dp| {dp:.1e}" if dp is not None else ""
+        precisions = (
+            f" ({precision_name(r.get('validated_in'))} in training, "
+            f"{precision_name(r.get('rescored_in', 'no'))} here)"
+        )
+        lines.append(
+            f"- fold {r['fold']}: val AUC stored {r['stored_val_auc']:.4f}, re-scored "
+            f"{r['rescored_val_auc']:.4f}{per_patient}{precisions}"
         )
     ms = summary["mean_std"]
     lines += ["", "Mean +- sample std (ddof=1) across folds:", ""]

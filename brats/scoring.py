@@ -5,6 +5,8 @@ Nothing here trains, so evaluation and export import it without the training loo
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -13,12 +15,27 @@ from torch.utils.data import DataLoader
 
 from brats.metrics import classification_metrics
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # mixed-precision names -> dtypes
+
+
+def autocast(device: torch.device, precision: str | None) -> contextlib.AbstractContextManager:
+    """The forward-pass context of `precision` ("no", "bf16", "fp16") on `device`: the same
+    autocast for the trained and the EMA model, so that what a checkpoint stores is what a
+    re-score under the same precision reproduces. Mixed precision is a GPU setting; elsewhere fp32."""
+    if device.type == "cuda" and precision in AUTOCAST:
+        return torch.autocast("cuda", dtype=AUTOCAST[precision])
+    return contextlib.nullcontext()
+
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator | None = None
+    model: torch.nn.Module,
+    loader: DataLoader,
+    accelerator: Accelerator | None = None,
+    precision: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, 2) float32 and labels (N,) over a loader, in eval mode without gradients.
+    """Logits (N, 2) float32 and labels (N,) over a loader, in eval mode without gradients, the
+    forward pass under `precision` (see `autocast`).
 
     With an accelerator (prepared loader), batches are gathered from every process without the
     duplicates that even batches add; without one, batches go to the model's device.
@@ -30,7 +47,8 @@ def predict(
     for x, y in loader:
         if accelerator is None:
             x, y = x.to(device), y.to(device)
-        out = model(x.float()).float()  # resident host batches arrive as float16
+        with autocast(device, precision):
+            out = model(x.float()).float()  # resident host batches arrive as float16
         if accelerator is not None:
             out, y = accelerator.gather_for_metrics((out, y))
         logits.append(out.cpu())

@@ -48,6 +48,9 @@ def test_evaluate_reproduces_stored_auc_and_writes_everything(cv_copy):
     for row in summary["folds"]:
         assert row["checkpoint"] == BEST_EMA and row["is_ema"]
         assert abs(row["rescored_val_auc"] - row["stored_val_auc"]) <= 1e-6
+        # patient by patient, in the precision the checkpoint says it was validated in (fp32 here)
+        assert row["validated_in"] == row["rescored_in"] == "no"
+        assert row["patients_compared"] == row["n"] and row["max_abs_dp"] <= 1e-5
     # every number equals scikit-learn's computed from predictions.csv
     with open(out / "predictions.csv") as f:
         preds = list(csv.DictReader(f))
@@ -352,3 +355,42 @@ def test_seed_table_1_f1_is_macro_f1_and_the_report_reproduces_it():
     assert "- **Accuracy**: 0.7860 +- 0.0717" in report
     assert "| F1 (macro) | F1 (HGG) |" in report
     assert "| 0 | 18 | best_ema.pt | 0.8079 | 0.7077 |" in report
+
+
+def test_evaluate_compares_every_stored_patient_probability(cv_copy):
+    """A stored p(HGG) that the re-score does not reproduce is named, patient and size, even when
+    the AUC still agrees; --strict refuses it."""
+    path = cv_copy / "fold_1" / BEST_EMA
+    ckpt = torch.load(path, weights_only=True)
+    stored = ckpt["val_probabilities"]
+    assert len(stored) == 4 and ckpt["mixed_precision"] == "no"
+    patient = sorted(stored)[0]
+    stored[patient] = min(1.0, stored[patient] + 0.2) if stored[patient] < 0.5 else stored[patient] - 0.2
+    resave(ckpt, path)
+
+    def evaluate(*args: str) -> Result:
+        cmd = [sys.executable, str(ROOT / "evaluate.py"), "--run", str(cv_copy), "--folds", "1", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        return Result(r.returncode, r.stdout, r.stderr)
+
+    r = evaluate()
+    assert r.code == 0, r.err[-2000:]
+    assert f"per patient max |dp| 2.00e-01 over 4 ({patient}), tolerance 0.001" in r.err
+    r = evaluate("--strict")
+    assert one_line_error(r).endswith("(--strict)") and patient in one_line_error(r)
+
+
+def test_rescore_precision_and_cross_precision_tolerance():
+    from brats.evaluation import DP_TOLERANCE_CROSS, Verification, rescore_precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert rescore_precision("bf16", cuda) == "bf16" and rescore_precision("fp16", cuda) == "fp16"
+    assert rescore_precision("bf16", cpu) == "no" and rescore_precision(None, cuda) == "no"
+    # trained in bf16, re-scored in fp32 on a CPU: a few 0.01 per patient is expected, and said
+    v = Verification(0.90, 0.895, "bf16", "no", 0.03, "P7", 57)
+    assert v.ok and v.tolerance == DP_TOLERANCE_CROSS
+    assert "validated in bf16 during training, re-scored in fp32 on the CPU" in v.text
+    assert not Verification(0.90, 0.895, "no", "no", 0.03, "P7", 57).ok  # same precision: 1e-3
+    assert not Verification(0.90, 0.88, "bf16", "bf16", 0.0, "P7", 57).ok  # the AUC still counts
+    older = Verification(0.90, 0.90, "unknown", "no", None, "", 0)  # a file without probabilities
+    assert older.ok and "per patient" not in older.text
