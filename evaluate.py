@@ -1,10 +1,12 @@
 """Re-score every fold's best checkpoint by the explicit policy, verify it, write the CV report.
 
     python evaluate.py --run runs/cv [--folds 0,1] [--strict] [--trust-checkpoints]
+    python evaluate.py --run runs/cv --calibrate temperature --threshold youden
 
 Policy (seed 6.6): best_ema.pt if the run used EMA and it exists, else best.pt, else an error;
 never the resume state. Outputs in RUN/evaluation/: summary.json, report.md, predictions.csv,
-fold_K/*.png, roc_all_folds.png.
+fold_K/*.png, roc_all_folds.png, reliability.png. The calibration and threshold chosen on the
+pooled out-of-fold predictions go into summary.json, and export.py puts them in the model.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ def main(
     ] = False,
     data: Annotated[str | None, typer.Option(help="cache to score on [the run's --data]")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda [cuda when available]")] = None,
+    calibrate: Annotated[
+        str, typer.Option(help="fit p(HGG) on the out-of-fold predictions: none, temperature or platt")
+    ] = "none",
+    threshold: Annotated[
+        str, typer.Option(help="decision threshold: a probability, youden, or sensitivity:0.9")
+    ] = "0.5",
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -45,7 +53,16 @@ def main(
         raise BratsError(f"--folds {folds!r}: give fold numbers like 0,1,2") from e
     from brats.evaluation import evaluate_run
 
-    summary = evaluate_run(run, wanted, strict=strict, trust=trust_checkpoints, data=data, device=device)
+    summary = evaluate_run(
+        run,
+        wanted,
+        strict=strict,
+        trust=trust_checkpoints,
+        data=data,
+        device=device,
+        calibrate=calibrate,
+        threshold=threshold,
+    )
     paths = RunPaths(run)
     print(paths.report.read_text())
     print(f"wrote {paths.evaluation} ({len(summary['folds'])} folds)")

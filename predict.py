@@ -4,9 +4,11 @@
     python predict.py model.onnx --t1 a_t1.nii.gz --t1ce a_t1ce.nii.gz --t2 a_t2.nii.gz --flair a_flair.nii.gz
 
 Each INPUT is one patient folder or a cohort root in any supported layout (BraTS 2018/2019,
-2020, CSV manifest, or a folder of patient folders). Writes patient_id,p_hgg,p_lgg,prediction,error
-and prints a table; patients that cannot be graded are listed with the reason (exit status 1),
-every other patient is still graded. A patient given twice is graded once. The output path is
+2020, CSV manifest, or a folder of patient folders). Writes patient_id,p_hgg,p_lgg,prediction,
+threshold,error and prints a table; p_hgg is calibrated and the threshold is the one chosen on the
+out-of-fold predictions when the model was evaluated that way (--threshold overrides it).
+Patients that cannot be graded are listed with the reason (exit status 1); every other patient is
+still graded. A patient given twice is graded once. The output path is
 checked before any patient is read; an existing CSV is replaced atomically.
 """
 
@@ -63,6 +65,19 @@ def gather_cases(
     return list(unique.values()), list(unique_problems.values()), repeated
 
 
+def describe_decision(grader: Grader, override: float | None) -> str:
+    """One line: how p_hgg is calibrated and where the threshold came from."""
+    d = grader.decision
+    if d.calibration == "temperature":
+        cal = f"p_hgg calibrated by temperature {1 / d.slope:.4g}"
+    elif d.calibration == "platt":
+        cal = f"p_hgg calibrated by Platt scaling (a {d.slope:.4g}, b {d.intercept:.4g})"
+    else:
+        cal = "p_hgg as the model gives it (not calibrated)"
+    source = "--threshold" if override is not None else f"the model's, rule {d.rule}"
+    return f"{cal}; HGG when p_hgg >= {grader.threshold:.4g} ({source})"
+
+
 @app.command()
 @exit_on_error
 def main(
@@ -78,6 +93,9 @@ def main(
     ] = "patient",
     batch_size: Annotated[int, typer.Option(help="patients per onnxruntime call")] = 4,
     threads: Annotated[int, typer.Option(help="onnxruntime threads [all cores]")] = 0,
+    threshold: Annotated[
+        float | None, typer.Option(help="HGG when p_hgg >= this [the model's, chosen at evaluation]")
+    ] = None,
 ) -> None:
     if batch_size < 1:
         raise BratsError(f"--batch-size {batch_size}: give at least 1 patient per onnxruntime call")
@@ -86,7 +104,7 @@ def main(
     # Before any patient is read: grading a cohort and then failing to write its results loses them.
     check_output_file(out, "--out")
     replacing = out.is_file()
-    grader = Grader(model, threads or None)
+    grader = Grader(model, threads or None, threshold)
     cases, problems, repeated = gather_cases(
         inputs or [], {"t1": t1, "t1ce": t1ce, "t2": t2, "flair": flair}, patient_id
     )
@@ -96,19 +114,21 @@ def main(
         f"{model}: {len(cases) + len(problems)} patient(s), "
         f"input {grader.cfg.size}^3 {','.join(grader.cfg.modalities)}"
     )
+    print(describe_decision(grader, threshold))
     results = grader.grade(cases, batch_size)
-    results += [Prediction(e.patient_id, None, e.reason) for e in problems]
+    results += [Prediction(e.patient_id, None, e.reason, grader.threshold) for e in problems]
     rows = [
         {
             "patient_id": r.patient_id,
             "p_hgg": "" if r.p_hgg is None else f"{r.p_hgg:.6f}",
             "p_lgg": "" if r.p_lgg is None else f"{r.p_lgg:.6f}",
             "prediction": r.prediction,
+            "threshold": f"{r.threshold:.6g}",
             "error": r.error,
         }
         for r in results
     ]
-    write_csv_atomic(out, rows, ["patient_id", "p_hgg", "p_lgg", "prediction", "error"])
+    write_csv_atomic(out, rows, ["patient_id", "p_hgg", "p_lgg", "prediction", "threshold", "error"])
     # Grades found in a labelled layout are shown beside the prediction (not written to the CSV).
     truth = {c.patient_id: CLASSES[c.label] for c in cases if c.label is not None}
     width = max([len(r["patient_id"]) for r in rows] + [10])

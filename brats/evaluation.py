@@ -31,6 +31,7 @@ from brats.atomic import (
     write_error,
 )
 from brats.cache import CachedCohort, open_data
+from brats.calibration import METHODS, parse_rule, reliability_diagram, summarize_calibration
 from brats.checkpoint import Checkpoint, read_checkpoint, select_checkpoint
 from brats.config import TrainConfig, validate
 from brats.data import CachedVolumes
@@ -44,6 +45,7 @@ from brats.scoring import AUTOCAST, predict, score
 
 log = logging.getLogger(__name__)
 
+RELIABILITY = "reliability.png"  # in RUN/evaluation/
 AUC_TOLERANCE = 0.01  # seed 3.5: warn when re-scored and stored AUC differ by more
 DP_TOLERANCE = 1e-3  # per-patient |p(HGG) stored - re-scored|, same precision
 DP_TOLERANCE_CROSS = 0.05  # ... trained in bf16/fp16, re-scored in fp32 (on a CPU)
@@ -318,6 +320,11 @@ def roc_all_folds(results: list[FoldResult], path: Path) -> None:
     plt.close(fig)
 
 
+def summary_arrays(results: list[FoldResult]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and p(HGG) of every scored patient, pooled over the folds in fold order."""
+    return np.concatenate([r.labels for r in results]), np.concatenate([r.p_hgg for r in results])
+
+
 def summarize_folds(results: list[FoldResult], inner_val: float, seed: int = 0) -> dict:
     """Table 1 (per fold), mean +- sample std, pooled out-of-fold AUC with a bootstrap CI."""
     table = [
@@ -335,8 +342,7 @@ def summarize_folds(results: list[FoldResult], inner_val: float, seed: int = 0) 
         for r in results
     ]
     summary = {m: dict(zip(("mean", "std"), mean_std([row[m] for row in table]))) for m in METRICS}
-    labels = np.concatenate([r.labels for r in results])
-    p = np.concatenate([r.p_hgg for r in results])
+    labels, p = summary_arrays(results)
     pooled = {"n": int(len(labels)), "hgg": int(labels.sum()), "lgg": int(len(labels) - labels.sum())}
     pooled["majority_class_accuracy"] = max(pooled["hgg"], pooled["lgg"]) / max(pooled["n"], 1)
     if len(np.unique(labels)) == 2:
@@ -414,7 +420,47 @@ def report_markdown(summary: dict, run: Path) -> str:
         f"Majority-class accuracy (always {'HGG' if pooled['hgg'] >= pooled['lgg'] else 'LGG'}): "
         f"{pooled['majority_class_accuracy']:.4f}.",
     ]
+    if "calibration" in summary:
+        lines += ["", *calibration_markdown(summary["calibration"], summary["decision"])]
     return "\n".join(lines) + "\n"
+
+
+def calibration_markdown(figures: dict, decision: dict) -> list[str]:
+    """The report's section on probabilities and the threshold (figures of summarize_calibration)."""
+    raw = figures["raw"]
+    lines = [
+        "## Probabilities and the decision threshold",
+        "",
+        f"Raw p(HGG), pooled out-of-fold: Brier {raw['brier']:.4f}, ECE {raw['ece']:.4f} "
+        f"({figures['bins']} bins; {RELIABILITY}).",
+    ]
+    if figures.get("balanced_sampler"):
+        lines.append(
+            "Training drew HGG and LGG patients equally often (the balanced sampler), so raw "
+            "probabilities reflect a 50/50 prior rather than the cohort's share of HGG; "
+            "`--calibrate temperature` refits them."
+        )
+    if "calibrated" in figures:
+        cal = figures["calibrated"]
+        params = (
+            f"T = {1 / decision['slope']:.4f}"
+            if decision["calibration"] == "temperature"
+            else f"a = {decision['slope']:.4f}, b = {decision['intercept']:.4f}"
+        )
+        lines.append(
+            f"Calibrated ({decision['calibration']}, {params}): Brier {cal['brier']:.4f}, "
+            f"ECE {cal['ece']:.4f}."
+        )
+    op = figures["operating_point"]
+    lines += [
+        "",
+        f"Decision threshold {decision['threshold']:.4f} (rule: {decision['rule']}) on the "
+        f"{'calibrated' if 'calibrated' in figures else 'raw'} p(HGG): accuracy {op['accuracy']:.4f}, "
+        f"sensitivity {op['sensitivity']:.4f}, specificity {op['specificity']:.4f}, "
+        f"balanced accuracy {op['balanced_accuracy']:.4f} ({figures['how']}).",
+        "The exported model carries this calibration and threshold; predict.py applies them.",
+    ]
+    return lines
 
 
 def evaluate_run(
@@ -425,8 +471,15 @@ def evaluate_run(
     data: str | None = None,
     device: str | None = None,
     batch: int = 4,
+    calibrate: str = "none",
+    threshold: str = "0.5",
 ) -> dict:
-    """Evaluate `folds` (default: all K) of a run; writes RUN/evaluation/; returns the summary."""
+    """Evaluate `folds` (default: all K) of a run; writes RUN/evaluation/; returns the summary.
+    `calibrate` and `threshold` choose the decision fitted on the pooled out-of-fold predictions
+    (brats/calibration.py)."""
+    if calibrate not in METHODS:
+        raise BratsError(f"--calibrate {calibrate!r}: choose one of {', '.join(METHODS)}")
+    parse_rule(threshold)
     run = Path(run)
     paths = RunPaths(run)
     run_cfg = run_config(run)
@@ -452,18 +505,29 @@ def evaluate_run(
 
     summary = summarize_folds(results, cfg.inner_val)
     summary["run"] = str(run)
+    labels, p_oof = summary_arrays(results)
+    folds_of = np.concatenate([np.full(len(r.labels), r.fold) for r in results])
+    decision, summary["calibration"] = summarize_calibration(labels, p_oof, folds_of, calibrate, threshold)
+    summary["calibration"]["balanced_sampler"] = cfg.sampler == "inverse_freq"
+    summary["decision"] = decision.to_dict()
     rows = [
         {"patient_id": p, "fold": r.fold, "label": int(y), "p_hgg": float(prob)}
         for r in results
         for p, y, prob in zip(r.patient_ids, r.labels, r.p_hgg)
     ]
+    for row, p_cal in zip(rows, decision.calibrate(p_oof)):
+        row["p_hgg_calibrated"] = float(p_cal)
     with staged(out) as stage:
         for r in results:
             title = f"fold {r.fold} epoch {r.epoch}"
             save_plots(stage / RunPaths.fold_name(r.fold), r.labels, r.p_hgg, title=title)
         roc_all_folds(results, stage / "roc_all_folds.png")
+        curves = {"raw": summary["calibration"]["raw"]["reliability"]}
+        if "calibrated" in summary["calibration"]:
+            curves[f"{calibrate} (cross-fitted)"] = summary["calibration"]["calibrated"]["reliability"]
+        reliability_diagram(stage / RELIABILITY, curves)
         with open(stage / paths.predictions.name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["patient_id", "fold", "label", "p_hgg"])
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
         (stage / paths.summary.name).write_text(json.dumps(summary, indent=2) + "\n")
@@ -479,7 +543,7 @@ def check_outputs(paths: RunPaths, folds: list[int]) -> Path:
         raise BratsError(f"{out} is a file, where the evaluation writes its results: move it away")
     check_output_dir(out, "evaluation results")
     remove_stale_temps(out)
-    for f in (paths.summary, paths.report, paths.predictions, out / "roc_all_folds.png"):
+    for f in (paths.summary, paths.report, paths.predictions, out / "roc_all_folds.png", out / RELIABILITY):
         if f.is_dir():
             raise BratsError(f"{f} is a folder, where the evaluation writes a file: move it away")
     for k in folds:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brats.calibration import Decision
 from brats.cohort import CLASSES, Case
 from brats.errors import BratsError, CaseError
 from brats.preprocess import PreprocessConfig, preprocess_case
@@ -26,8 +27,9 @@ CONTRACT_KEY, PROVENANCE_KEY = "brats_contract", "brats_provenance"
 @dataclass(frozen=True)
 class Prediction:
     patient_id: str
-    p_hgg: float | None
+    p_hgg: float | None  # calibrated when the model's decision calibrates
     error: str = ""  # why this patient could not be graded
+    threshold: float = 0.5  # HGG when p_hgg >= threshold
 
     @property
     def p_lgg(self) -> float | None:
@@ -35,7 +37,7 @@ class Prediction:
 
     @property
     def prediction(self) -> str:
-        return "" if self.p_hgg is None else CLASSES[int(self.p_hgg >= 0.5)]
+        return "" if self.p_hgg is None else CLASSES[int(self.p_hgg >= self.threshold)]
 
 
 def check_graph_input(shape: list, cfg: PreprocessConfig, model: str | Path, fix: str) -> None:
@@ -54,7 +56,7 @@ def check_graph_input(shape: list, cfg: PreprocessConfig, model: str | Path, fix
 class Grader:
     """An onnxruntime session and the preprocessing contract of one exported model."""
 
-    def __init__(self, model: str | Path, threads: int | None = None):
+    def __init__(self, model: str | Path, threads: int | None = None, threshold: float | None = None):
         import onnxruntime as ort
 
         model = Path(model)
@@ -81,6 +83,11 @@ class Grader:
                 "python export.py"
             ) from e
         self.cfg = PreprocessConfig.from_contract(self.contract, model)
+        # Models exported before the decision was part of the contract: raw p(HGG), threshold 0.5.
+        self.decision = Decision.from_dict(self.contract.get("decision", {}), model)
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise BratsError(f"--threshold {threshold}: give a probability between 0 and 1")
+        self.threshold = self.decision.threshold if threshold is None else threshold
         # Checked here, before any patient is read: a graph traced at another size fails only
         # at the first onnxruntime call otherwise.
         check_graph_input(
@@ -114,21 +121,20 @@ class Grader:
 
         def flush() -> None:
             if pending:
-                probs = self.run(np.stack([v for _, _, v in pending]))
+                probs = self.decision.calibrate(self.run(np.stack([v for _, _, v in pending])))
                 for (i, pid, _), p in zip(pending, probs):
-                    report(i, Prediction(pid, float(p)))
+                    report(i, Prediction(pid, float(p), threshold=self.threshold))
                 pending.clear()
 
         for i, case in enumerate(cases):
             try:
                 volume = preprocess_case(case, self.cfg)
             except CaseError as e:
-                report(i, Prediction(case.patient_id, None, e.reason))
+                report(i, Prediction(case.patient_id, None, e.reason, self.threshold))
                 continue
             except Exception as e:  # one patient's unexpected failure must not stop the others
-                report(
-                    i, Prediction(case.patient_id, None, f"preprocessing failed ({type(e).__name__}: {e})")
-                )
+                reason = f"preprocessing failed ({type(e).__name__}: {e})"
+                report(i, Prediction(case.patient_id, None, reason, self.threshold))
                 continue
             pending.append((i, case.patient_id, volume))
             if len(pending) == batch_size:

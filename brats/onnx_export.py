@@ -21,6 +21,7 @@ from torch import nn
 
 from brats.atomic import atomic_path, check_output_file, remove_stale_temps, write_json_atomic
 from brats.cache import open_data
+from brats.calibration import Decision
 from brats.cohort import CLASSES
 from brats.config import TrainConfig
 from brats.errors import BratsError
@@ -248,6 +249,8 @@ def export(
     contract = PreprocessConfig.from_contract(
         {**sources[0]["preprocess"], "modalities": list(modalities)}, sources[0]["checkpoint"]
     ).to_contract()
+    # How p(HGG) becomes a grade: calibration and threshold chosen on the out-of-fold predictions
+    contract["decision"] = Decision.from_dict(summary.get("decision", {}), RunPaths(run).summary).to_dict()
     provenance = make_provenance(run, sources, summary)
     wrapper = Exported(models).eval()
     channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
@@ -302,8 +305,9 @@ def make_provenance(run: Path, sources: list[dict], summary: dict) -> dict:
         "architecture": {k: sources[0]["config"][k] for k in ("depth", "layout", "dropout")},
         "cv_summary": {
             "protocol": summary["protocol"],
-            "mean_std": {m: summary["mean_std"][m] for m in ("auc", "f1", "accuracy")},
+            "mean_std": {m: summary["mean_std"][m] for m in ("auc", "macro_f1", "f1", "accuracy")},
             "pooled": summary["pooled"],
+            "calibration": summary.get("calibration"),  # Brier, ECE, operating point (raw/calibrated)
         },
         "run": str(run),
     }

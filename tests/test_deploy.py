@@ -464,3 +464,54 @@ def test_corrupt_run_config_is_one_line(exported, tmp_path, capsys, content):
     for script in ("export.py", "evaluate.py"):
         err = one_line_error(run_cli(capsys, script, "--run", run))
         assert str(run / "config.json") in err and "train.py" in err
+
+
+def test_calibrated_decision_travels_from_evaluation_to_predict(cv_run, cache20, tmp_path):
+    """evaluate --calibrate temperature --threshold youden -> summary.json -> the exported model's
+    contract and card -> predict.py, which calibrates, applies the threshold, shows it in the CSV,
+    and lets --threshold override it."""
+    from brats.calibration import Decision
+
+    run = copy_run(cv_run, tmp_path / "run")
+    summary = evaluate_run(run, calibrate="temperature", threshold="youden")
+    decision = Decision.from_dict(summary["decision"], "summary")
+    assert decision.calibration == "temperature" and decision.rule == "youden"
+    assert decision.slope > 0 and 0 < decision.threshold < 1 and decision.intercept == 0
+    cal = summary["calibration"]
+    for part in ("raw", "calibrated"):
+        assert 0 <= cal[part]["brier"] <= 1 and 0 <= cal[part]["ece"] <= 1 and cal[part]["reliability"]
+    assert cal["how"].startswith("cross-fitted") and (run / "evaluation" / "reliability.png").stat().st_size
+    assert "reflect a 50/50 prior" in (run / "evaluation" / "report.md").read_text()
+    evaluated = read_csv(run / "evaluation" / "predictions.csv")
+    for row in evaluated:  # the CSV keeps the raw p(HGG) beside the calibrated one
+        assert float(row["p_hgg_calibrated"]) == pytest.approx(decision.calibrate([float(row["p_hgg"])])[0])
+
+    model = export(run)
+    card = json.loads(RunPaths.card(model).read_text())
+    assert card["contract"]["decision"] == summary["decision"]
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(model)).metadata_props}
+    assert meta["brats_contract"]["decision"] == summary["decision"]
+
+    k = card["sources"][0]["fold"]
+    raw = {r["patient_id"]: float(r["p_hgg"]) for r in evaluated if r["fold"] == str(k)}
+
+    def predict(*extra: str) -> tuple[dict, str]:
+        out = tmp_path / "p.csv"
+        cmd = [sys.executable, str(ROOT / "predict.py"), str(model), str(cache20.parent / "cohort")]
+        r = subprocess.run([*cmd, "--out", str(out), *extra], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return {row["patient_id"]: row for row in read_csv(out)}, r.stdout
+
+    rows, stdout = predict()
+    assert f"HGG when p_hgg >= {decision.threshold:.4g} (the model's, rule youden)" in stdout
+    for pid, p in raw.items():
+        row = rows[pid]
+        assert float(row["p_hgg"]) == pytest.approx(decision.calibrate([p])[0], abs=3e-3)
+        assert float(row["threshold"]) == pytest.approx(decision.threshold, rel=1e-5)
+        assert row["prediction"] == ("HGG" if float(row["p_hgg"]) >= decision.threshold else "LGG")
+    rows, stdout = predict("--threshold", "0.999")
+    assert "(--threshold)" in stdout
+    assert {row["threshold"] for row in rows.values()} == {"0.999"}
+    assert all(
+        row["prediction"] == ("HGG" if float(row["p_hgg"]) >= 0.999 else "LGG") for row in rows.values()
+    )

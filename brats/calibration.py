@@ -1,0 +1,273 @@
+"""Calibrated p(HGG) and the decision threshold, both fitted on pooled out-of-fold predictions.
+
+Training draws HGG and LGG patients equally often (the inverse-frequency sampler), so a model's raw
+p(HGG) reflects a 50/50 prior, not the cohort's ~74% HGG: raw probabilities are not frequencies.
+`--calibrate temperature` (p' = sigmoid(z / T)) or `platt` (p' = sigmoid(a z + b)), z the logit of
+p(HGG), refits them on the out-of-fold predictions, where every patient was scored by a model that
+never trained on them. The threshold is chosen there too: 0.5 (the seed's), a fixed value,
+Youden's J (max sensitivity + specificity - 1) or a target sensitivity.
+
+`Decision` holds both and travels in the exported model's contract; applying it needs numpy only
+(predict.py runs without torch). Figures of a fitted decision are cross-fitted: each fold's
+patients are calibrated and thresholded by a decision fitted on the other folds only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from brats.errors import BratsError
+
+METHODS = ("none", "temperature", "platt")
+BINS = 10  # equal-width probability bins of the reliability diagram and the ECE
+_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before taking logits
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))  # no overflow for large |z|
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How a model's p(HGG) becomes a grade: p' = sigmoid(slope * logit(p) + intercept) (identity
+    for calibration "none"), then HGG when p' >= threshold."""
+
+    calibration: str = "none"  # none | temperature | platt
+    slope: float = 1.0  # temperature: 1 / T
+    intercept: float = 0.0  # 0 for temperature
+    threshold: float = 0.5
+    rule: str = "0.5"  # how the threshold was chosen (see parse_rule)
+
+    def calibrate(self, p_hgg: np.ndarray) -> np.ndarray:
+        p_hgg = np.asarray(p_hgg, dtype=np.float64)
+        if self.calibration == "none":
+            return p_hgg
+        return sigmoid(self.slope * logit(p_hgg) + self.intercept)
+
+    def grade(self, p_calibrated: np.ndarray) -> np.ndarray:
+        """1 (HGG) where the calibrated probability reaches the threshold."""
+        return (np.asarray(p_calibrated) >= self.threshold).astype(int)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: object, source: str | Path) -> Decision:
+        """A stored decision, checked; `source` names the file in the one-line error."""
+        fix = "export the model again with python export.py"
+        if not isinstance(d, dict):
+            raise BratsError(f"{source}: its decision is a {type(d).__name__}, not a mapping: {fix}")
+        try:
+            dec = cls(
+                calibration=str(d.get("calibration", "none")),
+                slope=float(d.get("slope", 1.0)),
+                intercept=float(d.get("intercept", 0.0)),
+                threshold=float(d.get("threshold", 0.5)),
+                rule=str(d.get("rule", "0.5")),
+            )
+        except (TypeError, ValueError) as e:
+            raise BratsError(f"{source}: its decision holds a non-number ({e}): {fix}") from e
+        finite = all(math.isfinite(v) for v in (dec.slope, dec.intercept, dec.threshold))
+        if dec.calibration not in METHODS or not finite or not 0.0 <= dec.threshold <= 1.0:
+            raise BratsError(
+                f"{source}: unknown decision (calibration {dec.calibration!r}, "
+                f"threshold {dec.threshold}): {fix}"
+            )
+        return dec
+
+
+def parse_rule(rule: str) -> tuple[str, float]:
+    """--threshold: "0.5" or any number in (0, 1) (fixed), "youden", or "sensitivity:0.9"."""
+    text = str(rule).strip().lower()
+    if text == "youden":
+        return "youden", math.nan
+    kind, _, value = text.partition(":") if ":" in text else ("fixed", "", text)
+    if kind in ("fixed", "sensitivity"):
+        try:
+            v = float(value)
+        except ValueError:
+            v = math.nan
+        if 0.0 < v < 1.0:
+            return kind, v
+    raise BratsError(
+        f"--threshold {rule!r}: give a probability in (0, 1) such as 0.5, youden, or a target "
+        "sensitivity such as sensitivity:0.9"
+    )
+
+
+def fit_calibration(labels: np.ndarray, p_hgg: np.ndarray, method: str) -> tuple[float, float]:
+    """(slope, intercept) minimising the log loss of sigmoid(slope * logit(p) + intercept) on
+    these patients; temperature scaling fits the slope only."""
+    if method not in METHODS:
+        raise BratsError(f"--calibrate {method!r}: choose one of {', '.join(METHODS)}")
+    if method == "none":
+        return 1.0, 0.0
+    from scipy.optimize import minimize
+
+    y = np.asarray(labels, dtype=np.float64)
+    z = logit(p_hgg)
+
+    # The slope is fitted as its log: calibration may soften or sharpen the model's ranking but
+    # never reverse it (a reversed ranking is a broken model, not a miscalibrated one).
+    def unpack(params: np.ndarray) -> tuple[float, float]:
+        a = float(np.exp(np.clip(params[0], -20.0, 20.0)))
+        return (a, 0.0) if method == "temperature" else (a, float(params[1]))
+
+    def loss(params: np.ndarray) -> float:
+        a, b = unpack(params)
+        s = a * z + b
+        return float(np.mean(np.logaddexp(0.0, s) - y * s))  # binary cross-entropy on logits
+
+    start = np.array([0.0] if method == "temperature" else [0.0, 0.0])
+    res = minimize(loss, start, method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-12})
+    return unpack(res.x)
+
+
+def choose_threshold(labels: np.ndarray, p: np.ndarray, rule: str) -> float:
+    """The threshold `rule` asks for on these (calibrated) probabilities. A data-driven threshold
+    lies halfway between the score that achieves the rule and the next lower one, so that new
+    patients near it are not decided by one training patient's exact score."""
+    kind, value = parse_rule(rule)
+    if kind == "fixed":
+        return value
+    labels, p = np.asarray(labels).astype(int), np.asarray(p, dtype=np.float64)
+    if len(np.unique(labels)) < 2:
+        raise BratsError(f"--threshold {rule}: needs patients of both grades")
+    scores = np.unique(p)[::-1]  # candidate thresholds, high to low
+    tpr = np.array([(p[labels == 1] >= t).mean() for t in scores])
+    fpr = np.array([(p[labels == 0] >= t).mean() for t in scores])
+    if kind == "youden":
+        i = int(np.argmax(tpr - fpr))  # the first (highest) threshold of the best J
+    else:
+        i = int(np.argmax(tpr >= value - 1e-12))  # the highest threshold reaching the sensitivity
+    lower = scores[i + 1] if i + 1 < len(scores) else 0.0
+    return float((scores[i] + lower) / 2)
+
+
+def fit_decision(labels: np.ndarray, p_hgg: np.ndarray, method: str, rule: str) -> Decision:
+    slope, intercept = fit_calibration(labels, p_hgg, method)
+    dec = Decision(method, slope, intercept, 0.5, str(rule))
+    return Decision(method, slope, intercept, choose_threshold(labels, dec.calibrate(p_hgg), rule), str(rule))
+
+
+def brier(labels: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean((np.asarray(p, dtype=np.float64) - np.asarray(labels)) ** 2))
+
+
+def reliability(labels: np.ndarray, p: np.ndarray, bins: int = BINS) -> list[dict]:
+    """Per non-empty equal-width bin: its range, patients, mean p(HGG) and fraction HGG."""
+    labels, p = np.asarray(labels, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    return [
+        {
+            "lo": b / bins,
+            "hi": (b + 1) / bins,
+            "n": int((which == b).sum()),
+            "mean_p": float(p[which == b].mean()),
+            "fraction_hgg": float(labels[which == b].mean()),
+        }
+        for b in range(bins)
+        if (which == b).any()
+    ]
+
+
+def ece(labels: np.ndarray, p: np.ndarray, bins: int = BINS) -> float:
+    """Expected calibration error: the patient-weighted mean |fraction HGG - mean p| over bins."""
+    rows = reliability(labels, p, bins)
+    n = sum(r["n"] for r in rows)
+    return float(sum(r["n"] * abs(r["fraction_hgg"] - r["mean_p"]) for r in rows) / max(n, 1))
+
+
+def operating_point(labels: np.ndarray, grade: np.ndarray) -> dict:
+    labels, grade = np.asarray(labels).astype(int), np.asarray(grade).astype(int)
+    sens = float((grade[labels == 1] == 1).mean()) if (labels == 1).any() else math.nan
+    spec = float((grade[labels == 0] == 0).mean()) if (labels == 0).any() else math.nan
+    return {
+        "accuracy": float((grade == labels).mean()),
+        "sensitivity": sens,
+        "specificity": spec,
+        "balanced_accuracy": (sens + spec) / 2,
+    }
+
+
+def cross_fit(
+    labels: np.ndarray, p_hgg: np.ndarray, folds: np.ndarray, method: str, rule: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(calibrated p, grade) of each patient by a decision fitted on the other folds' patients."""
+    p_cal, grade = np.empty(len(p_hgg)), np.empty(len(p_hgg), dtype=int)
+    for k in np.unique(folds):
+        out = folds == k
+        dec = fit_decision(labels[~out], p_hgg[~out], method, rule)
+        p_cal[out] = dec.calibrate(p_hgg[out])
+        grade[out] = dec.grade(p_cal[out])
+    return p_cal, grade
+
+
+def summarize_calibration(
+    labels: np.ndarray, p_hgg: np.ndarray, folds: np.ndarray, method: str, rule: str
+) -> tuple[Decision, dict]:
+    """The decision fitted on all out-of-fold predictions and the figures that judge it: Brier,
+    ECE and reliability bins of the raw probabilities and (cross-fitted) of the calibrated ones,
+    and the operating point at the threshold (cross-fitted when the threshold is fitted)."""
+    labels, p_hgg, folds = (
+        np.asarray(labels).astype(int),
+        np.asarray(p_hgg, dtype=np.float64),
+        np.asarray(folds),
+    )
+    decision = fit_decision(labels, p_hgg, method, rule)
+    fitted = method != "none" or parse_rule(rule)[0] != "fixed"
+    several = len(np.unique(folds)) > 1 and all(
+        len(np.unique(labels[folds != k])) == 2 for k in np.unique(folds)
+    )
+    if fitted and several:
+        p_cal, grade = cross_fit(labels, p_hgg, folds, method, rule)
+        how = "cross-fitted: each fold calibrated and thresholded by a decision fitted on the other folds"
+    else:
+        p_cal = decision.calibrate(p_hgg)
+        grade = decision.grade(p_cal)
+        how = "fitted and scored on the same patients" if fitted else "nothing fitted"
+    figures = {
+        "bins": BINS,
+        "raw": {
+            "brier": brier(labels, p_hgg),
+            "ece": ece(labels, p_hgg),
+            "reliability": reliability(labels, p_hgg),
+        },
+        "operating_point": operating_point(labels, grade),
+        "how": how,
+    }
+    if method != "none":
+        figures["calibrated"] = {
+            "brier": brier(labels, p_cal),
+            "ece": ece(labels, p_cal),
+            "reliability": reliability(labels, p_cal),
+        }
+    return decision, figures
+
+
+def reliability_diagram(path: Path, curves: dict[str, list[dict]], title: str = "") -> None:
+    """Fraction HGG against mean p(HGG) per bin, one line per curve, with the diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfectly calibrated")
+    for name, rows in curves.items():
+        ax.plot([r["mean_p"] for r in rows], [r["fraction_hgg"] for r in rows], "o-", label=name)
+    ax.set(xlabel="mean predicted p(HGG)", ylabel="fraction HGG", xlim=(0, 1), ylim=(0, 1))
+    ax.set_title(title or "Reliability, pooled out-of-fold")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
