@@ -437,8 +437,9 @@ def calibration_markdown(figures: dict, decision: dict) -> list[str]:
     if figures.get("balanced_sampler"):
         lines.append(
             "Training drew HGG and LGG patients equally often (the balanced sampler), so raw "
-            "probabilities reflect a 50/50 prior rather than the cohort's share of HGG; "
-            "`--calibrate temperature` refits them."
+            "probabilities reflect a 50/50 prior rather than the cohort's share of HGG: "
+            "`--calibrate platt` refits that prior (its intercept) and the confidence (its slope); "
+            "`--calibrate temperature` refits the confidence only."
         )
     if "calibrated" in figures:
         cal = figures["calibrated"]
