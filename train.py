@@ -38,10 +38,14 @@ def main(
     ] = None,
     size: Annotated[int | None, typer.Option(help="cube side when --data is raw [128]")] = None,
     depth: Annotated[int | None, typer.Option(help="ResNet depth 10/18/34/50 [50]")] = None,
-    layout: Annotated[str | None, typer.Option(help="strided or medicalnet [strided]")] = None,
+    layout: Annotated[
+        str | None, typer.Option(help="strided or medicalnet [strided; medicalnet with --pretrained]")
+    ] = None,
     modalities: Annotated[str | None, typer.Option(help="comma list of t1,t1ce,t2,flair [policy]")] = None,
     dropout: Annotated[float | None, typer.Option(help="[0.4]")] = None,
-    pretrained: Annotated[str | None, typer.Option(help="MedicalNet weights (.pth)")] = None,
+    pretrained: Annotated[
+        str | None, typer.Option(help="medicalnet (fetched for --depth, cached) or a MedicalNet .pth")
+    ] = None,
     max_epochs: Annotated[int | None, typer.Option(help="[60]")] = None,
     min_epochs: Annotated[int | None, typer.Option(help="[15; baseline 10]")] = None,
     patience: Annotated[int | None, typer.Option(help="[10; baseline 7]")] = None,

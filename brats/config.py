@@ -38,7 +38,7 @@ class TrainConfig:
     layout: str = "strided"  # strided: stride 2 in layers 2-4 (~116 GFLOP); medicalnet: dilated (~450)
     modalities: tuple[str, ...] = MODALITIES  # channels (seed 6.2: T1, T1ce, T2, FLAIR early fusion)
     dropout: float = 0.4  # before the classifier (seed 6.4)
-    pretrained: str | None = None  # MedicalNet .pth (seed: MedicalNet-pretrained backbone)
+    pretrained: str | None = None  # MedicalNet .pth or "medicalnet" (seed: MedicalNet-pretrained)
     sync_bn: bool = False  # SyncBatchNorm under DDP (off: see engine.py)
     # --- optimisation
     policy: str = "final"  # preset these defaults come from
@@ -117,6 +117,8 @@ def make_config(policy: str = "final", **overrides: Any) -> TrainConfig:
         raise BratsError(f"--policy {policy!r}: choose one of {', '.join(POLICIES)}")
     base = dict(BASELINE) if policy == "baseline" else {}
     base.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("pretrained") and overrides.get("layout") is None:
+        base["layout"] = "medicalnet"  # the layout MedicalNet's weights were trained in
     if overrides.get("warmup_epochs") is not None and overrides.get("warmup_fraction") is None:
         base["warmup_fraction"] = 0.0  # an explicit --warmup-epochs wins over the policy's fraction
     cfg = TrainConfig(policy=policy, **base)

@@ -66,7 +66,7 @@ from brats.errors import BratsError
 from brats.folds import load_or_make_splits, protocol
 from brats.losses import apply_drw, make_criterion
 from brats.metrics import METRICS
-from brats.model import build_model, load_pretrained, param_groups
+from brats.model import build_model, load_pretrained, param_groups, resolve_pretrained
 from brats.resident import ResidentVolumes, resident_loader, resolve_cache_device, volume_bytes
 from brats.runs import RunPaths
 from brats.scoring import predict, score
@@ -340,6 +340,10 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> TrainParts:
         # share the cores among the processes instead.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
     log.info(configure_backends(accelerator.device, cfg.deterministic))
+    weights = None
+    if cfg.pretrained:  # before the data: a missing download is one line, not a wait then an error
+        with accelerator.main_process_first():  # one process downloads, the others read the cache
+            weights = resolve_pretrained(cfg.pretrained, cfg.depth)
     paths = RunPaths(cfg.run)
     if accelerator.is_main_process:  # what a killed writer left behind
         for folder in (paths.root, paths.fold(cfg.fold)):
@@ -347,8 +351,13 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> TrainParts:
     data = load_data(cfg, accelerator, paths)
 
     model = build_model(cfg)
-    if cfg.pretrained:
-        load_pretrained(model, cfg.pretrained)
+    if weights is not None:
+        load_pretrained(model, weights)
+    elif cfg.depth == 50:
+        log.info(
+            "ResNet-50 from scratch: the seed's policy starts from MedicalNet weights "
+            "(--pretrained medicalnet, or --pretrained PATH/resnet_50_23dataset.pth)"
+        )
     if cfg.sync_bn and accelerator.num_processes > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(memory_format=memory_format(accelerator.device, cfg.channels_last))

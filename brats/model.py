@@ -198,6 +198,41 @@ def param_groups(model: nn.Module, lr: float, classifier_lr_mult: float, weight_
     ]
 
 
+MEDICALNET = "medicalnet"  # --pretrained medicalnet: Tencent's published weights for --depth
+MEDICALNET_HUB = "TencentMedicalNet/MedicalNet-Resnet{depth}"
+MEDICALNET_FILE = "resnet_{depth}_23dataset.pth"
+
+
+def resolve_pretrained(spec: str, depth: int, cache_dir: str | Path | None = None) -> Path:
+    """--pretrained as a file: a path as given, or `medicalnet` as MedicalNet's weights for
+    `depth` from the Hugging Face cache, downloaded there first when missing (once; later runs
+    and other processes read the cache). Offline and not cached: one line with the manual route."""
+    if spec != MEDICALNET:
+        if not Path(spec).is_file():
+            raise BratsError(
+                f"--pretrained {spec}: file not found: give MedicalNet's "
+                f"{MEDICALNET_FILE.format(depth=depth)} "
+                "or --pretrained medicalnet"
+            )
+        return Path(spec)
+    from huggingface_hub import hf_hub_download
+
+    repo, name = MEDICALNET_HUB.format(depth=depth), MEDICALNET_FILE.format(depth=depth)
+    try:  # the cache first: no network round trip when the weights are there
+        return Path(hf_hub_download(repo, name, cache_dir=cache_dir, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(hf_hub_download(repo, name, cache_dir=cache_dir))
+    except Exception as e:  # offline, no route, HTTP errors: all mean "not available here"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise BratsError(
+            f"--pretrained medicalnet: cannot fetch {name} from huggingface.co/{repo} ({reason}): "
+            f"download it on a connected machine (huggingface.co/{repo}, or MedicalNet's release) "
+            f"and pass --pretrained PATH/{name}"
+        ) from e
+
+
 def load_pretrained(model: ResNet3D, path: str | Path) -> dict:
     """Load a MedicalNet checkpoint into the backbone, strictly; returns what was loaded.
 

@@ -137,3 +137,37 @@ def test_param_groups_split_classifier():
     assert [g["lr"] for g in groups] == [1e-4, 2e-4]
     assert {id(p) for p in groups[1]["params"]} == {id(model.fc.weight), id(model.fc.bias)}
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def hub_cache(root, depth):
+    """A Hugging Face cache holding MedicalNet's weights for `depth`, as hf_hub_download leaves it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--TencentMedicalNet--MedicalNet-Resnet{depth}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    write_medicalnet(snapshot / f"resnet_{depth}_23dataset.pth", depth)
+    return snapshot / f"resnet_{depth}_23dataset.pth"
+
+
+def test_pretrained_medicalnet_comes_from_the_hub_cache(tmp_path):
+    from brats.model import resolve_pretrained
+
+    cached = hub_cache(tmp_path / "hub", 10)
+    path = resolve_pretrained("medicalnet", 10, cache_dir=tmp_path / "hub")
+    assert path.resolve() == cached.resolve()
+    info = load_pretrained(ResNet3D(depth=10, in_channels=4, layout="medicalnet"), path)
+    assert info["loaded"] > 0
+    assert resolve_pretrained(str(cached), 10) == cached  # a local path works as before
+    with pytest.raises(BratsError, match="--pretrained nope.pth: file not found: .*resnet_10_23dataset.pth"):
+        resolve_pretrained("nope.pth", 10)
+
+
+def test_with_weights_the_default_layout_is_medicalnet():
+    from brats.config import make_config
+
+    assert make_config(data="x").layout == "strided"
+    assert make_config(data="x", pretrained="medicalnet").layout == "medicalnet"
+    assert make_config(data="x", pretrained="w.pth").layout == "medicalnet"
+    assert make_config(data="x", pretrained="medicalnet", layout="strided").layout == "strided"

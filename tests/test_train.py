@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -353,3 +354,52 @@ def test_resident_and_dataloader_paths_give_the_same_metrics(cache20, tmp_path, 
     assert len(runs["auto"]) == 2 and runs["auto"] == runs["off"]
     first = rows(tmp_path / "auto" / "fold_1" / "metrics.csv")[0]
     assert float(first["train_samples_per_s"]) > 0
+
+
+def test_pretrained_medicalnet_offline_cached_and_missing(cache20, tmp_path):
+    """--pretrained medicalnet with no network: from the Hugging Face cache when the weights are
+    there (trained in the medicalnet layout), else one line with the manual route, before any data
+    is read."""
+    from test_model import hub_cache
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")}
+    args = ["--data", str(cache20), "--fold", "0", "--depth", "10", "--max-epochs", "1"]
+    args += ["--min-epochs", "1", "--workers", "0", "--no-progress", "--pretrained", "medicalnet"]
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--run", str(tmp_path / "a"), *args],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    error = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "download it on a connected machine" in error[0]
+    assert "--pretrained PATH/resnet_10_23dataset.pth" in error[0] and "fold 0:" not in r.stderr
+
+    hub_cache(tmp_path / "hub", 10)
+    env["HF_HUB_CACHE"] = str(tmp_path / "hub")
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--run", str(tmp_path / "b"), *args],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "loaded " in r.stderr and "backbone tensors from" in r.stderr
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["pretrained"] == "medicalnet" and cfg["layout"] == "medicalnet"
+
+
+def test_resnet50_from_scratch_says_the_seed_starts_from_medicalnet(cache20, tmp_path, caplog):
+    from support import FAST, reset_accelerate
+
+    from brats.config import make_config
+    from brats.engine import train_fold
+
+    caplog.set_level(logging.INFO)
+    settings = {**FAST, "depth": 50, "max_epochs": 1, "folds": 5}
+    train_fold(make_config(data=str(cache20), run=str(tmp_path / "r50"), fold=0, **settings))
+    reset_accelerate()
+    said = [
+        r.getMessage().removeprefix("[RANK 0] ") for r in caplog.records if "from scratch:" in r.getMessage()
+    ]
+    assert said == [
+        "ResNet-50 from scratch: the seed's policy starts from MedicalNet weights "
+        "(--pretrained medicalnet, or --pretrained PATH/resnet_50_23dataset.pth)"
+    ]
