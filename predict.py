@@ -14,6 +14,7 @@ checked before any patient is read; an existing CSV is replaced atomically.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from dataclasses import replace
@@ -63,6 +64,40 @@ def gather_cases(
     times.update(e.patient_id for e in problems)
     repeated = {pid: n for pid, n in times.items() if n > 1}
     return list(unique.values()), list(unique_problems.values()), repeated
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (sound for the few patients of a check)."""
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+
+
+def compare_out_of_fold(grader: Grader, override: float | None, lo: float, hi: float) -> str:
+    """One line setting the new patients' accuracy beside the model's out-of-fold accuracy at the
+    same decision, and whether the two agree within the new patients' CI."""
+    cv = grader.provenance.get("cv_summary") or {}
+    point = (cv.get("calibration") or {}).get("operating_point")
+    if not point:
+        return "out-of-fold accuracy: not in this model's metadata (export it again to compare)"
+    n = (cv.get("pooled") or {}).get("n", "?")
+    if override is not None and override != grader.decision.threshold:
+        return (
+            f"out-of-fold accuracy {point['accuracy']:.2f} over {n} patients was measured at threshold "
+            f"{grader.decision.threshold:.4g}, not at --threshold {override:g}"
+        )
+    acc = point["accuracy"]
+    verdict = (
+        "inside the new patients' 95% CI: the two agree"
+        if lo <= acc <= hi
+        else "outside the new patients' 95% CI: these patients differ from the cross-validation cohort"
+    )
+    who = "the fold models this ensemble averages" if grader.provenance.get("ensemble") else "the fold models"
+    return (
+        f"out-of-fold ({who}, each on patients it never trained on) at the same decision: "
+        f"accuracy {acc:.2f} (sensitivity {point['sensitivity']:.2f}, "
+        f"specificity {point['specificity']:.2f}) over {n} patients, {verdict}"
+    )
 
 
 def describe_decision(grader: Grader, override: float | None) -> str:
@@ -139,7 +174,9 @@ def main(
     graded = [r for r in results if r.p_hgg is not None and r.patient_id in truth]
     if graded:
         right = sum(r.prediction == truth[r.patient_id] for r in graded)
-        print(f"{right}/{len(graded)} graded patients match the grade on disk")
+        lo, hi = wilson_interval(right, len(graded))
+        print(f"{right}/{len(graded)} graded patients match the grade on disk (95% CI {lo:.0%}-{hi:.0%})")
+        print(compare_out_of_fold(grader, threshold, lo, hi))
     failed = [r for r in results if r.error]
     replaced = " (replaced the previous file)" if replacing else ""
     print(f"wrote {out}{replaced}: {len(results) - len(failed)} graded, {len(failed)} failed")

@@ -83,6 +83,10 @@ class Grader:
                 "python export.py"
             ) from e
         self.cfg = PreprocessConfig.from_contract(self.contract, model)
+        try:  # where the model came from and its cross-validation figures; informative only
+            self.provenance = json.loads(meta.get(PROVENANCE_KEY, "{}"))
+        except json.JSONDecodeError:
+            self.provenance = {}
         # Models exported before the decision was part of the contract: raw p(HGG), threshold 0.5.
         self.decision = Decision.from_dict(self.contract.get("decision", {}), model)
         if threshold is not None and not 0.0 <= threshold <= 1.0:

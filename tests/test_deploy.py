@@ -504,14 +504,27 @@ def test_calibrated_decision_travels_from_evaluation_to_predict(cv_run, cache20,
 
     rows, stdout = predict()
     assert f"HGG when p_hgg >= {decision.threshold:.4g} (the model's, rule youden)" in stdout
+    # the grades on disk are known here: accuracy with its CI, beside the out-of-fold figure
+    assert "graded patients match the grade on disk (95% CI " in stdout
+    oof = summary["calibration"]["operating_point"]["accuracy"]
+    assert f"each on patients it never trained on) at the same decision: accuracy {oof:.2f}" in stdout
     for pid, p in raw.items():
         row = rows[pid]
         assert float(row["p_hgg"]) == pytest.approx(decision.calibrate([p])[0], abs=3e-3)
         assert float(row["threshold"]) == pytest.approx(decision.threshold, rel=1e-5)
         assert row["prediction"] == ("HGG" if float(row["p_hgg"]) >= decision.threshold else "LGG")
     rows, stdout = predict("--threshold", "0.999")
-    assert "(--threshold)" in stdout
+    assert "(--threshold)" in stdout and f"was measured at threshold {decision.threshold:.4g}" in stdout
     assert {row["threshold"] for row in rows.values()} == {"0.999"}
     assert all(
         row["prediction"] == ("HGG" if float(row["p_hgg"]) >= 0.999 else "LGG") for row in rows.values()
     )
+
+
+def test_wilson_interval_of_a_small_check():
+    sys.path.insert(0, str(ROOT))
+    from predict import wilson_interval
+
+    lo, hi = wilson_interval(5, 8)
+    assert (round(lo, 4), round(hi, 4)) == (0.3057, 0.8632)
+    assert wilson_interval(0, 4)[0] == 0.0 and wilson_interval(4, 4)[1] == 1.0
