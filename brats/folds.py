@@ -115,6 +115,25 @@ def make_splits(
     return Splits(k, seed, inner_val, cohort_fingerprint(patient_ids, labels), outer)
 
 
+def read_splits(path: Path) -> dict:
+    """splits.json, checked for the fields a run reads; a damaged file is one line (the splits
+    follow from the cohort and the seed, so deleting it makes the same ones again)."""
+    try:
+        d = json.loads(path.read_text())
+        if not isinstance(d, dict):
+            raise ValueError(f"a JSON {type(d).__name__}, not an object")
+        str(d["cohort_fingerprint"]), int(d["k"]), int(d["seed"])
+        for f in d["folds"]:
+            if not isinstance(f["val"], list) or not isinstance(f.get("inner_val", []), list):
+                raise ValueError("a fold without a list of patients")
+    except (ValueError, TypeError, KeyError, OSError) as e:  # JSONDecodeError is a ValueError
+        raise BratsError(
+            f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}): delete it and rerun; the same "
+            "cohort and --split-seed make the same splits"
+        ) from e
+    return d
+
+
 def load_or_make_splits(
     path: str | Path,
     patient_ids: list[str],
@@ -127,7 +146,7 @@ def load_or_make_splits(
     path = Path(path)
     fp = cohort_fingerprint(patient_ids, labels)
     if path.exists():
-        d = json.loads(path.read_text())
+        d = read_splits(path)
         if d["cohort_fingerprint"] != fp:
             raise BratsError(
                 f"{path} was made for another cohort (fingerprint {d['cohort_fingerprint']}, "

@@ -84,3 +84,19 @@ def test_small_inner_split_holds_both_grades_and_is_reread_as_stored(tmp_path):
     assert [again.fold(k, ids[::-1], labels[::-1]).val for k in range(2)] == [
         s.fold(k, ids, labels).val for k in range(2)
     ]
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", "[]", '{"k": 5}', '{"cohort_fingerprint": "x", "k": 5, "seed": 42, "folds": [{}]}'],
+)
+def test_damaged_splits_file_is_one_line_and_deleting_it_makes_the_same_splits(tmp_path, content):
+    ids, labels = cohort()
+    path = tmp_path / "splits.json"
+    original = load_or_make_splits(path, ids, labels, inner_val=0.15)
+    path.write_text(content)
+    with pytest.raises(BratsError, match=f"^{path} is damaged .*delete it and rerun"):
+        load_or_make_splits(path, ids, labels, inner_val=0.15)
+    path.unlink()
+    again = load_or_make_splits(path, ids, labels, inner_val=0.15)
+    assert again.outer == original.outer and again.inner == original.inner
