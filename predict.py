@@ -90,7 +90,8 @@ def compare_out_of_fold(grader: Grader, override: float | None, lo: float, hi: f
     verdict = (
         "inside the new patients' 95% CI: the two agree"
         if lo <= acc <= hi
-        else "outside the new patients' 95% CI: these patients differ from the cross-validation cohort"
+        else "outside the new patients' 95% CI: more than chance separates the two (these patients may "
+        "differ from the cross-validation cohort, or the out-of-fold figure may be optimistic)"
     )
     who = "the fold models this ensemble averages" if grader.provenance.get("ensemble") else "the fold models"
     return (
