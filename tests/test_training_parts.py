@@ -222,7 +222,7 @@ def test_ema_follows_only_real_optimizer_updates(tmp_path, monkeypatch, fresh_ac
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda s: 1.0)
     ema = ModelEma(accelerator.unwrap_model(model), 0.5)
     cfg = make_config(data="x", augment=False, progress=False, grad_accum=1)
-    data = engine.FoldData(loader, loader, torch.Generator(), [4, 4], {})
+    data = engine.FoldData(loader, loader, torch.Generator(), [4, 4], {}, [])
     keepers = {"best": BestKeeper(tmp_path / "b.pt", False, "")}
     parts = engine.TrainParts(
         cfg, accelerator, engine.RunPaths(tmp_path), data, model, optimizer, scheduler,
