@@ -403,3 +403,50 @@ def test_resnet50_from_scratch_says_the_seed_starts_from_medicalnet(cache20, tmp
         "ResNet-50 from scratch: the seed's policy starts from MedicalNet weights "
         "(--pretrained medicalnet, or --pretrained PATH/resnet_50_23dataset.pth)"
     ]
+
+
+def test_several_folds_in_one_process_train_as_each_fold_alone(cache20, tmp_path):
+    """train.py --fold 2,3 trains both in one interpreter; fold 3 ends exactly as when trained by
+    itself, and a rerun with --resume skips both finished folds."""
+    args = ["--data", str(cache20), "--depth", "10", "--workers", "0", "--no-progress", "--min-epochs", "1"]
+    args += ["--warmup-epochs", "1", "--max-epochs", "2", "--ema-decay", "0.9"]
+
+    def train(run: str, fold: str, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(ROOT / "train.py"), "--run", str(tmp_path / run), "--fold", fold]
+        r = subprocess.run([*cmd, *args, *extra], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    train("both", "2,3")
+    train("alone", "3")
+
+    def metrics(run: str, k: int) -> list[dict]:
+        return [
+            {c: v for c, v in r.items() if c not in TIMING}
+            for r in rows(tmp_path / run / f"fold_{k}" / "metrics.csv")
+        ]
+
+    assert len(metrics("both", 2)) == 2 and metrics("both", 3) == metrics("alone", 3)
+    a = torch.load(tmp_path / "both" / "fold_3" / "best_ema.pt", weights_only=True)["model_state_dict"]
+    b = torch.load(tmp_path / "alone" / "fold_3" / "best_ema.pt", weights_only=True)["model_state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    before = (tmp_path / "both" / "fold_3" / "metrics.csv").stat().st_mtime_ns
+    train("both", "all", "--resume")  # folds 0, 1 and 4 trained, 2 and 3 left as they were
+    assert (tmp_path / "both" / "fold_3" / "metrics.csv").stat().st_mtime_ns == before
+    assert all((tmp_path / "both" / f"fold_{k}" / "best_ema.pt").is_file() for k in range(5))
+
+
+@pytest.mark.parametrize(
+    "fold,message",
+    [
+        ("0,0", "a fold is listed twice"),
+        ("x", "give a fold number, a list like 0,1,2, or all"),
+        ("1,7", "--fold 7"),
+    ],
+)
+def test_bad_fold_lists_are_one_line_before_any_training(cache20, tmp_path, fold, message):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(cache20), "--run", str(tmp_path / "r")]
+    r = subprocess.run([*cmd, "--fold", fold], capture_output=True, text=True)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 1 and len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+    assert not (tmp_path / "r").exists()
