@@ -1,7 +1,6 @@
-"""Train cross-validation folds of the glioma grading model (one, several, or all in one process).
+"""Train one cross-validation fold of the glioma grading model.
 
     accelerate launch train.py --fold 1 --data CACHE_OR_BRATS_ROOT --run runs/cv
-    accelerate launch train.py --fold all --data ... --run runs/cv --resume   # every fold, one process
     python train.py --fold 0 --data ... --policy baseline      # the seed's first setup (section 1)
 
 Defaults are the seed's final policy (section 6). Options left unset take the policy's value.
@@ -15,8 +14,8 @@ from typing import Annotated
 
 import typer
 
-from brats.config import TrainConfig, make_config
-from brats.errors import BratsError, exit_on_error
+from brats.config import make_config
+from brats.errors import exit_on_error
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
@@ -27,9 +26,7 @@ def main(
     data: Annotated[
         str, typer.Option(help="prepared cache, or a BraTS folder / CSV manifest (prepared first)")
     ],
-    fold: Annotated[
-        str, typer.Option(help="fold to train (0-based), or several in one process: 0,1,2 or all")
-    ] = "0",
+    fold: Annotated[int, typer.Option(help="fold to train, 0-based")] = 0,
     run: Annotated[Path, typer.Option(help="run folder (splits.json, config.json, fold_K/)")] = Path(
         "runs/cv"
     ),
@@ -90,12 +87,11 @@ def main(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    wanted = parse_folds(fold, folds)
     cfg = make_config(
         policy,
         data=str(Path(data).resolve()),
         run=str(run),
-        fold=wanted[0],
+        fold=fold,
         folds=folds,
         split_seed=split_seed,
         inner_val=inner_val,
@@ -135,25 +131,9 @@ def main(
         resume=resume or None,
         progress=progress,
     )
-    for k in wanted[1:]:
-        make_config(policy, data=data, fold=k, folds=folds)  # each fold number checked up front
-    from brats.engine import train_folds  # torch is imported only once the options are valid
+    from brats.engine import train_fold  # torch is imported only once the options are valid
 
-    train_folds(cfg, wanted)
-
-
-def parse_folds(text: str, k: int | None) -> list[int]:
-    """--fold: one fold, a comma list, or `all` (0..K-1, K from --folds or the default 5)."""
-    text = text.strip()
-    if text == "all":
-        return list(range(k if k is not None else TrainConfig.folds))
-    try:
-        wanted = [int(f) for f in text.split(",")]
-    except ValueError as e:
-        raise BratsError(f"--fold {text!r}: give a fold number, a list like 0,1,2, or all") from e
-    if len(set(wanted)) != len(wanted):
-        raise BratsError(f"--fold {text!r}: a fold is listed twice")
-    return wanted
+    train_fold(cfg)
 
 
 if __name__ == "__main__":

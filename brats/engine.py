@@ -299,29 +299,6 @@ def plain_module(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.M
     return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
-def train_folds(cfg: TrainConfig, folds: list[int]) -> list[dict]:
-    """Train `folds` one after the other in this process (one interpreter and one accelerate
-    start-up for the whole cross-validation). Each fold starts from the same global state as a
-    fold trained alone: every random stream is seeded from (seed, epoch), and accelerate's
-    process-wide state is reset between folds."""
-    results = []
-    for i, k in enumerate(folds):
-        if i:
-            reset_accelerator_state()
-        results.append(train_fold(dataclasses.replace(cfg, fold=k)))
-    return results
-
-
-def reset_accelerator_state() -> None:
-    """Forget the finished fold's Accelerator (its mixed precision, accumulation and process
-    state are process-wide singletons), so that the next fold builds its own."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def train_fold(cfg: TrainConfig) -> dict:
     """Train fold `cfg.fold`; returns a summary (best epochs and AUCs, why it stopped)."""
     check_output_dir(cfg.run, "--run folder")  # before any work: one line if it cannot be written

@@ -46,9 +46,11 @@ def make_brats20(src: Path, dst: Path) -> Path:
 
 def reset_accelerate() -> None:
     """In-process training creates an Accelerator; its global state must not leak into the next."""
-    from brats.engine import reset_accelerator_state
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    reset_accelerator_state()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
 
 
 def train_cv(cache: Path, run: Path, policy: str = "final", **overrides) -> Path:
