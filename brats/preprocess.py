@@ -238,12 +238,28 @@ def zscore_brain(volume: np.ndarray) -> np.ndarray:
     return volume
 
 
+@dataclass(frozen=True)
+class CubeGrid:
+    """Where the (S, S, S) cube of one patient lies: an LPS grid (identity direction) in mm."""
+
+    origin: tuple[float, float, float]  # physical x, y, z (mm) of voxel (0, 0, 0)'s centre
+    spacing_mm: float  # isotropic voxel size
+    size: int  # S voxels a side
+
+
 def preprocess_case(case: Case, cfg: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
     """Read and preprocess one patient -> float32 (C, S, S, S), channels in `cfg.modalities`.
 
     Raises CaseError (naming the patient and the file) for unreadable files, 2D/4D images,
     modalities on different grids, NaN/Inf voxels and an empty brain.
     """
+    return preprocess_with_grid(case, cfg)[0]
+
+
+def preprocess_with_grid(
+    case: Case, cfg: PreprocessConfig = PreprocessConfig()
+) -> tuple[np.ndarray, CubeGrid]:
+    """`preprocess_case` and the cube grid it resampled onto (to map a cube back onto the scan)."""
     images = [read_image(case, m) for m in MODALITIES]
     check_same_grid(case, images)
     if not np.allclose(images[0].GetDirection(), np.eye(3).ravel(), atol=DIRECTION_ATOL):
@@ -263,4 +279,6 @@ def preprocess_case(case: Case, cfg: PreprocessConfig = PreprocessConfig()) -> n
         volume = resample_lps(chosen, origin, spacing, cfg.size)
     else:
         volume = resample_any(chosen, origin, spacing, cfg.size)
-    return zscore_brain(volume)
+    x0, y0, z0 = (float(v) for v in origin)
+    grid = CubeGrid((x0, y0, z0), float(spacing), cfg.size)
+    return zscore_brain(volume), grid
