@@ -1,0 +1,154 @@
+"""Where the model looked: class activation maps (exact for this network) and Grad-CAM.
+
+ResNet3D ends in global average pooling, dropout and one linear layer, so in eval mode
+    logit_c = W_c . mean_v A(v) + b_c = mean_v (W_c . A(v)) + b_c
+for the last feature maps A (F channels over d x h x w voxels): the class activation map
+W_c . A(v) splits the logit exactly over the voxels. We map HGG evidence, W_HGG - W_LGG:
+p(HGG) = sigmoid(logit_HGG - logit_LGG) depends on the difference only, so this one map says
+what raised (> 0) or lowered (< 0) p(HGG); a single class's map would mix in what both classes
+share. Upsampled to the input cube (trilinear, align_corners=False), its voxel mean is still
+logit_HGG - logit_LGG - (b_HGG - b_LGG) whenever the cube side is a whole multiple of the
+feature maps' side (S = 128 -> 4^3 with the strided layout, 16^3 with the dilated one).
+
+Grad-CAM (`grad_cam`) reaches the layers before the last, for research; the deployed map is the
+CAM of `ExplainedModel`, which exports to ONNX beside the probabilities. `brats.cam` (no torch)
+maps a CAM back onto the patient's scan and draws it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brats.cam import write_planes_png
+from brats.cohort import CLASSES
+from brats.errors import BratsError
+from brats.model import ResNet3D
+
+HGG, LGG = CLASSES.index("HGG"), CLASSES.index("LGG")
+OUTPUT_NAMES = ("probabilities", "logits", "cam")  # ExplainedModel's outputs, in order
+DYNAMIC_AXES = {"input": {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+
+
+def hgg_evidence_weights(model: ResNet3D) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F,) classifier weights and () bias of logit_HGG - logit_LGG."""
+    return model.fc.weight[HGG] - model.fc.weight[LGG], model.fc.bias[HGG] - model.fc.bias[LGG]
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """(B, d, h, w) -> (B, *size), trilinear with align_corners=False (mean-preserving for
+    whole-number scale factors)."""
+    return F.interpolate(maps[:, None], size=tuple(size), mode="trilinear", align_corners=False)[:, 0]
+
+
+def cam_from_maps(model: ResNet3D, maps: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """(B, F, d, h, w) last feature maps -> (B, *size) HGG-evidence map."""
+    weights, _ = hgg_evidence_weights(model)
+    coarse = (maps * weights.view(1, -1, 1, 1, 1)).sum(dim=1)  # (B, d, h, w)
+    return upsample(coarse, size)
+
+
+def class_activation_map(model: ResNet3D, x: torch.Tensor) -> torch.Tensor:
+    """(B, C, S, S, S) -> (B, S, S, S) float32 HGG-evidence map, in logit units per voxel.
+
+    Put the model in eval mode first: in train mode dropout changes the logits it explains.
+    """
+    return cam_from_maps(model, model.feature_maps(x), x.shape[2:]).float()
+
+
+class ExplainedModel(nn.Module):
+    """One fold model or an ensemble, (B, C, S, S, S) -> probabilities (B, 2) [p_LGG, p_HGG]
+    (the folds' mean softmax), logits (B, 2) (their mean) and cam (B, S, S, S) (their mean
+    HGG-evidence map); one backbone pass per fold serves both the logits and the map. Eval
+    mode only: the logits are the pooled maps through `fc`, without dropout."""
+
+    def __init__(self, models: list[ResNet3D]):
+        super().__init__()
+        if not models:
+            raise BratsError("no fold model to explain")
+        self.models = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, cams = [], []
+        for model in self.models:
+            maps = model.feature_maps(x)  # (B, F, d, h, w)
+            logits.append(model.fc(maps.mean(dim=(2, 3, 4))))
+            cams.append(cam_from_maps(model, maps, x.shape[2:]))
+        stacked = torch.stack(logits)  # (M, B, 2)
+        return torch.softmax(stacked, dim=-1).mean(0), stacked.mean(0), torch.stack(cams).mean(0)
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module | str, relu: bool = False) -> torch.Tensor:
+    """Grad-CAM of logit_HGG - logit_LGG at any `layer` (a module or its name, e.g. "layer3")
+    -> (B, S, S, S) float32, upsampled like the CAM.
+
+    Channel weights are the layer's gradients averaged over its voxels; `relu` keeps only
+    positive evidence (the usual Grad-CAM), off by default so that the sign means what the CAM's
+    does. At `layer4` without ReLU this is the CAM divided by the number of feature-map voxels.
+    Use eval mode: in train mode BatchNorm couples the samples of a batch and dropout is random.
+    """
+    module = model.get_submodule(layer) if isinstance(layer, str) else layer
+    seen: dict[str, torch.Tensor | int] = {}
+
+    def keep(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        seen["maps"], seen["version"] = output, output._version
+
+    handle = module.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            logits = model(x.detach().requires_grad_(True))
+            maps = seen.get("maps")
+            if not isinstance(maps, torch.Tensor) or maps.dim() != 5:
+                raise BratsError(
+                    f"grad_cam: layer {layer!r} gave no (B, F, d, h, w) output in the forward pass"
+                )
+            if maps._version != seen["version"]:
+                raise BratsError(
+                    f"grad_cam: the output of layer {layer!r} is changed in place later in the network "
+                    "(e.g. by an in-place ReLU): choose a layerN, one of its blocks or a conv"
+                )
+            target = (logits[:, HGG] - logits[:, LGG]).sum()  # samples are independent in eval mode
+            (grads,) = torch.autograd.grad(target, maps)
+    finally:
+        handle.remove()
+    weights = grads.mean(dim=(2, 3, 4), keepdim=True)  # (B, F, 1, 1, 1)
+    coarse = (weights * maps).sum(dim=1).detach()  # (B, d, h, w)
+    if relu:
+        coarse = coarse.clamp_min(0.0)
+    return upsample(coarse, x.shape[2:]).float()
+
+
+@torch.no_grad()
+def write_cam_montage(
+    models: list[ResNet3D],
+    volume: np.ndarray,
+    path: str | Path,
+    title: str,
+    underlay_channel: int = -1,
+) -> float:
+    """A PNG of one preprocessed patient (C, S, S, S): three planes of channel `underlay_channel`
+    (default the last, FLAIR in the standard order) through the peak of the evidence for the
+    predicted grade, the (ensemble's) CAM over them; returns p(HGG). Models keep their mode."""
+    explained = ExplainedModel(models)
+    modes = [m.training for m in models]
+    device = next(models[0].parameters()).device
+    try:
+        explained.eval()
+        x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None].to(device)
+        probabilities, _, cam = explained(x)
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+    p_hgg = float(probabilities[0, HGG])
+    write_planes_png(
+        path,
+        np.asarray(volume[underlay_channel], dtype=np.float32),
+        cam[0].float().cpu().numpy(),
+        f"{title}  p(HGG) {p_hgg:.3f}",
+        toward_hgg=p_hgg >= 0.5,
+    )
+    return p_hgg
