@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import write_nifti
+from conftest import TINY_SHAPE, write_nifti
 from scipy import ndimage
 
 from brats.cam import (
@@ -19,9 +19,10 @@ from brats.cam import (
     write_case_png,
     write_planes_png,
 )
-from brats.cohort import MODALITIES, Case
+from brats.cohort import MODALITIES, Case, find_cases
 from brats.errors import BratsError
 from brats.preprocess import CubeGrid, PreprocessConfig, preprocess_with_grid
+from brats.synthetic import make_cohort, make_patient_with_lesion
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 20  # cube side
@@ -195,3 +196,39 @@ def test_works_without_torch(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "False" and (tmp_path / "x.png").is_file()
+
+
+def test_synthetic_tumour_marked_in_the_cube_maps_back_onto_the_tumour(tmp_path):
+    """A map that is the phantom's known lesion, as preprocessing puts it in the cube, lands
+    back on that lesion in the patient's own file."""
+    made = make_cohort(tmp_path / "c", 2, seed=5, shape=TINY_SHAPE, workers=1)
+    index, pid = next((i, pid) for i, (pid, label) in enumerate(made) if label == 1)
+    case = next(c for c in find_cases(tmp_path / "c").cases if c.patient_id == pid)
+    volumes, lesion = make_patient_with_lesion(5, index, True, TINY_SHAPE)
+    for modality, volume in zip(MODALITIES, volumes):  # the very patient make_cohort wrote
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(sitk.ReadImage(str(case.path(modality)))), volume
+        )
+    assert set(np.unique(lesion)) == {0, 1, 2} and np.all(volumes[0][lesion > 0] != 0)  # inside the brain
+    flair = volumes[MODALITIES.index("flair")]
+    assert np.median(flair[lesion > 0]) > 1.5 * np.median(flair[(lesion == 0) & (flair != 0)])
+
+    # The lesion in place of the t2: preprocessing resamples it as it does the images.
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    reference = sitk.ReadImage(str(case.path("flair")))
+    paths = []
+    for modality in MODALITIES:
+        image = sitk.ReadImage(str(case.path(modality)))
+        if modality == "t2":
+            image = sitk.GetImageFromArray(np.where(lesion > 0, 1000, 0).astype(np.int16))
+            image.CopyInformation(reference)
+        paths.append(marked / f"{pid}_{modality}.nii.gz")
+        sitk.WriteImage(image, str(paths[-1]))
+    volume, grid = preprocess_with_grid(Case(pid, 1, tuple(paths)), PreprocessConfig(size=32))
+    cube = volume[MODALITIES.index("t2")]  # z-scored: the lesion high, the rest of the brain low
+    back = sitk.GetArrayFromImage(cam_on_reference(cube, grid, reference))
+    found = back > (cube.max() + cube.min()) / 2
+    dice = 2 * (found & (lesion > 0)).sum() / (found.sum() + (lesion > 0).sum())
+    assert dice > 0.8, dice
+    print(f"dice {dice:.3f}")
