@@ -146,11 +146,15 @@ def write_planes_png(
     limit = float(np.abs(cam).max()) or 1.0
     norm = Normalize(-limit, limit)  # symmetric: 0 (no evidence either way) sits in the middle
     colours = plt.get_cmap("RdBu_r")
+    greys = plt.get_cmap("gray").with_extremes(bad="black")
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.9), constrained_layout=True)
     for ax, name, grey, heat, aspect in zip(
         axes, PLANES, _planes(underlay, at), _planes(cam, at), _aspects(spacing_xyz)
     ):
-        ax.imshow(grey, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
+        # background (exactly 0, also in z-scored input) black, whatever the intensity scale
+        ax.imshow(
+            np.ma.masked_equal(grey, 0), cmap=greys, vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest"
+        )
         rgba = colours(norm(heat))
         rgba[..., 3] = OVERLAY_ALPHA * np.clip(np.abs(heat) / limit, 0.0, 1.0)
         ax.imshow(rgba, aspect=aspect, interpolation="nearest")

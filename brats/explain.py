@@ -9,6 +9,8 @@ what raised (> 0) or lowered (< 0) p(HGG); a single class's map would mix in wha
 share. Upsampled to the input cube (trilinear, align_corners=False), its voxel mean is still
 logit_HGG - logit_LGG - (b_HGG - b_LGG) whenever the cube side is a whole multiple of the
 feature maps' side (S = 128 -> 4^3 with the strided layout, 16^3 with the dilated one).
+That side bounds what the map can show: one cell per 32 input voxels in the strided layout (at
+S <= 32 the map is a constant), one per 8 in the dilated one.
 
 Grad-CAM (`grad_cam`) reaches the layers before the last, for research; the deployed map is the
 CAM of `ExplainedModel`, which exports to ONNX beside the probabilities. `brats.cam` (no torch)
