@@ -4,6 +4,10 @@
     python export.py --run runs/cv --fold 2
     python export.py --run runs/cv --ensemble      # every fold in one graph (mean probabilities)
 
+Works on the folds that are trained (after `train.py --fold 1` alone, `--fold 1` exports it):
+the run is evaluated first, on those folds, when RUN/evaluation/summary.json is missing, corrupt
+or lacks a fold it needs. --data gives the cache when it has moved since training.
+
 Writes MODEL.onnx and MODEL_card.json (preprocessing contract + provenance); fails, writing
 nothing, unless onnxruntime matches torch within 1e-4 at batch 1 and 3.
 """
@@ -24,11 +28,16 @@ app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=F
 @app.command()
 @exit_on_error
 def main(
-    run: Annotated[Path, typer.Option(help="run folder (trained and evaluated)")] = Path("runs/cv"),
+    run: Annotated[Path, typer.Option(help="run folder (trained; evaluated first when needed)")] = Path(
+        "runs/cv"
+    ),
     fold: Annotated[int | None, typer.Option(help="export this fold [best re-scored val AUC]")] = None,
-    ensemble: Annotated[bool, typer.Option("--ensemble", help="every fold in one graph")] = False,
+    ensemble: Annotated[bool, typer.Option("--ensemble", help="every trained fold in one graph")] = False,
     out: Annotated[Path | None, typer.Option(help="output .onnx [RUN/model.onnx]")] = None,
     exporter: Annotated[str, typer.Option(help="torchscript (fast) or dynamo")] = "torchscript",
+    data: Annotated[
+        str | None, typer.Option(help="cache to evaluate on and take parity inputs from [the run's --data]")
+    ] = None,
     trust_checkpoints: Annotated[
         bool, typer.Option("--trust-checkpoints", help="allow unpickling your own old checkpoints")
     ] = False,
@@ -38,7 +47,9 @@ def main(
         raise BratsError("--fold and --ensemble exclude each other")
     from brats.onnx_export import export
 
-    path = export(run, out, fold=fold, ensemble=ensemble, trust=trust_checkpoints, exporter=exporter)
+    path = export(
+        run, out, fold=fold, ensemble=ensemble, trust=trust_checkpoints, exporter=exporter, data=data
+    )
     print(f"wrote {path}")
 
 

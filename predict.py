@@ -6,18 +6,21 @@
 Each INPUT is one patient folder or a cohort root in any supported layout (BraTS 2018/2019,
 2020, CSV manifest, or a folder of patient folders). Writes patient_id,p_hgg,p_lgg,prediction,error
 and prints a table; patients that cannot be graded are listed with the reason (exit status 1),
-every other patient is still graded.
+every other patient is still graded. A patient given twice is graded once. The output path is
+checked before any patient is read; an existing CSV is replaced atomically.
 """
 
 from __future__ import annotations
 
 import sys
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from brats.atomic import write_csv_atomic
+from brats.atomic import check_output_file, write_csv_atomic
 from brats.cohort import CLASSES, MODALITIES, Case, find_cases
 from brats.errors import BratsError, CaseError, exit_on_error
 from brats.inference import Grader, Prediction
@@ -27,7 +30,10 @@ app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=F
 
 def gather_cases(
     inputs: list[Path], explicit: dict[str, Path | None], patient_id: str
-) -> tuple[list[Case], list[CaseError]]:
+) -> tuple[list[Case], list[CaseError], dict[str, int]]:
+    """Every patient given, once: the same files reached twice (a folder given twice, a patient
+    folder and its cohort root) are one patient. Returns (cases, problems, {patient: times given})
+    for the patients given more than once."""
     cases, problems = [], []
     given = {m: p for m, p in explicit.items() if p is not None}
     if given:
@@ -43,7 +49,18 @@ def gather_cases(
         raise BratsError(
             "no patients given: pass patient folders, a cohort root, or --t1/--t1ce/--t2/--flair"
         )
-    return cases, problems
+    unique: dict[tuple, Case] = {}
+    times: Counter[str] = Counter()
+    for case in cases:
+        key = tuple(p.resolve() for p in case.paths)
+        first = unique.setdefault(key, case)
+        times[first.patient_id] += 1
+        if first.label is None and case.label is not None:  # the grade found in a labelled layout
+            unique[key] = replace(first, label=case.label)
+    unique_problems = {(e.patient_id, e.reason): e for e in problems}
+    times.update(e.patient_id for e in problems)
+    repeated = {pid: n for pid, n in times.items() if n > 1}
+    return list(unique.values()), list(unique_problems.values()), repeated
 
 
 @app.command()
@@ -62,10 +79,19 @@ def main(
     batch_size: Annotated[int, typer.Option(help="patients per onnxruntime call")] = 4,
     threads: Annotated[int, typer.Option(help="onnxruntime threads [all cores]")] = 0,
 ) -> None:
+    if batch_size < 1:
+        raise BratsError(f"--batch-size {batch_size}: give at least 1 patient per onnxruntime call")
+    if threads < 0:
+        raise BratsError(f"--threads {threads}: give a number of threads, or 0 for all cores")
+    # Before any patient is read: grading a cohort and then failing to write its results loses them.
+    check_output_file(out, "--out")
+    replacing = out.is_file()
     grader = Grader(model, threads or None)
-    cases, problems = gather_cases(
+    cases, problems, repeated = gather_cases(
         inputs or [], {"t1": t1, "t1ce": t1ce, "t2": t2, "flair": flair}, patient_id
     )
+    for pid, n in sorted(repeated.items()):
+        print(f"{pid}: given {n} times, graded once")
     print(
         f"{model}: {len(cases) + len(problems)} patient(s), "
         f"input {grader.cfg.size}^3 {','.join(grader.cfg.modalities)}"
@@ -95,7 +121,8 @@ def main(
         right = sum(r.prediction == truth[r.patient_id] for r in graded)
         print(f"{right}/{len(graded)} graded patients match the grade on disk")
     failed = [r for r in results if r.error]
-    print(f"wrote {out}: {len(results) - len(failed)} graded, {len(failed)} failed")
+    replaced = " (replaced the previous file)" if replacing else ""
+    print(f"wrote {out}{replaced}: {len(results) - len(failed)} graded, {len(failed)} failed")
     if failed:
         print(f"{len(failed)} patient(s) could not be graded:", file=sys.stderr)
         for r in failed:

@@ -63,7 +63,21 @@ def main(
     mixed_precision: Annotated[str | None, typer.Option(help="no/fp16/bf16 [accelerate config]")] = None,
     sync_bn: Annotated[bool | None, typer.Option("--sync-bn/--no-sync-bn", help="[off]")] = None,
     seed: Annotated[int | None, typer.Option(help="[42]")] = None,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers [2]")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers, --cache-device off [2]")] = None,
+    cache_device: Annotated[
+        str | None, typer.Option(help="fold volumes held on: auto (GPU if they fit), cuda, cpu, off [auto]")
+    ] = None,
+    val_batch_size: Annotated[int | None, typer.Option(help="validation batch [2 x batch]")] = None,
+    channels_last: Annotated[
+        bool | None, typer.Option("--channels-last/--no-channels-last", help="channels_last_3d on GPU [on]")
+    ] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile (one-off cost)")] = False,
+    deterministic: Annotated[
+        bool, typer.Option("--deterministic", help="cuDNN deterministic kernels on a GPU")
+    ] = False,
+    effective_batch: Annotated[
+        int | None, typer.Option(help="keep batch x accumulation x processes at this, e.g. 8 [off]")
+    ] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="force the CPU (gloo for multi-process)")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue after the last completed epoch")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -103,6 +117,12 @@ def main(
         sync_bn=sync_bn,
         seed=seed,
         workers=workers,
+        cache_device=cache_device,
+        val_batch_size=val_batch_size,
+        channels_last=channels_last,
+        compile=compile or None,
+        deterministic=deterministic or None,
+        effective_batch=effective_batch,
         cpu=cpu or None,
         resume=resume or None,
         progress=progress,

@@ -25,7 +25,7 @@ from brats.cohort import find_cases
 from brats.inference import CONTRACT_KEY, Grader
 from brats.model import ResNet3D
 from brats.onnx_export import Exported, write_onnx
-from brats.preprocess import PREPROCESS_VERSION, PreprocessConfig, preprocess_case
+from brats.preprocess import PreprocessConfig, preprocess_case
 from brats.synthetic import make_cohort
 
 
@@ -44,13 +44,7 @@ def main() -> None:
         x = preprocess_case(case, cfg)[None]  # (1, 4, S, S, S)
         torch.manual_seed(0)
         wrapper = Exported([ResNet3D(args.depth, 4, layout=args.layout).eval()]).eval()
-        contract = {
-            "modalities": list(cfg.modalities),
-            "size": cfg.size,
-            "orientation": cfg.orientation,
-            "normalization": cfg.normalization,
-            "preprocess_version": PREPROCESS_VERSION,
-        }
+        contract = cfg.to_contract()
         model = tmp / "model.onnx"
         t0 = time.perf_counter()
         write_onnx(wrapper, np.concatenate([x, x, x]), model, {CONTRACT_KEY: contract})

@@ -1,10 +1,12 @@
 """Preprocessing speed, as ratios measured side by side in one run.
 
-1. per patient, single-threaded: preprocess time / SimpleITK decode time of the same 4 files
-   (goal <= 2.0);
+1. per patient, single-threaded, each against SimpleITK's plain decode of the same 4 files:
+   - verified read (inflate once, CRC + length checks, voxels from those bytes), with the gzip
+     library in use (ISA-L when installed) and with zlib;
+   - full preprocess including the verified read (goal <= 2.0);
 2. whole cohort: 1 worker / N workers wall time (goal >= 1.8x on 2 cores).
 
-    python bench/preprocess.py [--patients 8] [--size 128]
+    python bench/preprocess.py [--patients 8] [--size 128] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -15,14 +17,27 @@ import shutil
 import statistics
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import SimpleITK as sitk
 
+import brats.preprocess as pre
 from brats.cache import prepare
-from brats.cohort import find_cases
-from brats.preprocess import PreprocessConfig, preprocess_case
+from brats.cohort import MODALITIES, find_cases
+from brats.preprocess import PreprocessConfig, preprocess_case, read_image
 from brats.synthetic import make_cohort
+
+
+def seconds(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def decode(case) -> None:
+    for p in case.paths:
+        sitk.ReadImage(str(p))
 
 
 def main() -> None:
@@ -32,26 +47,47 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-pre-"))
+    backend = pre.ZLIB_MODULE
     try:
         make_cohort(tmp / "cohort", args.patients, seed=0)  # real size: 240x240x155 int16
         cases = find_cases(tmp / "cohort").cases
         cfg = PreprocessConfig(size=args.size)
         sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
-        ratios, pre_s, dec_s = [], [], []
+
+        def read_all(case, module) -> None:
+            pre.ZLIB_MODULE = module
+            try:
+                for m in MODALITIES:
+                    read_image(case, m)
+            finally:
+                pre.ZLIB_MODULE = backend
+
+        times: dict[str, list[float]] = {k: [] for k in ("decode", "verified", "verified_zlib", "preprocess")}
         for case in cases:
-            for _ in range(args.repeats):  # interleave so that machine noise hits both alike
-                t0 = time.perf_counter()
-                for p in case.paths:
-                    sitk.ReadImage(str(p))
-                t1 = time.perf_counter()
-                preprocess_case(case, cfg)
-                t2 = time.perf_counter()
-                dec_s.append(t1 - t0)
-                pre_s.append(t2 - t1)
-                ratios.append((t2 - t1) / (t1 - t0))
-        print(f"decode (4 files, SimpleITK, 1 thread): median {statistics.median(dec_s):.3f} s/patient")
-        print(f"preprocess incl. decode (1 thread):    median {statistics.median(pre_s):.3f} s/patient")
-        print(f"ratio preprocess/decode: median {statistics.median(ratios):.2f} (goal <= 2.0)")
+            for _ in range(args.repeats):  # interleave so that machine noise hits all alike
+                times["decode"].append(seconds(decode, case))
+                times["verified"].append(seconds(read_all, case, backend))
+                times["verified_zlib"].append(seconds(read_all, case, zlib))
+                times["preprocess"].append(seconds(preprocess_case, case, cfg))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ratio = {
+            k: statistics.median(a / d for a, d in zip(times[k], times["decode"]))
+            for k in ("verified", "verified_zlib", "preprocess")
+        }
+        print(f"decode only (4 files, SimpleITK, 1 thread, no CRC check): {med['decode']:.3f} s/patient")
+        print(
+            f"verified read ({backend.__name__}): {med['verified']:.3f} s/patient, "
+            f"{ratio['verified']:.2f}x decode"
+        )
+        if backend is not zlib:
+            print(
+                f"verified read (zlib):             {med['verified_zlib']:.3f} s/patient, "
+                f"{ratio['verified_zlib']:.2f}x decode"
+            )
+        print(
+            f"preprocess incl. verified read ({backend.__name__}): {med['preprocess']:.3f} s/patient, "
+            f"{ratio['preprocess']:.2f}x decode (goal <= 2.0)"
+        )
 
         workers = os.cpu_count() or 1
         wall = {}

@@ -16,22 +16,30 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from brats.atomic import write_text_atomic
+from brats.atomic import check_output_file, write_text_atomic
 from brats.errors import BratsError, exit_on_error
+from brats.evaluation import load_summary, run_config
 from brats.runs import RunPaths
 
 
 def load_run(run: Path) -> dict:
-    path = RunPaths(run).summary
-    if not path.is_file():
-        raise BratsError(f"{run}: not evaluated yet (no {path}): run python evaluate.py --run {run}")
-    summary = json.loads(path.read_text())
+    summary = load_summary(run)
+    config = run_config(run)
     stability = []
     for row in summary["folds"]:
-        with open(RunPaths(run).metrics(row["fold"])) as f:
-            epochs = list(csv.DictReader(f))
-        auc = np.array([float(e["val_auc"]) for e in epochs])
-        loss = np.array([float(e["train_loss"]) for e in epochs])
+        path = RunPaths(run).metrics(row["fold"])
+        try:
+            with open(path) as f:
+                epochs = list(csv.DictReader(f))
+            auc = np.array([float(e["val_auc"]) for e in epochs])
+            loss = np.array([float(e["train_loss"]) for e in epochs])
+            if not len(epochs):
+                raise ValueError("no epochs")
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise BratsError(
+                f"{path}: cannot read the fold's training log ({type(e).__name__}: {str(e)[:120]}): "
+                "train.py writes it; compare runs whose folds are trained"
+            ) from e
         stability.append(
             {
                 "fold": row["fold"],
@@ -41,15 +49,24 @@ def load_run(run: Path) -> dict:
                 "epochs": len(epochs),
             }
         )
-    config = json.loads(RunPaths(run).config.read_text())
     return {"summary": summary, "stability": stability, "config": config}
 
 
+def read_splits(run: Path) -> tuple[str, list]:
+    """(cohort fingerprint, each fold's validation patients) of RUN/splits.json."""
+    path = RunPaths(run).splits
+    try:
+        d = json.loads(path.read_text())
+        return str(d["cohort_fingerprint"]), [f["val"] for f in d["folds"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BratsError(
+            f"{path}: cannot read the run's folds ({type(e).__name__}: {str(e)[:120]}): "
+            "give two run folders made by train.py"
+        ) from e
+
+
 def check_same_folds(a: Path, b: Path) -> None:
-    sa, sb = (json.loads(RunPaths(r).splits.read_text()) for r in (a, b))
-    if sa["cohort_fingerprint"] != sb["cohort_fingerprint"] or [f["val"] for f in sa["folds"]] != [
-        f["val"] for f in sb["folds"]
-    ]:
+    if read_splits(a) != read_splits(b):
         raise BratsError(
             f"{a} and {b} were not trained on the same folds: "
             "compare runs made with the same cohort and --split-seed"
@@ -57,6 +74,9 @@ def check_same_folds(a: Path, b: Path) -> None:
 
 
 def ablation_markdown(before: Path, after: Path) -> str:
+    for run in (before, after):
+        if not run.is_dir():
+            raise BratsError(f"{run}: no such run folder: give two run folders made by train.py")
     check_same_folds(before, after)
     runs = {"before": load_run(before), "after": load_run(after)}
     lines = [
@@ -102,7 +122,7 @@ def ablation_markdown(before: Path, after: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
 
 @app.command()
@@ -112,6 +132,8 @@ def main(
     after: Annotated[Path, typer.Argument(help="run of the final policy")],
     out: Annotated[Path | None, typer.Option(help="markdown file to write")] = None,
 ) -> None:
+    if out:
+        check_output_file(out, "--out")
     text = ablation_markdown(before, after)
     if out:
         write_text_atomic(out, text)

@@ -16,6 +16,7 @@ import errno
 import io
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,28 +104,36 @@ def write_csv_atomic(path: str | Path, rows: list[dict], fieldnames: list[str] |
     write_text_atomic(path, buf.getvalue())
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (exited, never reaped: pid 1 of many containers reaps nothing) writes no more
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:
-    """Remove the temp files a killed writer left in `folder` (not those of a live process)."""
+    """Remove the temp files (or staging folders) a killed writer left in `folder` (not those of
+    a live process)."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for tmp in folder.glob(f"{TMP_PREFIX}*{TMP_SUFFIX}"):
         pid = tmp.name[len(TMP_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue
         try:
-            tmp.unlink()
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
             removed.append(tmp)
         except OSError:
             pass

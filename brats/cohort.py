@@ -7,12 +7,17 @@ Layouts (channel order is always MODALITIES; label HGG=1, LGG=0):
 - A CSV manifest: patient_id,label,t1,t1ce,t2,flair with paths relative to the CSV.
 - For prediction only: a folder of patient folders, or one patient folder, without grades.
 
+In a patient folder each modality file is found by the last word of its name (see MODALITY_NAMES):
+`<case>_t1ce.nii.gz` (BraTS 2018-2021), `<case>-t1c.nii.gz` (BraTS 2023 on) or a bare `t1gd.nii`.
+
 No torch here: prediction runs without it.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +27,16 @@ from brats.errors import BratsError, CaseError
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 CLASSES = ("LGG", "HGG")  # index = label: LGG=0, HGG=1 (HGG is the positive class)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# The names each modality goes by, compared with the last word of a file name (after the last '_' or
+# '-', or the whole name): BraTS 2018-2021 `_t1ce`, BraTS 2023 on `-t1n -t1c -t2w -t2f`, bare files.
+# Whole-word comparison keeps t1 apart from t1ce/t1c/t1n and t2 apart from t2f (a FLAIR) and t2w.
+MODALITY_NAMES = {
+    "t1": ("t1", "t1n"),
+    "t1ce": ("t1ce", "t1c", "t1gd"),
+    "t2": ("t2", "t2w"),
+    "flair": ("flair", "fla", "t2f"),
+}
+_WORD = re.compile(r"(?:^|[_-])([^_-]+)$")  # last word of a file name without its suffix
 
 
 @dataclass(frozen=True)
@@ -54,32 +69,50 @@ def parse_grade(value: str, where: str) -> int:
     raise BratsError(f"{where}: unknown grade {value!r} (use HGG or LGG, or 1 or 0)")
 
 
+def modality_of(name: str) -> str | None:
+    """The modality a NIfTI file name stands for ('BraTS-GLI-00000-000-t2f.nii.gz' -> 'flair')."""
+    lower = name.lower()
+    if lower.startswith(".") or not lower.endswith(NIFTI_SUFFIXES):
+        return None  # hidden files (e.g. macOS `._` copies) are never images
+    stem = lower.removesuffix(".gz").removesuffix(".nii")
+    word = _WORD.search(stem)
+    if word is None:
+        return None
+    return next((mod for mod, names in MODALITY_NAMES.items() if word.group(1) in names), None)
+
+
 def find_modality_files(folder: Path, patient_id: str) -> tuple[Path, ...]:
     """The four modality files of one case folder, in MODALITIES order.
 
-    Prefers `<patient_id>_<mod>.nii[.gz]`; otherwise any single `*_<mod>.nii[.gz]` in the folder
-    (some releases rename cases). Segmentations (`_seg`) are never matched.
+    A file belongs to a modality when the last word of its name is one of MODALITY_NAMES; the
+    patient id in front of it is not required (some releases rename cases, some ship bare names).
+    Two candidates for one modality are an error, never a silent choice; segmentations (`_seg`)
+    and other files are ignored.
     """
     if not folder.is_dir():
         raise CaseError(patient_id, f"{folder} is not a folder")
-    files = {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
+    candidates: dict[str, list[Path]] = {mod: [] for mod in MODALITIES}
+    for p in folder.iterdir():
+        mod = modality_of(p.name)
+        if mod is not None and p.is_file():
+            candidates[mod].append(p)
     found = []
     for mod in MODALITIES:
-        exact = [files[n] for n in (f"{patient_id.lower()}_{mod}{s}" for s in NIFTI_SUFFIXES) if n in files]
-        if not exact:
-            exact = [p for n, p in files.items() if n.endswith(tuple(f"_{mod}{s}" for s in NIFTI_SUFFIXES))]
-        if not exact:
+        files = sorted(candidates[mod], key=lambda p: p.name)
+        if not files:
+            words = ", ".join(MODALITY_NAMES[mod])
             raise CaseError(
                 patient_id,
-                f"missing modality {mod} (looked for {patient_id}_{mod}.nii[.gz] in {folder})",
+                f"missing modality {mod} (looked for {patient_id}_{mod}.nii[.gz] in {folder}, "
+                f"or any .nii[.gz] whose name ends in {words})",
             )
-        if len(exact) > 1:
-            names = ", ".join(sorted(p.name for p in exact))
+        if len(files) > 1:
+            names = ", ".join(p.name for p in files)
             raise CaseError(
                 patient_id,
-                f"modality {mod} has {len(exact)} files ({names}) in {folder}: keep exactly one",
+                f"modality {mod} has {len(files)} files ({names}) in {folder}: keep exactly one",
             )
-        found.append(exact[0])
+        found.append(files[0])
     return tuple(found)
 
 
@@ -92,7 +125,34 @@ def _case_from_folder(folder: Path, label: int | None, problems: list[CaseError]
 
 
 def _is_case_folder(folder: Path) -> bool:
-    return any(p.name.lower().endswith(NIFTI_SUFFIXES) for p in folder.iterdir() if p.is_file())
+    return any(modality_of(p.name) for p in folder.iterdir() if p.is_file())
+
+
+def _read_csv(path: Path) -> csv.DictReader:
+    """A CSV as dict rows; a byte-order mark (Excel's 'CSV UTF-8') is accepted, other encodings are
+    refused: guessing one would turn non-ASCII ids and paths into names that silently do not match."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise BratsError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): "
+            "save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet program)"
+        ) from None
+    return csv.DictReader(io.StringIO(text, newline=""))
+
+
+def _row_length_problem(reader: csv.DictReader, row: dict, path: Path) -> str | None:
+    """'<path>, line 7: 4 of 6 fields ...' for a row shorter or longer than the header, else None."""
+    n_header = len(reader.fieldnames or [])
+    n_row = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+    if n_row == n_header:
+        return None
+    return (
+        f"{path}, line {reader.line_num}: {n_row} of {n_header} fields "
+        f"({','.join(reader.fieldnames or [])}): fix that row (a missing or extra comma?)"
+    )
 
 
 def _from_grade_folders(root: Path) -> Cohort:
@@ -109,15 +169,20 @@ def _from_grade_folders(root: Path) -> Cohort:
 
 
 def _from_name_mapping(root: Path, mapping: Path) -> Cohort:
-    grades: dict[str, str] = {}
-    with mapping.open(newline="") as f:
-        reader = csv.DictReader(f)
-        need = {"Grade", "BraTS_2020_subject_ID"}
-        if not need <= set(reader.fieldnames or []):
-            raise BratsError(f"{mapping}: needs columns {sorted(need)}, has {reader.fieldnames}")
-        for row in reader:
-            grades[row["BraTS_2020_subject_ID"].strip()] = row["Grade"]
-    cases, problems = [], []
+    reader = _read_csv(mapping)
+    need = {"Grade", "BraTS_2020_subject_ID"}
+    if not need <= set(reader.fieldnames or []):
+        raise BratsError(f"{mapping}: needs columns {sorted(need)}, has {reader.fieldnames}")
+    grades: dict[str, list[tuple[int, str]]] = {}  # patient -> (line, grade) of every row naming it
+    problems: list[CaseError] = []
+    for row in reader:
+        pid = (row["BraTS_2020_subject_ID"] or "").strip()
+        bad = _row_length_problem(reader, row, mapping)
+        if bad:
+            problems.append(CaseError(pid or f"line {reader.line_num}", bad))
+            continue
+        grades.setdefault(pid, []).append((reader.line_num, row["Grade"]))
+    cases = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         pid = folder.name
         if pid not in grades:
@@ -126,11 +191,16 @@ def _from_name_mapping(root: Path, mapping: Path) -> Cohort:
             )
             continue
         try:
-            label = parse_grade(grades[pid], f"{mapping}, row {pid}")
+            labels = {line: parse_grade(grade, f"{mapping}, line {line}") for line, grade in grades[pid]}
         except BratsError as e:
             problems.append(CaseError(pid, str(e)))
             continue
-        case = _case_from_folder(folder, label, problems)
+        if len(set(labels.values())) > 1:
+            # The last row winning would flip this patient's label without a word.
+            rows = ", ".join(f"{CLASSES[label]} on line {line}" for line, label in labels.items())
+            problems.append(CaseError(pid, f"{mapping} gives two grades ({rows}): keep one row"))
+            continue
+        case = _case_from_folder(folder, next(iter(labels.values())), problems)
         if case:
             cases.append(case)
     return Cohort(cases, problems)
@@ -139,31 +209,33 @@ def _from_name_mapping(root: Path, mapping: Path) -> Cohort:
 def _from_manifest(csv_path: Path) -> Cohort:
     cases, problems = [], []
     base = csv_path.parent
-    with csv_path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        need = {"patient_id", "label", *MODALITIES}
-        if not need <= set(reader.fieldnames or []):
-            raise BratsError(
-                f"{csv_path}: needs columns patient_id,label,{','.join(MODALITIES)}; has {reader.fieldnames}"
-            )
-        for row in reader:
-            pid = row["patient_id"].strip()
-            try:
-                label = parse_grade(row["label"], f"{csv_path}, row {pid}")
-                paths = []
-                for mod in MODALITIES:
-                    p = Path(row[mod].strip())
-                    p = p if p.is_absolute() else base / p
-                    if not p.is_file():
-                        raise CaseError(
-                            pid, f"missing modality {mod}: {p} does not exist (fix the path in {csv_path})"
-                        )
-                    paths.append(p)
-                cases.append(Case(pid, label, tuple(paths)))
-            except CaseError as e:
-                problems.append(e)
-            except BratsError as e:
-                problems.append(CaseError(pid, str(e)))
+    reader = _read_csv(csv_path)
+    need = {"patient_id", "label", *MODALITIES}
+    if not need <= set(reader.fieldnames or []):
+        raise BratsError(
+            f"{csv_path}: needs columns patient_id,label,{','.join(MODALITIES)}; has {reader.fieldnames}"
+        )
+    for row in reader:
+        pid = (row["patient_id"] or "").strip() or f"line {reader.line_num}"
+        try:
+            bad = _row_length_problem(reader, row, csv_path)
+            if bad:
+                raise CaseError(pid, bad)
+            label = parse_grade(row["label"], f"{csv_path}, line {reader.line_num} ({pid})")
+            paths = []
+            for mod in MODALITIES:
+                p = Path(row[mod].strip())
+                p = p if p.is_absolute() else base / p
+                if not p.is_file():
+                    raise CaseError(
+                        pid, f"missing modality {mod}: {p} does not exist (fix the path in {csv_path})"
+                    )
+                paths.append(p)
+            cases.append(Case(pid, label, tuple(paths)))
+        except CaseError as e:
+            problems.append(e)
+        except BratsError as e:
+            problems.append(CaseError(pid, str(e)))
     return Cohort(cases, problems)
 
 

@@ -125,7 +125,7 @@ def main(
     failed = run_folds(wanted, slots, data, run, config_file, list(ctx.args))
     if failed:
         raise BratsError(
-            f"fold(s) {', '.join(map(str, failed))} failed: see their train.log; rerun to resume"
+            f"fold(s) {', '.join(map(str, failed))} failed: see their train.log; rerun to resume them"
         )
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 
-from brats.cache import CachedCohort
+from brats.cache import CachedCohort, mapped_volume, verify_volumes
 from brats.errors import BratsError
 
 
@@ -21,12 +21,13 @@ class CachedVolumes(Dataset):
         self.cached, self.indices = cached, list(indices)
         self.channels = [have.index(m) for m in modalities]
         self.all_channels = self.channels == list(range(len(have)))
+        verify_volumes(cached, self.indices)  # a broken file stops the run here, in one line
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        vol = self.cached.volumes[self.indices[i]]  # memory-mapped float16
+        vol = mapped_volume(self.cached, self.indices[i])  # memory-mapped float16 (C, S, S, S)
         vol = vol if self.all_channels else vol[self.channels]
         return torch.from_numpy(np.asarray(vol, dtype=np.float32)), int(self.cached.labels[self.indices[i]])
 

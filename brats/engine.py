@@ -1,60 +1,86 @@
 """Training of one cross-validation fold on Hugging Face Accelerate.
 
-Order: seed -> data -> model -> optimizer -> accelerator.prepare -> scheduler (sized in optimizer
-updates) -> optional resume -> epochs. Each epoch: train, validate (raw and EMA), write
-metrics.csv, keep best.pt / best_ema.pt on a strict val-AUC improvement, write the resume state.
+`train_fold` = `setup` (seed -> data -> model -> optimizer -> accelerator.prepare -> scheduler
+sized in optimizer updates -> EMA and best-checkpoint keepers) -> `resume_or_refuse` -> `fit`.
+Each epoch (`run_epoch`): `train_epoch`, validate (raw and EMA), write metrics.csv, let each
+`BestKeeper` replace best.pt / best_ema.pt on a strict val-AUC improvement, write the resume state.
 
-Exact resume: every random stream (dropout, sampler, augmentation) is reseeded from
-(seed, epoch, stream) at the start of each epoch, and the resume state holds the model,
-optimizer, scheduler, grad scaler, EMA, best metrics and the early-stopping counter. A run killed
-at any moment and resumed repeats at most the epoch it was in, with the same numbers.
+Exact resume: every random stream is reseeded per epoch (`epoch_seed`), and the resume state
+(`TrainParts.stateful`) holds the model, optimizer, scheduler, grad scaler, EMA, the keepers'
+bests, the fold's progress and the RNG. A run killed at any moment and resumed repeats at most
+the epoch it was in, with the same numbers.
 
-BatchNorm under DDP: plain per-process BatchNorm by default (`--sync-bn` converts to
-SyncBatchNorm). With the seed's batch of 4 per process, each GPU normalises over the same
-4-sample batches that a single-GPU run sees, so N GPUs reproduce the single-GPU recipe with N x
-the throughput; SyncBatchNorm would add a collective per BN layer (53 in ResNet-50).
+Data: by default the fold's volumes are resident (`--cache-device auto`: one float16 tensor on
+the GPU when it fits, else in host memory; brats/resident.py) and a batch is an index gather on
+the device; `--cache-device off` is the DataLoader-with-workers path. Both draw the same batches
+from the same seeded sampler, so on the CPU they give the same metrics. No step reads a value
+back to the host except at optimizer-update boundaries (the non-finite-loss check).
+
+Several processes: the effective batch is batch x accumulation x processes, so N GPUs at the
+seed's batch 4 x 2 train with an effective batch of 8N, not the single-GPU recipe;
+`--effective-batch 8` keeps the recipe's 8 by lowering accumulation, then the per-process batch.
+BatchNorm stays per process (`--sync-bn` converts to SyncBatchNorm): each GPU normalises over
+its own batch as a single-GPU run does; SyncBatchNorm would add a collective per BN layer (53
+in ResNet-50) for statistics over a few more samples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from brats import __version__
-from brats.atomic import write_csv_atomic, write_json_atomic
+from brats.atomic import check_output_dir, remove_stale_temps, write_csv_atomic, write_json_atomic
 from brats.augment import augment_batch
 from brats.cache import open_data
-from brats.checkpoint import save_atomic
+from brats.checkpoint import (
+    BestKeeper,
+    Checkpoint,
+    RngState,
+    Stateful,
+    cpu_state_dict,
+    load_resume_state,
+    save_resume_state,
+)
 from brats.config import TrainConfig, comparable
 from brats.data import CachedVolumes, make_sampler
 from brats.ema import ModelEma
 from brats.errors import BratsError
 from brats.folds import load_or_make_splits, protocol
 from brats.losses import apply_drw, make_criterion
-from brats.metrics import METRICS, classification_metrics, save_plots
+from brats.metrics import METRICS
 from brats.model import build_model, load_pretrained, param_groups
+from brats.resident import ResidentVolumes, resident_loader, resolve_cache_device, volume_bytes
 from brats.runs import RunPaths
+from brats.scoring import predict, score
+from brats.speed import (
+    FirstStepTimer,
+    configure_backends,
+    maybe_compile,
+    memory_format,
+    split_effective_batch,
+)
 
 log = get_logger(__name__)
 
 STREAM_DROPOUT, STREAM_SAMPLER, STREAM_AUGMENT = 0, 1, 2
-# A new best must beat the old one by more than float noise: the same ranking can give AUCs that
-# differ in the last bits, which must not count as an improvement.
-AUC_EPS = 1e-9
 
 
 class TrainingError(BratsError):
@@ -63,20 +89,32 @@ class TrainingError(BratsError):
 
 @dataclass
 class FoldState:
-    """What a resumed run needs beyond the weights; saved in state.pt."""
+    """How far the fold got; saved in state.pt (the best AUCs belong to the keepers)."""
 
     epoch: int = 0  # completed epochs (1-based numbering of the last one)
-    best_auc: float = -math.inf
-    best_epoch: int = 0
-    best_ema_auc: float = -math.inf
-    best_ema_epoch: int = 0
     bad_epochs: int = 0  # epochs since the last new best (raw or EMA)
     finished: bool = False
     stop_reason: str = ""
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # metrics.csv rows
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Fields a later version added keep their defaults; fields it dropped are ignored."""
+        for f in fields(self):
+            if f.name in state:
+                setattr(self, f.name, state[f.name])
 
 
 def epoch_seed(seed: int, epoch: int, stream: int, process: int = 0) -> int:
+    """The seed of one random stream for one epoch (and one process).
+
+    The rule that makes resume exact: every random consumer in training (dropout and the other
+    torch-global draws, the sampler, augmentation) draws from a stream that is reseeded from
+    (seed, epoch, stream[, process]) at the start of each epoch, never from state carried over
+    from the epochs before. A new consumer gets its own stream number.
+    """
     return (seed * 1_000_003 + epoch * 1009 + stream * 101 + process) % (2**63)
 
 
@@ -89,7 +127,7 @@ def resolve_mixed_precision(cfg: TrainConfig) -> tuple[str, str | None]:
     return requested, None
 
 
-def warmup_cosine(warmup: int, total: int):
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     """lr multiplier per optimizer update: linear warm-up to 1, then cosine to 0 at `total`."""
 
     def factor(step: int) -> float:
@@ -101,48 +139,21 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
-@torch.no_grad()
-def predict(
-    model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, 2) float32 and labels (N,) over a loader, in eval mode without gradients.
-
-    With an accelerator (prepared loader), batches are gathered from every process without the
-    duplicates that even batches add; without one, batches go to the model's device.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    logits, labels = [], []
-    for x, y in loader:
-        if accelerator is None:
-            x, y = x.to(device), y.to(device)
-        out = model(x).float()
-        if accelerator is not None:
-            out, y = accelerator.gather_for_metrics((out, y))
-        logits.append(out.cpu())
-        labels.append(y.cpu())
-    model.train(was_training)
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
-
-
-def score(logits: np.ndarray, labels: np.ndarray) -> tuple[dict, np.ndarray]:
-    """Metrics (val_loss = cross-entropy for every policy, so policies compare) and p(HGG)."""
-    t = torch.from_numpy(logits).double()
-    p_hgg = torch.softmax(t, dim=1)[:, 1].numpy()
-    metrics = classification_metrics(labels, p_hgg)
-    metrics["loss"] = float(F.cross_entropy(t, torch.from_numpy(labels).long()))
-    return metrics, p_hgg
+# Settings that say where a run lies rather than what it is: a run copied or moved elsewhere, or
+# named by another path to the same folder, is the same run. The data's identity is its cohort,
+# which splits.json fingerprints (load_or_make_splits refuses another cohort).
+LOCATION = ("run", "data")
 
 
 def write_run_config(run: Path, cfg: TrainConfig) -> None:
-    """RUN/config.json: the resolved config; every fold of a run must share it."""
+    """RUN/config.json: the resolved config; every fold of a run must share its settings."""
     path = RunPaths(run).config
     d = cfg.to_dict()
     if path.exists():
         # Fields added by a later brats version take their defaults, so an older run still matches.
         old = TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
-        diff = sorted(k for k in set(comparable(old)) | set(comparable(d)) if old.get(k) != d.get(k))
+        keys = (set(comparable(old)) | set(comparable(d))) - set(LOCATION)
+        diff = sorted(k for k in keys if old.get(k) != d.get(k))
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {d.get(k)!r}" for k in diff[:4])
             raise BratsError(
@@ -153,31 +164,140 @@ def write_run_config(run: Path, cfg: TrainConfig) -> None:
     write_json_atomic(path, d)
 
 
-def replace_plots(
-    fold_dir: Path, prefix: str, epoch: int, labels: np.ndarray, p_hgg: np.ndarray, title: str
-) -> None:
-    """Plots of the new best epoch; the previous best's plots are removed."""
-    for old in fold_dir.glob(f"{prefix}*_epoch_*.png"):
-        if prefix or not old.name.startswith("ema_"):
-            old.unlink()
-    save_plots(fold_dir, labels, p_hgg, prefix=prefix, suffix=f"_epoch_{epoch}", title=title)
+@dataclass
+class FoldData:
+    """The fold's loaders and what the checkpoints record about its data."""
+
+    train_loader: DataLoader
+    val_loader: DataLoader
+    sample_gen: torch.Generator  # drives the training sampler; reseeded per epoch
+    class_counts: list[int]  # training patients per class (LGG, HGG)
+    checkpoint_fields: dict[str, Any]  # splits fingerprint, protocol, val patients, preprocessing
+
+
+def load_data(cfg: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> FoldData:
+    """The fold's training and validation loaders over the prepared cache (prepared first if
+    `cfg.data` is raw); the main process writes splits.json and config.json first."""
+    with accelerator.main_process_first():
+        cached = open_data(cfg.data, cfg.size)
+        ids, labels = cached.patient_ids, cached.labels.tolist()
+        splits = load_or_make_splits(paths.splits, ids, labels, cfg.folds, cfg.split_seed, cfg.inner_val)
+        if accelerator.is_main_process:
+            write_run_config(paths.root, cfg)
+    fold = splits.fold(cfg.fold, ids, labels)
+    train_idx, val_idx = cached.indices(fold.train), cached.indices(fold.val)
+    train_labels = cached.labels[train_idx]
+    class_counts = np.bincount(train_labels, minlength=2).tolist()
+    log.info(
+        f"fold {cfg.fold}: {len(train_idx)} train ({class_counts[1]} HGG, {class_counts[0]} LGG), "
+        f"{len(val_idx)} val; {protocol(splits.inner_val)}; "
+        f"policy {cfg.policy}; channels {','.join(cfg.modalities)}; "
+        f"{accelerator.num_processes} process(es) on {accelerator.device.type}; effective batch "
+        f"{cfg.batch_size} x {cfg.grad_accum} x {accelerator.num_processes} = "
+        f"{cfg.batch_size * cfg.grad_accum * accelerator.num_processes}"
+    )
+    sample_gen = torch.Generator()
+    sampler = make_sampler(cfg.sampler, train_labels, sample_gen)
+    drop_last = len(train_idx) > cfg.batch_size  # a batch of 1 breaks BatchNorm at 1^3 feature maps
+    val_batch = cfg.val_batch_size or 2 * cfg.batch_size
+    nbytes = volume_bytes(cached, len(train_idx) + len(val_idx), len(cfg.modalities))
+    where, why = resolve_cache_device(cfg.cache_device, nbytes, accelerator.device)
+    log.info(f"fold {cfg.fold}: data {'resident, ' + why if where != 'off' else 'DataLoader workers'}")
+    if where == "off":
+        pin = accelerator.device.type == "cuda"
+        train_ds = CachedVolumes(cached, train_idx, cfg.modalities)
+        train_loader = DataLoader(
+            train_ds,
+            cfg.batch_size,
+            sampler=sampler,
+            num_workers=cfg.workers,
+            pin_memory=pin,
+            drop_last=drop_last,
+        )
+        val_ds = CachedVolumes(cached, val_idx, cfg.modalities)
+        val_loader = DataLoader(val_ds, val_batch, shuffle=False, num_workers=cfg.workers, pin_memory=pin)
+    else:
+        # One tensor for the fold, train patients first; each loader sees its part as a view.
+        device = accelerator.device if where == "cuda" else torch.device("cpu")
+        resident = ResidentVolumes(
+            cached, train_idx + val_idx, cfg.modalities, device, pin=accelerator.device.type == "cuda"
+        )
+        n = len(train_idx)
+        train_loader = resident_loader(resident.part(0, n), cfg.batch_size, sampler, drop_last)
+        val_loader = resident_loader(resident.part(n, len(resident)), val_batch)
+    recorded = {
+        "splits_fingerprint": splits.fingerprint,
+        "protocol": protocol(splits.inner_val),
+        "val_patients": fold.val,
+        "preprocess": cached.preprocess,
+    }
+    return FoldData(train_loader, val_loader, sample_gen, class_counts, recorded)
+
+
+@dataclass
+class TrainParts:
+    """Everything one fold's training holds, built once by `setup`."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    paths: RunPaths
+    data: FoldData
+    model: torch.nn.Module  # prepared (possibly DDP-wrapped)
+    optimizer: AcceleratedOptimizer
+    scheduler: LambdaLR  # stepped once per real optimizer update
+    criterion: torch.nn.Module
+    augment_gen: torch.Generator  # reseeded per epoch
+    ema: ModelEma | None
+    keepers: dict[str, BestKeeper]  # "best" (raw weights) and, with EMA, "best_ema"
+    state: FoldState = field(default_factory=FoldState)
+
+    @property
+    def fold_dir(self) -> Path:
+        return self.paths.fold(self.cfg.fold)
+
+    def stateful(self) -> dict[str, Stateful]:
+        """The resume state, under the names state.pt has always used for them."""
+        objects: dict[str, Stateful] = {
+            "model_state_dict": plain_module(self.accelerator, self.model),
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "fold_state": self.state,
+            "rng": RngState(),
+            **self.keepers,
+        }
+        if self.accelerator.scaler is not None:
+            objects["scaler"] = self.accelerator.scaler
+        if self.ema is not None:
+            objects["ema_state_dict"] = self.ema
+        return objects
+
+
+def plain_module(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The plain ResNet3D under DDP and torch.compile wrappers: what is saved, averaged, exported."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def train_fold(cfg: TrainConfig) -> dict:
     """Train fold `cfg.fold`; returns a summary (best epochs and AUCs, why it stopped)."""
+    check_output_dir(cfg.run, "--run folder")  # before any work: one line if it cannot be written
+    if cfg.effective_batch:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch
+        batch, accum = split_effective_batch(cfg.effective_batch, cfg.batch_size, processes)
+        cfg = dataclasses.replace(cfg, batch_size=batch, grad_accum=accum)
     precision, note = resolve_mixed_precision(cfg)
-    log_with = "tensorboard" if _has_tensorboard() else None
     accelerator = Accelerator(
         cpu=cfg.cpu,
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum,
-        log_with=log_with,
+        log_with="tensorboard" if _has_tensorboard() else None,
         project_dir=cfg.run,
     )
     try:
         if note:
             log.info(note)
-        return _train(cfg, accelerator)
+        parts = setup(cfg, accelerator)
+        resume_or_refuse(parts)
+        return fit(parts)
     finally:
         accelerator.end_training()  # also destroys the process group: the launcher exits cleanly
 
@@ -190,294 +310,228 @@ def _has_tensorboard() -> bool:
     return True
 
 
-def _train(cfg: TrainConfig, accelerator: Accelerator) -> dict:
+def setup(cfg: TrainConfig, accelerator: Accelerator) -> TrainParts:
+    """Seed, data, model, optimizer, accelerator.prepare, scheduler, EMA, keepers, in that order."""
     set_seed(cfg.seed)
     if accelerator.device.type == "cpu":
         # `accelerate launch` exports OMP_NUM_THREADS=1, which halves CPU training on 2 cores:
         # share the cores among the processes instead.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
-    run = Path(cfg.run)
-    paths = RunPaths(run)
-    fold_dir = paths.fold(cfg.fold)
-    main = accelerator.is_main_process
+    log.info(configure_backends(accelerator.device, cfg.deterministic))
+    paths = RunPaths(cfg.run)
+    if accelerator.is_main_process:  # what a killed writer left behind
+        for folder in (paths.root, paths.fold(cfg.fold)):
+            remove_stale_temps(folder)
+    data = load_data(cfg, accelerator, paths)
 
-    # --- data: the main process prepares the cache and writes the splits first
-    with accelerator.main_process_first():
-        cached = open_data(cfg.data, cfg.size)
-        ids, labels = cached.patient_ids, cached.labels.tolist()
-        splits = load_or_make_splits(paths.splits, ids, labels, cfg.folds, cfg.split_seed, cfg.inner_val)
-        if main:
-            write_run_config(run, cfg)
-    fold = splits.fold(cfg.fold, ids, labels)
-    train_ds = CachedVolumes(cached, cached.indices(fold.train), cfg.modalities)
-    val_ds = CachedVolumes(cached, cached.indices(fold.val), cfg.modalities)
-    class_counts = np.bincount(train_ds.labels, minlength=2).tolist()
-    log.info(
-        f"fold {cfg.fold}: {len(train_ds)} train ({class_counts[1]} HGG, {class_counts[0]} LGG), "
-        f"{len(val_ds)} val; {protocol(splits.inner_val)}; "
-        f"policy {cfg.policy}; channels {','.join(cfg.modalities)}; "
-        f"{accelerator.num_processes} process(es) on {accelerator.device.type}"
-    )
-    sample_gen, augment_gen = torch.Generator(), torch.Generator()
-    sampler = make_sampler(cfg.sampler, train_ds.labels, sample_gen)
-    pin = accelerator.device.type == "cuda"
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.workers,
-        pin_memory=pin,
-        drop_last=len(train_ds) > cfg.batch_size,  # a batch of 1 breaks BatchNorm at 1^3 feature maps
-    )
-    val_loader = DataLoader(
-        val_ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers, pin_memory=pin
-    )
-
-    # --- model, optimizer
     model = build_model(cfg)
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     if cfg.sync_bn and accelerator.num_processes > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(memory_format=memory_format(accelerator.device, cfg.channels_last))
     optimizer = torch.optim.Adam(param_groups(model, cfg.lr, cfg.classifier_lr_mult, cfg.weight_decay))
-    criterion = make_criterion(cfg, class_counts)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader
+    criterion = make_criterion(cfg, data.class_counts)
+    model = maybe_compile(model, cfg.compile)  # shares the plain module's weights (unwrap_model)
+    model, optimizer, data.train_loader, data.val_loader = accelerator.prepare(
+        model, optimizer, data.train_loader, data.val_loader
     )
-    criterion = criterion.to(accelerator.device)
-
     # Sized in optimizer updates of this process (the prepared loader is per process). Stepped by
     # hand after each real update rather than through accelerator.prepare, whose wrapper would
     # step it once per process.
-    updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
+    updates_per_epoch = math.ceil(len(data.train_loader) / cfg.grad_accum)
     total_updates = cfg.max_epochs * updates_per_epoch
     scheduler = LambdaLR(
         optimizer.optimizer, warmup_cosine(round(cfg.warmup * updates_per_epoch), total_updates)
     )
-    ema = ModelEma(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = ModelEma(plain_module(accelerator, model), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    keepers = {"best": BestKeeper(paths.best(cfg.fold), False, f"fold {cfg.fold}")}
+    if ema is not None:
+        keepers["best_ema"] = BestKeeper(paths.best(cfg.fold, ema=True), True, f"fold {cfg.fold} EMA")
+    criterion = criterion.to(accelerator.device)
+    return TrainParts(
+        cfg, accelerator, paths, data, model, optimizer, scheduler, criterion, torch.Generator(), ema, keepers
+    )
 
-    # --- resume
-    state = FoldState()
+
+def resume_or_refuse(parts: TrainParts) -> None:
+    """With --resume, continue from state.pt when there is one; without it, refuse a fold
+    folder that already holds training results."""
+    cfg, paths = parts.cfg, parts.paths
     state_path = paths.state(cfg.fold)
     if cfg.resume and state_path.exists():
-        state = _load_state(state_path, accelerator, model, optimizer, scheduler, ema)
+        load_resume_state(state_path, parts.stateful())
+        best = parts.keepers["best"]
         log.info(
-            f"resumed {state_path} after epoch {state.epoch} "
-            f"(best AUC {state.best_auc:.4f} at epoch {state.best_epoch})"
+            f"resumed {state_path} after epoch {parts.state.epoch} "
+            f"(best AUC {best.best_auc:.4f} at epoch {best.best_epoch})"
         )
     elif cfg.resume:
         log.info(f"--resume: no {state_path} yet, starting fold {cfg.fold} from scratch")
     elif any(p.exists() for p in (paths.best(cfg.fold), paths.best(cfg.fold, ema=True), state_path)):
         raise BratsError(
-            f"{fold_dir} already holds a trained fold: "
+            f"{parts.fold_dir} already holds a trained fold: "
             "pass --resume to continue it, or use a new --run folder"
         )
-    if main:
-        fold_dir.mkdir(parents=True, exist_ok=True)
+    if parts.accelerator.is_main_process:
+        parts.fold_dir.mkdir(parents=True, exist_ok=True)
+
+
+def fit(parts: TrainParts) -> dict:
+    """The epoch loop, until early stopping or --max-epochs; returns the fold's summary."""
+    cfg, accelerator = parts.cfg, parts.accelerator
     if accelerator.log_with:
         accelerator.init_trackers(
-            paths.fold(cfg.fold).name,
+            parts.fold_dir.name,
             config={k: v for k, v in cfg.to_dict().items() if isinstance(v, int | float | str | bool)},
         )
-
-    payload_base = {
-        "config": cfg.to_dict(),
-        "fold": cfg.fold,
-        "splits_fingerprint": splits.fingerprint,
-        "protocol": protocol(splits.inner_val),
-        "val_patients": fold.val,
-        "preprocess": cached.preprocess,
-        "brats_version": __version__,
-    }
-
-    # --- epochs
-    for epoch in range(state.epoch + 1, cfg.max_epochs + 1):
-        if state.finished:
+    for epoch in range(parts.state.epoch + 1, cfg.max_epochs + 1):
+        if parts.state.finished:
             break
-        t0 = time.perf_counter()
-        rank = accelerator.process_index
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, STREAM_DROPOUT, rank))
-        sample_gen.manual_seed(epoch_seed(cfg.seed, epoch, STREAM_SAMPLER))
-        augment_gen.manual_seed(epoch_seed(cfg.seed, epoch, STREAM_AUGMENT, rank))
-        drw = apply_drw(criterion, cfg, epoch, class_counts)
-
-        train_loss = _train_epoch(
-            cfg, accelerator, model, optimizer, scheduler, criterion, train_loader, augment_gen, ema, epoch
-        )
-
-        logits, val_labels = predict(model, val_loader, accelerator)
-        val, p_hgg = score(logits, val_labels)
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"]}
-        row.update({f"val_{m}": val[m] for m in METRICS})
-        row["lr"] = optimizer.param_groups[0]["lr"]
-        row["classifier_lr"] = optimizer.param_groups[1]["lr"]
-        row["drw"] = int(drw)
-        improved = val["auc"] > state.best_auc + AUC_EPS  # strict; NaN never improves
-        ema_improved = False
-        if ema is not None:
-            ema_logits, _ = predict(ema.module, val_loader, accelerator)
-            ema_val, ema_p = score(ema_logits, val_labels)
-            row.update({f"ema_val_{m}": ema_val[m] for m in ("auc", "f1", "accuracy")})
-            ema_improved = ema_val["auc"] > state.best_ema_auc + AUC_EPS
-        row["seconds"] = round(time.perf_counter() - t0, 3)
-
-        if improved:
-            state.best_auc, state.best_epoch = val["auc"], epoch
-        if ema_improved:
-            state.best_ema_auc, state.best_ema_epoch = ema_val["auc"], epoch
-        state.bad_epochs = 0 if (improved or ema_improved) else state.bad_epochs + 1
-        state.epoch = epoch
-        state.history.append(row)
-        if epoch >= cfg.min_epochs and state.bad_epochs >= cfg.patience:
-            state.finished, state.stop_reason = (
-                True,
-                f"early stop: no new best val AUC for {cfg.patience} epochs",
-            )
-        elif epoch == cfg.max_epochs:
-            state.finished, state.stop_reason = True, f"reached --max-epochs {cfg.max_epochs}"
-
-        if main:
-            if improved:
-                path = paths.best(cfg.fold)
-                save_atomic(
-                    {
-                        **payload_base,
-                        "model_state_dict": _cpu_state(accelerator.unwrap_model(model)),
-                        "epoch": epoch,
-                        "val_metrics": val,
-                        "is_ema": False,
-                    },
-                    path,
-                )
-                replace_plots(fold_dir, "", epoch, val_labels, p_hgg, f"fold {cfg.fold} epoch {epoch}")
-                log.info(f"epoch {epoch}: new best val AUC {val['auc']:.4f} -> {path}")
-            if ema_improved:
-                path = paths.best(cfg.fold, ema=True)
-                save_atomic(
-                    {
-                        **payload_base,
-                        "model_state_dict": _cpu_state(ema.module),
-                        "epoch": epoch,
-                        "val_metrics": ema_val,
-                        "is_ema": True,
-                    },
-                    path,
-                )
-                replace_plots(
-                    fold_dir, "ema_", epoch, val_labels, ema_p, f"fold {cfg.fold} EMA epoch {epoch}"
-                )
-                log.info(f"epoch {epoch}: new best EMA val AUC {ema_val['auc']:.4f} -> {path}")
-            write_csv_atomic(paths.metrics(cfg.fold), state.history)
-            _save_state(state_path, state, accelerator, model, optimizer, scheduler, ema, cfg)
-        accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-        log.info(
-            f"epoch {epoch}/{cfg.max_epochs} train_loss {train_loss:.4f} val_loss {val['loss']:.4f} "
-            f"val_auc {val['auc']:.4f} f1 {val['f1']:.4f} acc {val['accuracy']:.4f} "
-            f"lr {row['lr']:.2e} ({row['seconds']:.1f}s)"
-        )
+        run_epoch(parts, epoch)
         accelerator.wait_for_everyone()
 
+    state = parts.state
     if state.stop_reason:
         log.info(f"fold {cfg.fold} finished after epoch {state.epoch}: {state.stop_reason}")
+    best, best_ema = parts.keepers["best"], parts.keepers.get("best_ema")
     return {
         "fold": cfg.fold,
         "epochs": state.epoch,
-        "best_epoch": state.best_epoch,
-        "best_auc": state.best_auc,
-        "best_ema_epoch": state.best_ema_epoch if ema is not None else None,
-        "best_ema_auc": state.best_ema_auc if ema is not None else None,
+        "best_epoch": best.best_epoch,
+        "best_auc": best.best_auc,
+        "best_ema_epoch": best_ema.best_epoch if best_ema else None,
+        "best_ema_auc": best_ema.best_auc if best_ema else None,
         "stop_reason": state.stop_reason,
     }
 
 
-def _train_epoch(
-    cfg, accelerator, model, optimizer, scheduler, criterion, loader, augment_gen, ema, epoch
-) -> float:
+def run_epoch(parts: TrainParts, epoch: int) -> None:
+    """Train, validate, keep the bests, decide on stopping, write metrics.csv and state.pt."""
+    cfg, accelerator, state = parts.cfg, parts.accelerator, parts.state
+    t0 = time.perf_counter()
+    rank = accelerator.process_index
+    torch.manual_seed(epoch_seed(cfg.seed, epoch, STREAM_DROPOUT, rank))
+    parts.data.sample_gen.manual_seed(epoch_seed(cfg.seed, epoch, STREAM_SAMPLER))
+    parts.augment_gen.manual_seed(epoch_seed(cfg.seed, epoch, STREAM_AUGMENT, rank))
+    drw = apply_drw(parts.criterion, cfg, epoch, parts.data.class_counts)
+    train_loss, samples_per_s = train_epoch(parts, epoch)
+
+    # (keeper, weights, metrics, p_hgg) for the raw model and, with EMA, for the EMA copy
+    logits, val_labels = predict(parts.model, parts.data.val_loader, accelerator)
+    val, p_hgg = score(logits, val_labels)
+    judged = [(parts.keepers["best"], plain_module(accelerator, parts.model), val, p_hgg)]
+    row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"]}
+    row.update({f"val_{m}": val[m] for m in METRICS})
+    row["lr"] = parts.optimizer.param_groups[0]["lr"]
+    row["classifier_lr"] = parts.optimizer.param_groups[1]["lr"]
+    row["drw"] = int(drw)
+    row["train_samples_per_s"] = round(samples_per_s, 2)
+    if parts.ema is not None:
+        ema_val, ema_p = score(predict(parts.ema.module, parts.data.val_loader, accelerator)[0], val_labels)
+        row.update({f"ema_val_{m}": ema_val[m] for m in ("auc", "f1", "accuracy")})
+        judged.append((parts.keepers["best_ema"], parts.ema.module, ema_val, ema_p))
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+
+    improved = [(k, w, m, p) for k, w, m, p in judged if k.consider(m["auc"], epoch)]
+    state.bad_epochs = 0 if improved else state.bad_epochs + 1
+    state.epoch = epoch
+    state.history.append(row)
+    if epoch >= cfg.min_epochs and state.bad_epochs >= cfg.patience:
+        state.finished = True
+        state.stop_reason = f"early stop: no new best val AUC for {cfg.patience} epochs"
+    elif epoch == cfg.max_epochs:
+        state.finished, state.stop_reason = True, f"reached --max-epochs {cfg.max_epochs}"
+
+    if accelerator.is_main_process:
+        for keeper, weights, metrics, p in improved:
+            ckpt = Checkpoint(
+                cpu_state_dict(weights), metrics, epoch, keeper.is_ema, cfg.to_dict(), cfg.fold,
+                **parts.data.checkpoint_fields, brats_version=__version__,
+            )  # fmt: skip
+            keeper.save(ckpt, val_labels, p)
+            kind = "EMA val AUC" if keeper.is_ema else "val AUC"
+            log.info(f"epoch {epoch}: new best {kind} {metrics['auc']:.4f} -> {keeper.path}")
+        write_csv_atomic(parts.paths.metrics(cfg.fold), state.history)
+        save_resume_state(parts.paths.state(cfg.fold), parts.stateful(), {"config": cfg.to_dict()})
+    accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+    log.info(
+        f"epoch {epoch}/{cfg.max_epochs} train_loss {train_loss:.4f} val_loss {val['loss']:.4f} "
+        f"val_auc {val['auc']:.4f} f1 {val['f1']:.4f} acc {val['accuracy']:.4f} "
+        f"lr {row['lr']:.2e} ({row['seconds']:.1f}s, train {samples_per_s:.1f} samples/s)"
+    )
+
+
+def train_epoch(parts: TrainParts, epoch: int) -> tuple[float, float]:
+    """One pass over the training loader; returns the mean loss over every process and the
+    training samples per second (all processes, validation excluded).
+
+    Nothing is read back to the host per micro-batch: the loss sum and the first non-finite
+    step stay on the device and are read at optimizer-update boundaries, where a non-finite
+    loss on any process stops training before the update (TrainingError naming the epoch and
+    step). The scheduler and the EMA follow real optimizer updates only: not micro-batches that
+    accumulate, nor steps the fp16 grad scaler skipped.
+    """
+    cfg, accelerator, model = parts.cfg, parts.accelerator, parts.model
     model.train()
+    fmt = memory_format(accelerator.device, cfg.channels_last)
     total = torch.zeros((), device=accelerator.device)
-    steps = 0
+    # (first non-finite step or 0, its loss): read only at update boundaries
+    first_bad = torch.zeros(2, device=accelerator.device)
+    steps = samples = 0
+    timer = FirstStepTimer(f"epoch {epoch}") if epoch == 1 else None
     bar = tqdm(
-        loader,
+        parts.data.train_loader,
         desc=f"epoch {epoch}",
         leave=False,
         disable=not (cfg.progress and accelerator.is_local_main_process),
     )
+    t0 = time.perf_counter()
     for step, (x, y) in enumerate(bar, start=1):
+        x = x.float().contiguous(memory_format=fmt)  # resident host batches arrive as float16
         if cfg.augment:
-            x = augment_batch(x, augment_gen)  # (B, C, D, H, W), on the training device
+            x = augment_batch(x, parts.augment_gen)  # (B, C, D, H, W), on the training device
         with accelerator.accumulate(model):
-            loss = criterion(model(x).float(), y)
-            bad = (~torch.isfinite(loss.detach())).float()
-            if accelerator.num_processes > 1:
-                bad = accelerator.reduce(bad, "sum")
-            if bad.item():
-                raise TrainingError(
-                    f"loss is {loss.item()} at epoch {epoch}, step {step}: training stopped, "
-                    "the best checkpoint is untouched (lower --lr, or check the inputs)"
-                )
+            loss = parts.criterion(model(x).float(), y)
+            new_bad = (first_bad[0] == 0) & ~torch.isfinite(loss.detach())
+            here = torch.stack([torch.full_like(loss.detach(), step), loss.detach()])
+            first_bad = torch.where(new_bad, here, first_bad)
+            if accelerator.sync_gradients:
+                check_finite(accelerator, first_bad, epoch)
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients and ema is not None:
-            ema.update(accelerator.unwrap_model(model))
+            parts.optimizer.step()
+            updated = accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped
+            if updated:
+                parts.scheduler.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+        if updated and parts.ema is not None:
+            parts.ema.update(plain_module(accelerator, model))
+        if timer is not None:
+            timer.step()
         total += loss.detach()
         steps += 1
+        samples += len(y)
     bar.close()
     mean = total / max(steps, 1)
-    return (
-        float(accelerator.reduce(mean, "mean").item())
-        if accelerator.num_processes > 1
-        else float(mean.item())
-    )
+    if accelerator.num_processes > 1:
+        mean = accelerator.reduce(mean, "mean")
+    mean_loss = float(mean.item())  # waits for the device: the time below is the real one
+    seconds = time.perf_counter() - t0
+    return mean_loss, samples * accelerator.num_processes / max(seconds, 1e-9)
 
 
-def _cpu_state(model: torch.nn.Module) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _save_state(path, state, accelerator, model, optimizer, scheduler, ema, cfg) -> None:
-    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-    save_atomic(
-        {
-            "model_state_dict": _cpu_state(accelerator.unwrap_model(model)),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler,
-            "ema_state_dict": _cpu_state(ema.module) if ema is not None else None,
-            "fold_state": asdict(state),
-            # Numpy's and Python's generators are not used in training; torch's are reseeded
-            # per epoch and saved too.
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "config": cfg.to_dict(),
-        },
-        path,
-    )
-
-
-def _load_state(path, accelerator, model, optimizer, scheduler, ema) -> FoldState:
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BratsError(
-            f"{path}: cannot read the resume state ({type(e).__name__}: {e}); delete it to start over"
-        ) from e
-    accelerator.unwrap_model(model).load_state_dict(blob["model_state_dict"])
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    if blob["scaler"] is not None and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(blob["scaler"])
-    if ema is not None:
-        if blob["ema_state_dict"] is None:
-            raise BratsError(
-                f"{path}: saved without EMA but --ema-decay is set now; resume with the same settings"
-            )
-        ema.load_state_dict(blob["ema_state_dict"])
-    torch.set_rng_state(blob["rng_cpu"])
-    if blob["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["rng_cuda"])
-    return FoldState(**blob["fold_state"])
+def check_finite(accelerator: Accelerator, first_bad: torch.Tensor, epoch: int) -> None:
+    """Raise (on every process alike) when any process met a non-finite loss since the epoch began."""
+    bad = first_bad
+    if accelerator.num_processes > 1:  # every process must raise alike: report the first bad one
+        everyone = accelerator.gather(first_bad[None])  # (P, 2)
+        hit = (everyone[:, 0] > 0).nonzero()
+        bad = everyone[hit[0, 0]] if len(hit) else first_bad
+    step, value = bad.tolist()
+    if step:
+        raise TrainingError(
+            f"loss is {value} at epoch {epoch}, step {int(step)}: training stopped, "
+            "the best checkpoint is untouched (lower --lr, or check the inputs)"
+        )

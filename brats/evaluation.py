@@ -8,9 +8,13 @@ re-computed val AUC is checked against the AUC stored when it was saved.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
-import math
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +23,24 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
-from brats.atomic import write_csv_atomic, write_json_atomic, write_text_atomic
-from brats.cache import open_data
-from brats.checkpoint import load_checkpoint, select_checkpoint
-from brats.config import TrainConfig
+from brats.atomic import (
+    check_output_dir,
+    fsync_dir,
+    remove_stale_temps,
+    temp_path,
+    write_error,
+)
+from brats.cache import CachedCohort, open_data
+from brats.checkpoint import Checkpoint, read_checkpoint, select_checkpoint
+from brats.config import TrainConfig, validate
 from brats.data import CachedVolumes
-from brats.engine import predict, score
 from brats.errors import BratsError
 from brats.folds import load_or_make_splits, protocol
 from brats.metrics import METRICS, bootstrap_auc_ci, mean_std, save_plots
 from brats.model import build_model
+from brats.preprocess import PreprocessConfig
 from brats.runs import RunPaths
+from brats.scoring import predict, score
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +62,98 @@ class FoldResult:
 
 
 def run_config(run: Path) -> dict:
+    """RUN/config.json as a dict, checked: it must describe a valid TrainConfig."""
     path = RunPaths(run).config
     if not path.is_file():
         raise BratsError(f"{run}: no {path.name}: is this a run folder made by train.py?")
-    return json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError(f"a JSON {type(cfg).__name__}, not an object")
+        validate(TrainConfig.from_dict(cfg))
+    except (ValueError, TypeError, BratsError) as e:  # JSONDecodeError is a ValueError
+        raise BratsError(
+            f"{path} is corrupt ({str(e)[:160]}): restore it, or delete it and rerun train.py --resume "
+            "with the options the run was trained with (train.py writes it again)"
+        ) from e
+    return cfg
 
 
-def model_config(ckpt: dict, run_cfg: dict) -> dict:
+def load_summary(run: Path) -> dict:
+    """RUN/evaluation/summary.json, checked for what export and the ablation table read."""
+    path = RunPaths(run).summary
+    if not path.is_file():
+        raise BratsError(f"{run}: not evaluated yet (no {path}): run python evaluate.py --run {run}")
+    try:
+        summary = json.loads(path.read_text())
+        rows = summary["folds"]
+        if not isinstance(rows, list) or not rows:
+            raise ValueError("no folds")
+        for row in rows:
+            if not isinstance(row["fold"], int):
+                raise ValueError(f"fold {row['fold']!r}")
+            for m in ("rescored_val_auc", *METRICS):
+                float(row[m])
+        for m in METRICS:
+            float(summary["mean_std"][m]["mean"]), float(summary["mean_std"][m]["std"])
+        if not isinstance(summary["pooled"], dict) or not isinstance(summary["protocol"], str):
+            raise ValueError("no pooled figures or protocol")
+    except (ValueError, TypeError, KeyError) as e:
+        raise BratsError(
+            f"{path} is corrupt ({type(e).__name__}: {str(e)[:120]}): "
+            f"rerun python evaluate.py --run {run} to write it again"
+        ) from e
+    return summary
+
+
+def check_preprocessing(cached: CachedCohort, stored: dict | None, path: Path) -> None:
+    """Refuse to use the checkpoint at `path` (trained on preprocessing `stored`) on a cache
+    preprocessed otherwise, e.g. prepared again at another --size after training: the model would
+    still run, and its numbers would be wrong."""
+    if not isinstance(stored, dict):
+        log.warning(f"{path}: no preprocessing stored; cannot check it against {cached.root}")
+        return
+    diffs = PreprocessConfig.differences(cached.preprocess, stored)
+    if diffs:
+        cache_side = ", ".join(f"{name} {a}" for name, a, _ in diffs)
+        ckpt_side = ", ".join(f"{name} {b}" for name, _, b in diffs)
+        size = stored.get("size")
+        raise BratsError(
+            f"{cached.root} is preprocessed with {cache_side} but {path} was trained on {ckpt_side}: "
+            f"give the cache it was trained on with --data, or prepare one with "
+            f"python -m brats.prepare RAW_DATA --out NEW_CACHE --size {size}"
+        )
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """--device as a torch.device that can hold a tensor here; cuda when available by default."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except Exception as e:  # unknown names raise RuntimeError, absent backends other types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BratsError(f"--device {device!r}: not usable here ({first[:120]}): use cpu or cuda") from e
+    return dev
+
+
+def model_config(ckpt: Checkpoint, run_cfg: dict) -> dict:
     """The checkpoint's own config when it has one (a plain dict), else the run's."""
-    cfg = ckpt.get("config")
+    cfg = ckpt.config
     return cfg if isinstance(cfg, dict) else run_cfg
 
 
-def load_best_model(run: Path, k: int, run_cfg: dict, trust: bool) -> tuple[torch.nn.Module, dict, Path]:
+def load_best_model(
+    run: Path, k: int, run_cfg: dict, trust: bool
+) -> tuple[torch.nn.Module, Checkpoint, Path]:
     """Fold k's checkpoint chosen by the policy, loaded into a freshly built fp32 model in eval
     mode; returns (model, checkpoint, path)."""
     path = select_checkpoint(RunPaths(run).fold(k), float(run_cfg.get("ema_decay", 0.0)) > 0)
-    ckpt = load_checkpoint(path, trust=trust)
+    ckpt = read_checkpoint(path, trust=trust)
     model = build_model(model_config(ckpt, run_cfg))
     try:
-        model.load_state_dict(ckpt["model_state_dict"])
+        model.load_state_dict(ckpt.model_state_dict)
     except RuntimeError as e:
         raise BratsError(f"{path}: weights do not fit the configured model ({str(e).splitlines()[0]})") from e
     return model.eval().float(), ckpt, path
@@ -88,17 +171,15 @@ def evaluate_fold(
     batch: int,
 ) -> FoldResult:
     model, ckpt, path = load_best_model(run, k, run_cfg, trust)
+    check_preprocessing(cached, ckpt.preprocess, path)
     model.to(device)
-    stored = ckpt["val_metrics"].get("auc") if isinstance(ckpt["val_metrics"], dict) else None
-    stored = float(stored) if stored is not None else math.nan
-    epoch = int(ckpt.get("epoch", -1))
-    is_ema = bool(ckpt.get("is_ema", path.name.endswith("_ema.pt")))
+    stored, epoch, is_ema = ckpt.val_auc, ckpt.epoch, ckpt.is_ema
     log.info(
         f"fold {k}: {'EMA' if is_ema else 'regular'} best checkpoint {path} "
         f"(epoch {epoch}, stored val AUC {stored:.4f})"
     )
 
-    fp = ckpt.get("splits_fingerprint")
+    fp = ckpt.splits_fingerprint
     if fp is None:
         log.warning(f"{path}: no splits fingerprint stored; assuming {RunPaths(run).splits}")
     elif fp != splits.fingerprint:
@@ -251,26 +332,72 @@ def evaluate_run(
             f"{run}: fold(s) {', '.join(map(str, missing))} not trained; "
             "train them or leave them out with --folds"
         )
+    dev = resolve_device(device)
+    out = check_outputs(paths, wanted)
     cached = open_data(data or cfg.data, cfg.size)
     splits = load_or_make_splits(
         paths.splits, cached.patient_ids, cached.labels.tolist(), cfg.folds, cfg.split_seed, cfg.inner_val
     )
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = [evaluate_fold(run, k, run_cfg, cached, splits, trust, strict, dev, batch) for k in wanted]
 
-    out = paths.evaluation
-    out.mkdir(parents=True, exist_ok=True)
-    for r in results:
-        save_plots(out / f"fold_{r.fold}", r.labels, r.p_hgg, title=f"fold {r.fold} epoch {r.epoch}")
-    roc_all_folds(results, out / "roc_all_folds.png")
+    summary = summarize_folds(results, cfg.inner_val)
+    summary["run"] = str(run)
     rows = [
         {"patient_id": p, "fold": r.fold, "label": int(y), "p_hgg": float(prob)}
         for r in results
         for p, y, prob in zip(r.patient_ids, r.labels, r.p_hgg)
     ]
-    write_csv_atomic(paths.predictions, rows, ["patient_id", "fold", "label", "p_hgg"])
-    summary = summarize_folds(results, cfg.inner_val)
-    summary["run"] = str(run)
-    write_json_atomic(paths.summary, summary)
-    write_text_atomic(paths.report, report_markdown(summary, run))
+    with staged(out) as stage:
+        for r in results:
+            title = f"fold {r.fold} epoch {r.epoch}"
+            save_plots(stage / RunPaths.fold_name(r.fold), r.labels, r.p_hgg, title=title)
+        roc_all_folds(results, stage / "roc_all_folds.png")
+        with open(stage / paths.predictions.name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["patient_id", "fold", "label", "p_hgg"])
+            writer.writeheader()
+            writer.writerows(rows)
+        (stage / paths.summary.name).write_text(json.dumps(summary, indent=2) + "\n")
+        (stage / paths.report.name).write_text(report_markdown(summary, run))
     return summary
+
+
+def check_outputs(paths: RunPaths, folds: list[int]) -> Path:
+    """RUN/evaluation can be written, before any scoring: a folder (created if missing) whose
+    files and plot folders are not in the way; temp files of a killed evaluation are removed."""
+    out = paths.evaluation
+    if out.exists() and not out.is_dir():
+        raise BratsError(f"{out} is a file, where the evaluation writes its results: move it away")
+    check_output_dir(out, "evaluation results")
+    remove_stale_temps(out)
+    for f in (paths.summary, paths.report, paths.predictions, out / "roc_all_folds.png"):
+        if f.is_dir():
+            raise BratsError(f"{f} is a folder, where the evaluation writes a file: move it away")
+    for k in folds:
+        if (out / RunPaths.fold_name(k)).exists() and not (out / RunPaths.fold_name(k)).is_dir():
+            raise BratsError(
+                f"{out / f'fold_{k}'} is a file, where the evaluation writes plots: move it away"
+            )
+    return out
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A temp folder inside `out` to write every result into; on success each file is fsynced and
+    renamed to its place in `out`, so a full disk or an error leaves the previous results whole."""
+    stage = temp_path(out / "evaluation")
+    try:
+        stage.mkdir()
+        yield stage
+        files = sorted(p for p in stage.rglob("*") if p.is_file())
+        for f in files:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        for f in files:
+            target = out / f.relative_to(stage)
+            target.parent.mkdir(exist_ok=True)
+            os.replace(f, target)
+        fsync_dir(out)
+    except OSError as e:
+        raise write_error(out, e) from e
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

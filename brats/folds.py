@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedKFold
 
 from brats.atomic import write_json_atomic
 from brats.errors import BratsError
@@ -39,6 +39,7 @@ class Splits:
     inner_val: float  # 0 = early stopping on the outer fold (the seed's protocol)
     fingerprint: str  # of the cohort the splits were made for
     outer: list[list[str]]  # validation patients of each fold
+    inner: list[list[str]] | None = None  # inner validation patients as stored in splits.json
 
     def fold(self, k: int, patient_ids: list[str], labels: list[int]) -> Fold:
         """Train/val/test patient ids of fold k (0-based)."""
@@ -48,13 +49,13 @@ class Splits:
         train = [p for p in patient_ids if p not in test]
         if self.inner_val <= 0:
             return Fold(train, sorted(test), sorted(test))
-        label_of = dict(zip(patient_ids, labels))
-        inner_train, inner_val = train_test_split(
-            train,
-            test_size=self.inner_val,
-            stratify=[label_of[p] for p in train],
-            random_state=self.seed + 1000 * (k + 1),
-        )
+        if self.inner is not None:
+            inner_val = set(self.inner[k])
+        else:
+            label_of = dict(zip(patient_ids, labels))
+            inner_val = inner_split(sorted(train), [label_of[p] for p in sorted(train)], self.inner_val,
+                                    self.seed + 1000 * (k + 1))  # fmt: skip
+        inner_train = [p for p in train if p not in inner_val]
         return Fold(sorted(inner_train), sorted(inner_val), sorted(test))
 
     def to_json(self, patient_ids: list[str], labels: list[int]) -> dict:
@@ -73,6 +74,18 @@ class Splits:
             "cohort_fingerprint": self.fingerprint,
             "folds": folds,
         }
+
+
+def inner_split(ids: list[str], labels: list[int], fraction: float, seed: int) -> set[str]:
+    """A stratified `fraction` of `ids` that holds at least one patient of each grade with two or
+    more patients (an inner split of one grade has no AUC, so it could never choose an epoch)."""
+    rng = np.random.default_rng(seed)
+    chosen: set[str] = set()
+    for grade in sorted(set(labels)):
+        members = [p for p, y in zip(ids, labels) if y == grade]
+        n = min(max(1, round(fraction * len(members))), len(members) - 1)
+        chosen.update(members[i] for i in rng.permutation(len(members))[:n])
+    return chosen
 
 
 def protocol(inner_val: float) -> str:
@@ -126,7 +139,8 @@ def load_or_make_splits(
                 "but this run asks "
                 f"k={k}, seed={seed}, inner_val={inner_val}: use a new --run folder or the same settings"
             )
-        return Splits(d["k"], d["seed"], d.get("inner_val", 0.0), fp, [f["val"] for f in d["folds"]])
+        inner = [f["inner_val"] for f in d["folds"]] if all("inner_val" in f for f in d["folds"]) else None
+        return Splits(d["k"], d["seed"], d.get("inner_val", 0.0), fp, [f["val"] for f in d["folds"]], inner)
     splits = make_splits(patient_ids, labels, k, seed, inner_val)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, splits.to_json(patient_ids, labels))

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from brats.cohort import CLASSES, MODALITIES, Case
+from brats.cohort import CLASSES, Case
 from brats.errors import BratsError, CaseError
-from brats.preprocess import ORIENTATION, PREPROCESS_VERSION, PreprocessConfig, preprocess_case
+from brats.preprocess import PreprocessConfig, preprocess_case
 
-CONTRACT_KEY = "brats_contract"  # written by brats.onnx_export
+# ONNX metadata keys, written by brats.onnx_export: the preprocessing contract
+# (PreprocessConfig.to_contract()) and where the model came from.
+CONTRACT_KEY, PROVENANCE_KEY = "brats_contract", "brats_provenance"
 
 
 @dataclass(frozen=True)
@@ -36,27 +38,17 @@ class Prediction:
         return "" if self.p_hgg is None else CLASSES[int(self.p_hgg >= 0.5)]
 
 
-def contract_config(contract: dict, model: str | Path) -> PreprocessConfig:
-    """The PreprocessConfig a model's contract asks for; refuses what this code cannot honour."""
-    problems = []
-    if contract.get("preprocess_version") != PREPROCESS_VERSION:
-        problems.append(
-            f"preprocessing version {contract.get('preprocess_version')} "
-            f"(this code implements {PREPROCESS_VERSION})"
-        )
-    if contract.get("orientation") != ORIENTATION:
-        problems.append(f"orientation {contract.get('orientation')}")
-    if contract.get("normalization") != PreprocessConfig.normalization:
-        problems.append(f"normalisation {contract.get('normalization')}")
-    mods = tuple(contract.get("modalities", ()))
-    if not mods or any(m not in MODALITIES for m in mods):
-        problems.append(f"modalities {mods}")
-    if problems:
+def check_graph_input(shape: list, cfg: PreprocessConfig, model: str | Path, fix: str) -> None:
+    """The graph's input must take what the contract's preprocessing produces: (B, C, S, S, S)
+    with C = len(modalities) and S = size; a dynamic axis (a name or None) takes any length."""
+    want = (len(cfg.modalities), cfg.size, cfg.size, cfg.size)
+    fits = len(shape) == 5 and all(not isinstance(g, int) or g == w for g, w in zip(shape[1:], want))
+    if not fits:
+        got = ", ".join(str(d) if isinstance(d, int) else "B" for d in shape)
         raise BratsError(
-            f"{model}: unknown preprocessing contract ({'; '.join(problems)}): "
-            "predict with the brats version the model was exported with"
+            f"{model}: its graph takes input ({got}) but its preprocessing contract gives "
+            f"(B, {', '.join(map(str, want))}) ({cfg.size}^3, {','.join(cfg.modalities)}): {fix}"
         )
-    return PreprocessConfig(size=int(contract["size"]), modalities=mods)
 
 
 class Grader:
@@ -81,8 +73,19 @@ class Grader:
             raise BratsError(
                 f"{model}: no preprocessing contract in its metadata: export it with python export.py"
             )
-        self.contract = json.loads(meta[CONTRACT_KEY])
-        self.cfg = contract_config(self.contract, model)
+        try:
+            self.contract = json.loads(meta[CONTRACT_KEY])
+        except json.JSONDecodeError as e:
+            raise BratsError(
+                f"{model}: its preprocessing contract is not valid JSON ({e}): export it again with "
+                "python export.py"
+            ) from e
+        self.cfg = PreprocessConfig.from_contract(self.contract, model)
+        # Checked here, before any patient is read: a graph traced at another size fails only
+        # at the first onnxruntime call otherwise.
+        check_graph_input(
+            self.session.get_inputs()[0].shape, self.cfg, model, "export it again with python export.py"
+        )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(B, C, S, S, S) float32 -> p(HGG) (B,)."""
@@ -99,6 +102,8 @@ class Grader:
     ) -> list[Prediction]:
         """Preprocess and grade each patient, in input order; a patient that fails is reported
         with its reason and the others go on."""
+        if batch_size < 1:
+            raise BratsError(f"batch size {batch_size}: give at least 1 patient per onnxruntime call")
         results: dict[int, Prediction] = {}
         pending: list[tuple[int, str, np.ndarray]] = []
 

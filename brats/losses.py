@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from brats.config import TrainConfig
 
 
 class LDAMLoss(nn.Module):
@@ -35,13 +40,13 @@ def drw_weights(class_counts: list[int], beta: float = 0.9999) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def make_criterion(cfg, class_counts: list[int]) -> nn.Module:
+def make_criterion(cfg: TrainConfig, class_counts: list[int]) -> nn.Module:
     if cfg.loss == "ldam":
         return LDAMLoss(class_counts, cfg.ldam_max_m, cfg.ldam_s)
     return nn.CrossEntropyLoss()
 
 
-def apply_drw(criterion: nn.Module, cfg, epoch: int, class_counts: list[int]) -> bool:
+def apply_drw(criterion: nn.Module, cfg: TrainConfig, epoch: int, class_counts: list[int]) -> bool:
     """Switch DRW weights on from `cfg.drw_start_epoch` (1-based); returns whether active."""
     active = cfg.drw_start_epoch > 0 and epoch >= cfg.drw_start_epoch and isinstance(criterion, LDAMLoss)
     if isinstance(criterion, LDAMLoss):

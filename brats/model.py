@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from brats.errors import BratsError
+
+if TYPE_CHECKING:
+    from brats.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,14 @@ class ShortcutA(nn.Module):
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, dilation: int = 1, downsample=None):
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        dilation: int = 1,
+        downsample: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.conv1 = conv3(in_planes, planes, stride, dilation)
         self.bn1 = nn.BatchNorm3d(planes)
@@ -74,7 +85,14 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, dilation: int = 1, downsample=None):
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        dilation: int = 1,
+        downsample: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(in_planes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm3d(planes)
@@ -136,7 +154,9 @@ class ResNet3D(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _make_layer(self, block, planes: int, n: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    def _make_layer(
+        self, block: type[BasicBlock | Bottleneck], planes: int, n: int, stride: int = 1, dilation: int = 1
+    ) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.in_planes != planes * block.expansion:
             if self.shortcut == "A":
@@ -163,7 +183,7 @@ class ResNet3D(nn.Module):
         return self.fc(self.dropout(self.features(x)))
 
 
-def build_model(cfg) -> ResNet3D:
+def build_model(cfg: TrainConfig | dict[str, Any]) -> ResNet3D:
     """The model a TrainConfig (or its dict) describes."""
     get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
     return ResNet3D(

@@ -19,19 +19,28 @@ import onnx
 import torch
 from torch import nn
 
-from brats.atomic import atomic_path, write_json_atomic
+from brats.atomic import atomic_path, check_output_file, remove_stale_temps, write_json_atomic
 from brats.cache import open_data
 from brats.cohort import CLASSES
+from brats.config import TrainConfig
 from brats.errors import BratsError
-from brats.evaluation import evaluate_run, load_best_model, model_config, run_config
-from brats.runs import RunPaths
+from brats.evaluation import (
+    check_preprocessing,
+    evaluate_run,
+    load_best_model,
+    load_summary,
+    model_config,
+    run_config,
+)
+from brats.inference import CONTRACT_KEY, PROVENANCE_KEY, check_graph_input
+from brats.preprocess import PreprocessConfig
+from brats.runs import BEST, BEST_EMA, RunPaths
 
 log = logging.getLogger(__name__)
 
 OPSET = {"torchscript": 17, "dynamo": 18}  # set explicitly per exporter
 EXPORTERS = tuple(OPSET)
 PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch|
-CONTRACT_KEY, PROVENANCE_KEY = "brats_contract", "brats_provenance"
 
 
 class Exported(nn.Module):
@@ -52,10 +61,10 @@ def load_fold(run: Path, k: int, run_cfg: dict, trust: bool) -> tuple[nn.Module,
     info = {
         "fold": k,
         "checkpoint": str(path),
-        "is_ema": bool(ckpt.get("is_ema", False)),
-        "epoch": int(ckpt.get("epoch", -1)),
-        "stored_val_auc": float(ckpt["val_metrics"].get("auc", float("nan"))),
-        "preprocess": ckpt.get("preprocess"),
+        "is_ema": ckpt.is_ema,
+        "epoch": ckpt.epoch,
+        "stored_val_auc": ckpt.val_auc,
+        "preprocess": ckpt.preprocess,
         "config": model_config(ckpt, run_cfg),
     }
     return model, info
@@ -79,10 +88,17 @@ def check_parity(path: Path, model: nn.Module, inputs: np.ndarray) -> float:
 
 
 def write_onnx(
-    wrapper: Exported, inputs: np.ndarray, out: Path, metadata: dict[str, dict], exporter: str = "torchscript"
+    wrapper: Exported,
+    inputs: np.ndarray,
+    out: Path,
+    metadata: dict[str, dict],
+    exporter: str = "torchscript",
+    card: dict | None = None,
 ) -> float:
     """Export `wrapper` to `out` atomically: dynamic batch, metadata as JSON strings, full
-    checker, and parity against torch on `inputs` (>= 3 samples); returns the max |dp|.
+    checker, the graph's input checked against the contract in `metadata`, and parity against
+    torch on `inputs` (>= 3 samples); returns the max |dp|. `card` (with the parity added) is
+    written beside the model just before the model itself, so a failure leaves neither.
 
     `torchscript` (default) is ~3x faster to export here; `dynamo` is the exporter PyTorch
     develops further. Both are traced with a batch of 2 and a dynamic batch axis, since the
@@ -113,13 +129,68 @@ def write_onnx(
         proto.producer_name = "brats"
         onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
+        if CONTRACT_KEY in metadata:
+            dims = proto.graph.input[0].type.tensor_type.shape.dim
+            shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+            check_graph_input(
+                shape,
+                PreprocessConfig.from_contract(metadata[CONTRACT_KEY], out),
+                out,
+                "nothing written (export from a cache preprocessed as the checkpoint was, with --data)",
+            )
         worst = check_parity(tmp, wrapper, inputs)
         if not worst <= PARITY_TOLERANCE:
             raise BratsError(
                 f"ONNX parity failed: max |p_onnx - p_torch| = {worst:.2e} > {PARITY_TOLERANCE:g}; "
                 "nothing written"
             )
+        if card is not None:
+            write_json_atomic(RunPaths.card(out), {**card, "parity_max_abs_diff": worst})
     return worst
+
+
+def trained_folds(run: Path, k_total: int) -> list[int]:
+    """The folds of `run` that hold a checkpoint the policy can choose (a fold still in its first
+    epoch has none yet)."""
+    paths = RunPaths(run)
+    return [
+        k
+        for k in paths.folds()
+        if k < k_total and (paths.best(k).is_file() or paths.best(k, ema=True).is_file())
+    ]
+
+
+def check_model_outputs(out: Path) -> None:
+    """Before any work: the model and its card can be written (the folder is created if missing);
+    temp files of a killed export there are removed."""
+    card = RunPaths.card(out)
+    for path in (out, card):
+        if path.is_dir():
+            raise BratsError(
+                f"{path} is a folder: give the model a file name with --out, e.g. {path / 'model.onnx'}"
+            )
+    check_output_file(out, "the model (--out)")
+    for stale in remove_stale_temps(out.parent):
+        log.info(f"removed {stale.name}, left by an export or write that was killed")
+
+
+def evaluated_folds(run: Path, needed: list[int], trained: list[int], trust: bool, data: str | None) -> dict:
+    """The summary of the run's evaluation, evaluating the trained folds first when it is
+    missing, unreadable or lacks a fold in `needed`."""
+    path = RunPaths(run).summary
+    if not path.is_file():
+        log.info(f"{path} missing: evaluating folds {trained} first")
+        return evaluate_run(run, trained, trust=trust, data=data)
+    try:
+        summary = load_summary(run)
+    except BratsError as e:  # corrupt: evaluating writes it again
+        log.warning(f"{e}; evaluating folds {trained} instead")
+        return evaluate_run(run, trained, trust=trust, data=data)
+    missing = sorted(set(needed) - {row["fold"] for row in summary["folds"]})
+    if missing:
+        log.info(f"{path} lacks fold(s) {missing}: evaluating folds {trained} first")
+        return evaluate_run(run, trained, trust=trust, data=data)
+    return summary
 
 
 def export(
@@ -129,25 +200,77 @@ def export(
     ensemble: bool = False,
     trust: bool = False,
     exporter: str = "torchscript",
+    data: str | Path | None = None,
 ) -> Path:
-    """Write the ONNX model and model_card.json; returns the model path."""
+    """Write the ONNX model and model_card.json; returns the model path.
+
+    Works on the folds that are trained: the run is evaluated first (those folds only) when its
+    summary is missing, corrupt or lacks a fold that is needed. `data` replaces the run's cache
+    (e.g. one that was moved), as evaluate.py --data does.
+    """
     run = Path(run)
     run_cfg = run_config(run)
-    summary_path = RunPaths(run).summary
-    if not summary_path.is_file():
-        log.info(f"{summary_path} missing: evaluating the run first")
-        evaluate_run(run, trust=trust)
-    summary = json.loads(summary_path.read_text())
-    evaluated = {row["fold"]: row for row in summary["folds"]}
+    if exporter not in EXPORTERS:
+        raise BratsError(f"--exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
+    if ensemble and fold is not None:
+        raise BratsError("--fold and --ensemble exclude each other")
+    trained = trained_folds(run, TrainConfig.from_dict(run_cfg).folds)
+    if not trained:
+        raise BratsError(
+            f"{run}: no trained fold (no fold_K/{BEST} or {BEST_EMA}): train one with "
+            f"accelerate launch train.py --run {run} --fold K"
+        )
+    if fold is not None and fold not in trained:
+        raise BratsError(
+            f"--fold {fold}: {RunPaths(run).fold(fold)} holds no {BEST} or {BEST_EMA}; "
+            f"trained folds: {', '.join(map(str, trained))}"
+        )
+    out = Path(out) if out else RunPaths(run).model(ensemble=ensemble and len(trained) > 1)
+    check_model_outputs(out)
+    data = str(data) if data is not None else None
+
+    summary = evaluated_folds(run, [fold] if fold is not None else trained, trained, trust, data)
+    evaluated = {row["fold"]: row for row in summary["folds"] if row["fold"] in trained}
     if ensemble:
         folds = sorted(evaluated)
     elif fold is not None:
-        if fold not in evaluated:
-            raise BratsError(f"--fold {fold}: not in {summary_path} (evaluated folds {sorted(evaluated)})")
         folds = [fold]
     else:  # the fold whose re-scored validation AUC is best
         folds = [max(evaluated.values(), key=lambda r: (r["rescored_val_auc"], -r["fold"]))["fold"]]
 
+    models, sources = load_sources(run, folds, run_cfg, trust, evaluated)
+    # Parity inputs: three real preprocessed patients from the cache, which must be preprocessed
+    # as the checkpoints were (the graph is traced at its size).
+    cached = open_data(data or run_cfg["data"], run_cfg["size"])
+    for s in sources:
+        check_preprocessing(cached, s["preprocess"], Path(s["checkpoint"]))
+    modalities = sources[0]["config"]["modalities"]
+    contract = PreprocessConfig.from_contract(
+        {**sources[0]["preprocess"], "modalities": list(modalities)}, sources[0]["checkpoint"]
+    ).to_contract()
+    provenance = make_provenance(run, sources, summary)
+    wrapper = Exported(models).eval()
+    channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
+    inputs = np.stack([np.asarray(v[channels], dtype=np.float32) for v in cached.volumes[:3]])
+    card = {
+        "model": out.name,
+        "contract": contract,
+        **provenance,
+        "exporter": exporter,
+        "opset": OPSET[exporter],
+    }
+    worst = write_onnx(
+        wrapper, inputs, out, {CONTRACT_KEY: contract, PROVENANCE_KEY: provenance}, exporter, card=card
+    )
+    log.info(f"wrote {out} (parity max |dp| {worst:.1e}) and {RunPaths.card(out)}")
+    return out
+
+
+def load_sources(
+    run: Path, folds: list[int], run_cfg: dict, trust: bool, evaluated: dict[int, dict]
+) -> tuple[list[nn.Module], list[dict]]:
+    """The folds' models by the policy and where each came from; they must agree on channels
+    and preprocessing to be exported together."""
     models, sources = [], []
     for k in folds:
         model, info = load_fold(run, k, run_cfg, trust)
@@ -165,20 +288,16 @@ def export(
             f"{run}: the folds disagree on channels or preprocessing (or a checkpoint lacks it): "
             "cannot export them together"
         )
-    prep = sources[0]["preprocess"]
-    modalities = sources[0]["config"]["modalities"]
-    contract = {
-        "modalities": list(modalities),
-        "size": prep["size"],
-        "orientation": prep["orientation"],
-        "normalization": prep["normalization"],
-        "preprocess_version": prep["version"],
-        "input": "float32 (B, C, S, S, S), channels in `modalities` order",
-    }
-    provenance = {
+    return models, sources
+
+
+def make_provenance(run: Path, sources: list[dict], summary: dict) -> dict:
+    """What the exported model is and where it came from (ONNX metadata and model card)."""
+    return {
         "classes": list(CLASSES),
+        "input": "float32 (B, C, S, S, S), channels in the contract's `modalities` order",
         "outputs": {"probabilities": "(B, 2) [p_LGG, p_HGG]", "logits": "(B, 2)"},
-        "ensemble": len(models) > 1,
+        "ensemble": len(sources) > 1,
         "sources": [{k: v for k, v in s.items() if k not in ("preprocess", "config")} for s in sources],
         "architecture": {k: sources[0]["config"][k] for k in ("depth", "layout", "dropout")},
         "cv_summary": {
@@ -188,23 +307,3 @@ def export(
         },
         "run": str(run),
     }
-
-    wrapper = Exported(models).eval()
-    out = Path(out) if out else RunPaths(run).model(ensemble=len(models) > 1)
-    # Parity inputs: three real preprocessed patients from the run's cache.
-    cached = open_data(run_cfg["data"], run_cfg["size"])
-    channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
-    inputs = np.stack([np.asarray(v[channels], dtype=np.float32) for v in cached.volumes[:3]])
-    worst = write_onnx(wrapper, inputs, out, {CONTRACT_KEY: contract, PROVENANCE_KEY: provenance}, exporter)
-    card = {
-        "model": out.name,
-        "contract": contract,
-        **provenance,
-        "parity_max_abs_diff": worst,
-        "exporter": exporter,
-        "opset": OPSET[exporter],
-    }
-    card_path = RunPaths.card(out)
-    write_json_atomic(card_path, card)
-    log.info(f"wrote {out} (parity max |dp| {worst:.1e}) and {card_path}")
-    return out

@@ -15,12 +15,12 @@ from typing import Annotated
 
 import typer
 
-from brats.cache import prepare
+from brats.cache import check_cache_dir, check_size, prepare
 from brats.cohort import check_trainable, find_cases, summarize
-from brats.errors import exit_on_error
+from brats.errors import BratsError, exit_on_error
 from brats.preprocess import PreprocessConfig
 
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
 
 @app.command()
@@ -33,9 +33,13 @@ def main(
     skip_bad: Annotated[bool, typer.Option(help="index the cache without the patients that failed")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
-    cohort = find_cases(root)
+    check_size(size)
+    if workers < 0:
+        raise BratsError(f"--workers {workers}: give 0 (all cores) or a number of processes")
+    cohort = find_cases(root)  # lists files only: cheap, and a wrong ROOT creates no --out folder
     print(f"{root}: {summarize([c.label for c in cohort.cases])}")
     check_trainable(cohort.cases, root)
+    check_cache_dir(out)  # before any preprocessing
     result = prepare(
         cohort.cases,
         out,
@@ -46,6 +50,10 @@ def main(
         source=str(root),
         progress=progress,
     )
+    if result.index_problem:
+        print(f"{result.index_problem}: rebuilt")
+    for line in result.repaired:
+        print(line)
     print(
         f"{out}: {len(result.written)} preprocessed, {len(result.reused)} unchanged, "
         f"{len(result.failed)} failed; index {'written' if result.index_written else 'unchanged'}"

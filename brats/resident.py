@@ -15,16 +15,17 @@ metrics for the same seed.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from brats.cache import CachedCohort
+from brats.cache import CachedCohort, load_volume
+from brats.config import CACHE_DEVICES
 from brats.errors import BratsError
 
-CACHE_DEVICES = ("auto", "cuda", "cpu", "off")
 GPU_SHARE = 0.4  # `auto` puts the cohort on the GPU only if it takes at most this share of free memory
 
 
@@ -43,10 +44,6 @@ def resolve_cache_device(choice: str, nbytes: int, device: torch.device) -> tupl
     if nbytes <= GPU_SHARE * free:
         return "cuda", f"{gib:.2f} GiB on the GPU ({free / 2**30:.1f} GiB free)"
     return "cpu", f"{gib:.2f} GiB in pinned host memory: more than {GPU_SHARE:.0%} of the GPU's free memory"
-
-
-def _load(cached: CachedCohort, i: int) -> np.ndarray:
-    return np.asarray(cached.volumes[i])
 
 
 class ResidentVolumes(Dataset):
@@ -70,11 +67,11 @@ class ResidentVolumes(Dataset):
         if missing:
             raise BratsError(f"{cached.root}: cache has channels {have}, not {missing}: prepare it again")
         channels = [have.index(m) for m in modalities]
-        first = _load(cached, indices[0]) if len(indices) else None
+        first = load_volume(cached, indices[0]) if len(indices) else None
         shape = (len(indices), len(channels), *first.shape[1:]) if first is not None else (0,)
         host = torch.empty(shape, dtype=torch.float16, pin_memory=pin and device.type == "cpu")
         for row, i in enumerate(indices):  # one patient at a time: peak memory is the tensor itself
-            vol = first if row == 0 else _load(cached, i)
+            vol = first if row == 0 else load_volume(cached, i)
             host[row] = torch.from_numpy(np.ascontiguousarray(vol[channels]))
         self.volumes = host.to(device) if device.type != "cpu" else host  # (N, C, S, S, S) float16
         self.labels = torch.as_tensor(cached.labels[list(indices)], dtype=torch.int64)
@@ -84,12 +81,14 @@ class ResidentVolumes(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def part(self, start: int, stop: int) -> ResidentVolumes:
+        """Patients [start, stop) as their own dataset: views of the same tensor, no copy."""
+        view = copy.copy(self)
+        view.volumes, view.labels = self.volumes[start:stop], self.labels[start:stop]
+        return view
+
     def __getitem__(self, i: int) -> int:
         return i
-
-    @property
-    def nbytes(self) -> int:
-        return self.volumes.numel() * self.volumes.element_size()
 
     def collate(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(positions, dtype=torch.int64)
@@ -98,7 +97,8 @@ class ResidentVolumes(Dataset):
             return self.volumes.index_select(0, idx.to(self.volumes.device)).float(), y.to(
                 self.volumes.device
             )
-        return self.volumes.index_select(0, idx), y
+        x = self.volumes.index_select(0, idx)
+        return (x, y) if self.pin else (x.float(), y)  # pinned: copied as float16, cast on the GPU
 
 
 def resident_loader(

@@ -35,8 +35,13 @@ class RunPaths:
     def splits(self) -> Path:
         return self.root / "splits.json"
 
+    @staticmethod
+    def fold_name(k: int) -> str:
+        """fold_K: a fold's folder in the run, and its plots' folder in evaluation/."""
+        return f"fold_{k}"
+
     def fold(self, k: int) -> Path:
-        return self.root / f"fold_{k}"
+        return self.root / self.fold_name(k)
 
     def best(self, k: int, ema: bool = False) -> Path:
         return self.fold(k) / (BEST_EMA if ema else BEST)

@@ -16,6 +16,7 @@ identity direction = nibabel affine diag(-1,-1,1)), background exactly 0. Same s
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 import typer
 
-from brats.atomic import atomic_path
+from brats.atomic import atomic_path, check_output_dir
 from brats.cohort import CLASSES, MODALITIES
 from brats.errors import BratsError, exit_on_error
 
@@ -170,6 +171,14 @@ def make_patient_with_lesion(
         tissue[1][ring] += look.enhancement * profile
 
     bias = 1.0 + 0.08 * smooth_field(rng, (dz, dy, dx), 3, 1.5)
+    return render(rng, tissue, brain, bias)
+
+
+def render(
+    rng: np.random.Generator, tissue: np.ndarray, brain: np.ndarray, bias: np.ndarray
+) -> list[np.ndarray]:
+    """Tissue intensities (4, z, y, x) -> four int16 scans: per-scan gain, contrast and noise,
+    a shared bias field, background exactly 0 (skull-stripped)."""
     volumes = []
     for c in range(4):
         gain = rng.uniform(500, 1400)
@@ -178,7 +187,7 @@ def make_patient_with_lesion(
         img = (tissue[c] ** contrast) * bias
         img += rng.normal(0.0, noise_sd, img.shape).astype(np.float32) * brain
         img = np.clip(img * gain, 1, 32000)
-        img[~brain] = 0  # skull-stripped: background exactly 0
+        img[~brain] = 0
         volumes.append(img.astype(np.int16))
     lesion = np.where(tumour, 1, np.where(oedema, 2, 0)).astype(np.uint8)
     return volumes, lesion
@@ -234,7 +243,29 @@ def make_cohort(
     return [(job[1], int(job[4])) for job in jobs]
 
 
-app = typer.Typer(add_completion=False, help="Write a synthetic BraTS 2018-like cohort.")
+app = typer.Typer(
+    add_completion=False, help="Write a synthetic BraTS 2018-like cohort.", pretty_exceptions_enable=False
+)
+SHAPE_MIN, SHAPE_MAX = 8, 1024  # voxels per side: a brain and a tumour need room; BraTS is 240x240x155
+_PREFIX = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_options(patients: int, seed: int, shape: tuple[int, int, int], prefix: str, workers: int) -> None:
+    """Every option checked before anything is written (one line each, naming the option)."""
+    class_counts(patients)
+    if seed < 0:
+        raise BratsError(f"--seed {seed}: give 0 or a positive integer")
+    if not all(SHAPE_MIN <= n <= SHAPE_MAX for n in shape):
+        raise BratsError(
+            f"--shape {' '.join(map(str, shape))}: each side from {SHAPE_MIN} to {SHAPE_MAX} voxels "
+            f"(BraTS: {' '.join(map(str, BRATS18_SHAPE))})"
+        )
+    if not _PREFIX.fullmatch(prefix):
+        raise BratsError(
+            f"--prefix {prefix!r}: use letters, digits, _ and - only (it starts every patient id and folder)"
+        )
+    if workers < 0:
+        raise BratsError(f"--workers {workers}: give 0 (all cores) or a number of processes")
 
 
 @app.command()
@@ -247,6 +278,8 @@ def main(
     prefix: Annotated[str, typer.Option(help="patient id prefix")] = "Brats18_SYN",
     workers: Annotated[int, typer.Option(help="parallel processes (0 = all cores)")] = 0,
 ) -> None:
+    check_options(patients, seed, shape, prefix, workers)
+    check_output_dir(out, "output folder")
     made = make_cohort(out, patients, seed, shape, prefix, workers or None)
     n_hgg = sum(label for _, label in made)
     print(f"wrote {len(made)} synthetic patients ({n_hgg} HGG, {len(made) - n_hgg} LGG) to {out}")

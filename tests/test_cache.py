@@ -7,10 +7,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TINY_SIZE, case_dirs
-from test_cohort import make_brats20
+from support import TINY_SIZE, case_dirs, make_brats20
 
-from brats.cache import open_cache, prepare
+from brats.cache import open_cache, prepare, volume_stem
 from brats.cohort import find_cases
 from brats.preprocess import PreprocessConfig, preprocess_case
 
@@ -36,7 +35,7 @@ def test_prepare_is_idempotent_and_incremental(cohort_copy, tmp_path):
     os.utime(changed.paths[2], ns=(time.time_ns(), time.time_ns()))
     third = prepare(cases, cache, CFG, workers=1, progress=False)
     assert third.written == [changed.patient_id]
-    assert len(list((cache / "volumes").glob(f"{changed.patient_id}.*.npy"))) == 1
+    assert len(list((cache / "volumes").glob(f"{volume_stem(changed.patient_id)}.*.npy"))) == 1
 
     # a changed parameter redoes everyone
     fourth = prepare(cases, cache, PreprocessConfig(size=TINY_SIZE + 4), workers=2, progress=False)

@@ -2,7 +2,7 @@ import csv
 import shutil
 
 import pytest
-from conftest import case_dirs
+from support import case_dirs, make_brats20
 
 from brats.cohort import MODALITIES, check_trainable, find_cases, summarize
 from brats.errors import BratsError
@@ -17,20 +17,6 @@ def test_brats18_layout(cohort18):
         for mod, p in zip(MODALITIES, case.paths):
             assert p.name == f"{case.patient_id}_{mod}.nii.gz"
     assert summarize([c.label for c in cohort.cases]) == "14 patients: 10 HGG, 4 LGG (HGG:LGG 2.50:1)"
-
-
-def make_brats20(src, dst):
-    """Flatten a 2018 tree into the 2020 layout with name_mapping.csv."""
-    dst.mkdir()
-    rows = []
-    for d in case_dirs(src):
-        shutil.copytree(d, dst / d.name)
-        rows.append({"Grade": d.parent.name, "BraTS_2017_subject_ID": "x", "BraTS_2020_subject_ID": d.name})
-    with (dst / "name_mapping.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["Grade", "BraTS_2017_subject_ID", "BraTS_2020_subject_ID"])
-        w.writeheader()
-        w.writerows(rows)
-    return dst
 
 
 def test_brats20_layout_grade_from_csv(cohort18, tmp_path):
@@ -121,3 +107,140 @@ def test_unlabelled_folder_for_prediction(cohort18):
     assert [(c.patient_id, c.label) for c in single.cases] == [(d.name, None)]
     flat = find_cases(cohort18 / "HGG", labelled=False)
     assert len(flat.cases) == 10 and all(c.label is None for c in flat.cases)
+
+
+def test_brats20_duplicate_rows(cohort18, tmp_path):
+    """A repeated name_mapping.csv row is fine when it agrees, an error naming the patient when not."""
+    root = make_brats20(cohort18, tmp_path / "brats20")
+    mapping = root / "name_mapping.csv"
+    lines = mapping.read_text().splitlines()
+    same, flipped = lines[1], lines[2]
+    pid = flipped.split(",")[2]
+    other = "LGG" if flipped.startswith("HGG") else "HGG"
+    mapping.write_text("\n".join([*lines, same, other + flipped[3:]]) + "\n")
+    cohort = find_cases(root)
+    (msg,) = [str(e) for e in cohort.problems]
+    assert msg.startswith(f"{pid}: ") and "two grades" in msg and "keep one row" in msg
+    assert pid not in [c.patient_id for c in cohort.cases]
+    assert len(cohort.cases) == 13
+
+
+def write_manifest(path, cases, root, encoding="utf-8", short_row: int | None = None):
+    rows = [["patient_id", "label", *MODALITIES]]
+    for c in cases:
+        rows.append([c.patient_id, "HGG" if c.label else "LGG", *[p.relative_to(root) for p in c.paths]])
+    if short_row is not None:
+        rows[short_row] = rows[short_row][:4]
+    with path.open("w", newline="", encoding=encoding) as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+def test_csv_with_byte_order_mark(cohort18, cohort_copy, tmp_path):
+    cases = find_cases(cohort_copy).cases
+    got = find_cases(write_manifest(cohort_copy / "bom.csv", cases, cohort_copy, encoding="utf-8-sig"))
+    assert [(c.patient_id, c.label) for c in got.cases] == [(c.patient_id, c.label) for c in cases]
+    root = make_brats20(cohort18, tmp_path / "brats20")
+    text = (root / "name_mapping.csv").read_text()
+    (root / "name_mapping.csv").write_text(text, encoding="utf-8-sig")
+    assert len(find_cases(root).cases) == 14 and not find_cases(root).problems
+
+
+def test_csv_not_utf8_is_one_line(cohort18, tmp_path):
+    root = make_brats20(cohort18, tmp_path / "brats20")
+    mapping = root / "name_mapping.csv"
+    lines = mapping.read_text().splitlines()
+    lines[3] = lines[3].replace(",x,", ",Jos\u00e9,")
+    mapping.write_text("\n".join(lines) + "\n", encoding="latin-1")
+    with pytest.raises(BratsError, match="name_mapping.csv: not UTF-8 text .*line 4.*save it as UTF-8") as e:
+        find_cases(root)
+    assert "\n" not in str(e.value)
+
+
+def test_manifest_short_row_names_the_row(cohort_copy):
+    cases = find_cases(cohort_copy).cases
+    manifest = write_manifest(cohort_copy / "m.csv", cases, cohort_copy, short_row=3)
+    cohort = find_cases(manifest)
+    assert len(cohort.cases) == 13
+    (msg,) = [str(e) for e in cohort.problems]
+    assert msg.startswith(f"{cases[2].patient_id}: ") and "line 4" in msg and "4 of 6 fields" in msg
+
+
+def rename_case(src, dst, names: dict[str, str]):
+    """Copy one patient folder under new file names (modality -> new name)."""
+    dst.mkdir(parents=True)
+    for mod in MODALITIES:
+        shutil.copy(src / f"{src.name}_{mod}.nii.gz", dst / names[mod])
+    return dst
+
+
+RELEASES = {
+    "BraTS2021_00000": [
+        "BraTS2021_00000_t1.nii.gz",
+        "BraTS2021_00000_t1ce.nii.gz",
+        "BraTS2021_00000_t2.nii.gz",
+        "BraTS2021_00000_flair.nii.gz",
+    ],
+    "BraTS-GLI-00000-000": [
+        "BraTS-GLI-00000-000-t1n.nii.gz",
+        "BraTS-GLI-00000-000-t1c.nii.gz",
+        "BraTS-GLI-00000-000-t2w.nii.gz",
+        "BraTS-GLI-00000-000-t2f.nii.gz",
+    ],
+    "bare": ["t1.nii.gz", "t1ce.nii.gz", "t2.nii.gz", "flair.nii.gz"],
+    "bare_gd": ["T1.nii", "t1gd.nii.gz", "t2w.nii.gz", "fla.nii.gz"],
+    "bare_c": ["t1.nii.gz", "t1c.nii", "T2.NII.GZ", "t2f.nii.gz"],
+}
+
+
+@pytest.mark.parametrize("pid", list(RELEASES))
+def test_file_names_of_every_release(cohort18, tmp_path, pid):
+    """BraTS 2021 (_t1ce), BraTS 2023+ (-t1n/-t1c/-t2w/-t2f) and bare names, .nii and .nii.gz."""
+    names = dict(zip(MODALITIES, RELEASES[pid]))
+    src = case_dirs(cohort18)[0]
+    folder = rename_case(src, tmp_path / "new" / pid, names)
+    (folder / f"{pid}-seg.nii.gz").write_bytes(b"ignored")
+    (folder / f"{pid}_seg.nii.gz").write_bytes(b"ignored")
+    for root in (folder, folder.parent):  # one patient folder, or a folder of patient folders
+        cohort = find_cases(root, labelled=False)
+        assert not cohort.problems, cohort.problems
+        ((case),) = cohort.cases
+        assert case.patient_id == pid
+        assert [p.name for p in case.paths] == RELEASES[pid]
+
+
+def test_similar_names_are_not_confused(cohort18, tmp_path):
+    """t1 is not t1ce/t1c/t1gd, t2 is not t2f (FLAIR); t1n is T1 and t2w is T2."""
+    src = case_dirs(cohort18)[0]
+    names = {"t1": "x-t1n.nii.gz", "t1ce": "x-t1c.nii.gz", "t2": "x-t2w.nii.gz", "flair": "x-t2f.nii.gz"}
+    folder = rename_case(src, tmp_path / "P1", names)
+    case = find_cases(folder, labelled=False).cases[0]
+    assert [p.name for p in case.paths] == list(names.values())
+    # the order files are listed in must not matter: each name has exactly one meaning
+    names = {"t1": "P_t1.nii.gz", "t1ce": "P_t1ce.nii.gz", "t2": "P_t2.nii.gz", "flair": "P_t2f.nii.gz"}
+    folder = rename_case(src, tmp_path / "P2", names)
+    case = find_cases(folder, labelled=False).cases[0]
+    assert [p.name for p in case.paths] == list(names.values())
+    (folder / "._P_t1.nii.gz").write_bytes(b"macOS metadata")  # hidden files are not images
+    assert not find_cases(folder, labelled=False).problems
+
+
+@pytest.mark.parametrize(
+    ("extra", "mod"),
+    [("P_t1n.nii.gz", "t1"), ("t1gd.nii.gz", "t1ce"), ("P-t2w.nii", "t2"), ("fla.nii.gz", "flair")],
+)
+def test_two_candidates_for_one_modality(cohort18, tmp_path, extra, mod):
+    src = case_dirs(cohort18)[0]
+    names = {m: f"P_{m}.nii.gz" for m in MODALITIES}
+    folder = rename_case(src, tmp_path / "P", names)
+    shutil.copy(folder / names[mod], folder / extra)
+    (msg,) = [str(e) for e in find_cases(folder, labelled=False).problems]
+    assert msg.startswith(f"P: modality {mod} has 2 files ({', '.join(sorted([names[mod], extra]))})")
+
+
+def test_missing_modality_lists_the_names_tried(cohort18, tmp_path):
+    src = case_dirs(cohort18)[0]
+    folder = rename_case(src, tmp_path / "P", {m: f"P_{m}.nii.gz" for m in MODALITIES})
+    (folder / "P_t1ce.nii.gz").rename(folder / "P_t1_contrast.nii.gz")
+    (msg,) = [str(e) for e in find_cases(folder, labelled=False).problems]
+    assert msg.startswith("P: missing modality t1ce (looked for P_t1ce.nii[.gz]") and "t1gd" in msg

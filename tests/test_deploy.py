@@ -1,7 +1,9 @@
 """export.py and predict.py on a tiny evaluated run."""
 
+import contextlib
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +12,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import TINY_SHAPE, copy_run
+from clitools import deny_writes, disk_full, one_line_error, run_cli, temps
+from support import TINY_SHAPE, copy_run
 
 from brats.cache import open_cache
+from brats.cohort import find_cases
 from brats.errors import BratsError
 from brats.evaluation import evaluate_run
 from brats.inference import Grader
 from brats.onnx_export import export
+from brats.runs import RunPaths
 from brats.synthetic import make_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,3 +177,290 @@ def test_unknown_contract_is_refused(exported, tmp_path):
     onnx.save(proto, str(tmp_path / "future.onnx"))
     with pytest.raises(BratsError, match="unknown preprocessing contract \\(preprocessing version 99"):
         Grader(tmp_path / "future.onnx")
+
+
+# --- the model's graph, its contract and the cache must agree
+
+
+def resized_cache(cache20: Path, tmp_path: Path, size: int) -> Path:
+    """A copy of the run's cache, then prepared again in place at another --size."""
+    from brats.cache import prepare
+    from brats.cohort import find_cases
+    from brats.preprocess import PreprocessConfig
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cache20, cache)
+    prepare(find_cases(cache20.parent / "cohort").cases, cache, PreprocessConfig(size=size), progress=False)
+    assert json.loads((cache / "index.json").read_text())["preprocess"]["size"] == size
+    return cache
+
+
+def point_run_at(run: Path, data: Path) -> None:
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"] = str(data)
+    (run / "config.json").write_text(json.dumps(cfg))
+
+
+def set_contract(model: Path, out: Path, contract: dict) -> Path:
+    proto = onnx.load(str(model))
+    for p in proto.metadata_props:
+        if p.key == "brats_contract":
+            p.value = json.dumps(contract)
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_export_refuses_a_cache_prepared_again_at_another_size(exported, cache20, tmp_path, capsys):
+    run = copy_run(exported[0], tmp_path / "run")
+    point_run_at(run, resized_cache(cache20, tmp_path, 32))
+    err = one_line_error(
+        run_cli(capsys, "export.py", "--run", run, "--fold", 0, "--out", tmp_path / "m.onnx")
+    )
+    assert str(tmp_path / "cache") in err and "best_ema.pt" in err and "size 32" in err and "24" in err
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m_card.json").exists()
+
+
+def test_export_checks_the_graph_against_its_contract(exported, cache20, tmp_path):
+    from brats.inference import CONTRACT_KEY
+    from brats.onnx_export import Exported, load_fold, write_onnx
+    from brats.preprocess import PreprocessConfig
+
+    run, _ = exported
+    model, _ = load_fold(run, 0, json.loads((run / "config.json").read_text()), trust=False)
+    x = np.stack([np.asarray(v, dtype=np.float32) for v in open_cache(cache20).volumes[:3]])  # 24^3
+    contract = PreprocessConfig(size=32).to_contract()
+    with pytest.raises(BratsError, match="graph takes input .*4, 24, 24, 24.* contract .*4, 32, 32, 32"):
+        write_onnx(Exported([model]).eval(), x, tmp_path / "m.onnx", {CONTRACT_KEY: contract})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_checks_graph_against_contract_before_any_preprocessing(exported, cache20, tmp_path, capsys):
+    _, model = exported
+    card = json.loads(RunPaths.card(model).read_text())
+    bad = set_contract(model, tmp_path / "bad.onnx", {**card["contract"], "size": 32})
+    with pytest.raises(BratsError, match="bad.onnx: its graph takes input .*24, 24, 24.* contract"):
+        Grader(bad)
+    out = tmp_path / "p.csv"
+    err = one_line_error(run_cli(capsys, "predict.py", bad, cache20.parent / "cohort", "--out", out))
+    assert "export.py" in err and not out.exists()
+
+
+def test_model_exported_with_the_previous_contract_format_predicts_identically(exported, cache20, tmp_path):
+    _, model = exported
+    card = json.loads(RunPaths.card(model).read_text())
+    old = {
+        "modalities": card["contract"]["modalities"],
+        "size": card["contract"]["size"],
+        "orientation": "LPS",
+        "normalization": "zscore-brain",
+        "preprocess_version": 1,
+        "input": "float32 (B, C, S, S, S), channels in `modalities` order",
+    }
+    legacy = set_contract(model, tmp_path / "legacy.onnx", old)
+    cases = find_cases(cache20.parent / "cohort").cases[:3]
+    now, before = Grader(model).grade(cases), Grader(legacy).grade(cases)
+    assert [p.p_hgg for p in before] == [p.p_hgg for p in now] and all(p.p_hgg is not None for p in now)
+
+
+# --- outputs checked before the work; one line on failure, nothing half-written
+
+
+def new_patients(tmp_path: Path, n: int = 2) -> Path:
+    new = tmp_path / "new"
+    make_cohort(new, n, seed=5, shape=TINY_SHAPE, prefix="NEW", workers=1)
+    return new
+
+
+def test_predict_out_in_a_missing_folder_is_created(exported, tmp_path, capsys):
+    _, model = exported
+    out = tmp_path / "a" / "b" / "pred.csv"
+    r = run_cli(capsys, "predict.py", model, new_patients(tmp_path), "--out", out)
+    assert r.code == 0, r.err
+    assert len(read_csv(out)) == 2
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file", "read_only"])
+def test_predict_bad_out_is_one_line_before_grading(exported, tmp_path, capsys, where):
+    _, model = exported
+    new = new_patients(tmp_path)
+    target = tmp_path / "target"
+    target.mkdir()
+    if where == "folder":
+        out = target
+    elif where == "under_a_file":
+        (target / "file.txt").write_text("x")
+        out = target / "file.txt" / "pred.csv"
+    else:
+        out = target / "pred.csv"
+    with deny_writes(target) if where == "read_only" else contextlib.nullcontext():
+        r = run_cli(capsys, "predict.py", model, new, "--out", out)
+    err = one_line_error(r)
+    assert str(target) in err
+    assert "patient(s)" not in r.out  # refused before any patient was read
+    assert [p.name for p in target.iterdir()] == ([] if where != "under_a_file" else ["file.txt"])
+
+
+def test_predict_on_a_full_disk_keeps_the_previous_csv(exported, tmp_path, capsys, monkeypatch):
+    _, model = exported
+    out = tmp_path / "pred.csv"
+    out.write_text("previous results\n")
+    new = new_patients(tmp_path)
+    disk_full(monkeypatch)
+    err = one_line_error(run_cli(capsys, "predict.py", model, new, "--out", out))
+    assert "disk is full" in err and str(out) in err
+    assert out.read_text() == "previous results\n" and temps(tmp_path) == []
+
+
+def test_predict_replaces_an_existing_csv_and_says_so(exported, tmp_path, capsys):
+    _, model = exported
+    new = new_patients(tmp_path)
+    out = tmp_path / "pred.csv"
+    r = run_cli(capsys, "predict.py", model, new, "--out", out)
+    assert r.code == 0 and "replaced" not in r.out
+    out.write_text("old\n")
+    r = run_cli(capsys, "predict.py", model, new, "--out", out)
+    assert r.code == 0, r.err
+    assert f"wrote {out} (replaced the previous file): 2 graded, 0 failed" in r.out
+    assert len(read_csv(out)) == 2 and temps(tmp_path) == []
+
+
+def test_same_patient_given_twice_is_graded_once(exported, tmp_path, capsys):
+    _, model = exported
+    new = new_patients(tmp_path, 3)
+    one = sorted((new / "HGG").iterdir())[0] if (new / "HGG").is_dir() else None
+    one = one or sorted((new / "LGG").iterdir())[0]
+    out = tmp_path / "pred.csv"
+    r = run_cli(capsys, "predict.py", model, new, one, new, "--out", out)
+    assert r.code == 0, r.err
+    rows = read_csv(out)
+    assert sorted(row["patient_id"] for row in rows) == sorted(c.patient_id for c in find_cases(new).cases)
+    assert f"{one.name}: given 3 times, graded once" in r.out
+    assert "3 graded, 0 failed" in r.out
+
+
+@pytest.mark.parametrize("n", ["0", "-2"])
+def test_predict_batch_size_checked_before_anything(tmp_path, capsys, n):
+    err = one_line_error(
+        run_cli(capsys, "predict.py", tmp_path / "missing.onnx", tmp_path, "--batch-size", n)
+    )
+    assert f"--batch-size {n}" in err
+
+
+# --- export on the folds that exist, options that exist
+
+
+def test_export_after_training_one_fold_only(exported, tmp_path, capsys):
+    run = copy_run(exported[0], tmp_path / "run")
+    shutil.rmtree(run / "evaluation")
+    (run / "model.onnx").unlink()
+    for k in (0, 2, 3, 4):
+        shutil.rmtree(run / f"fold_{k}")
+    r = run_cli(capsys, "export.py", "--run", run, "--fold", 1)
+    assert r.code == 0, r.err[-3000:]
+    card = json.loads((run / "model_card.json").read_text())
+    assert [s["fold"] for s in card["sources"]] == [1]
+    summary = json.loads((run / "evaluation" / "summary.json").read_text())
+    assert [row["fold"] for row in summary["folds"]] == [1]
+    r = run_cli(capsys, "export.py", "--run", run, "--out", tmp_path / "best.onnx")  # best of the folds there
+    assert r.code == 0, r.err[-3000:]
+    err = one_line_error(run_cli(capsys, "export.py", "--run", run, "--fold", 3))
+    assert "--fold 3" in err and "fold_3" in err
+
+
+def test_export_messages_name_existing_options(exported, tmp_path, capsys):
+    """Every option an export error advises exists in export.py --help."""
+    import re
+
+    run = copy_run(exported[0], tmp_path / "run")
+    shutil.rmtree(run / "evaluation")
+    shutil.rmtree(run / "fold_2")
+    (run / "fold_0" / "best_ema.pt").unlink()
+    (run / "fold_0" / "best.pt").unlink()
+    help_text = run_cli(capsys, "export.py", "--help").out
+    for args in (
+        ["--fold", 2],
+        ["--fold", 9],
+        ["--fold", 0],
+        ["--ensemble", "--fold", 1],
+        ["--exporter", "x"],
+    ):
+        err = one_line_error(run_cli(capsys, "export.py", "--run", run, *args))
+        for option in re.findall(r"--[a-z][a-z-]+", err):
+            assert option in help_text, (option, err)
+
+
+def test_export_removes_stale_temps_of_a_killed_export(exported, tmp_path, capsys):
+    run = copy_run(exported[0], tmp_path / "run")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = run / f".tmp-{int(dead.stdout)}-model.onnx.part"
+    stale.write_bytes(b"\0" * 1000)
+    r = run_cli(capsys, "export.py", "--run", run, "--fold", 0)
+    assert r.code == 0, r.err[-3000:]
+    assert not stale.exists() and temps(run) == []
+
+
+def test_export_data_option_scores_a_moved_cache(exported, cache20, tmp_path, capsys):
+    run = copy_run(exported[0], tmp_path / "run")
+    shutil.rmtree(run / "evaluation")
+    moved = tmp_path / "moved_cache"
+    shutil.copytree(cache20, moved)
+    point_run_at(run, tmp_path / "gone")
+    r = run_cli(capsys, "export.py", "--run", run, "--fold", 2, "--data", moved, "--out", tmp_path / "m.onnx")
+    assert r.code == 0, r.err[-3000:]
+    assert json.loads((tmp_path / "m_card.json").read_text())["sources"][0]["fold"] == 2
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file", "read_only"])
+def test_export_bad_out_is_one_line_before_evaluating(exported, tmp_path, capsys, where):
+    run = copy_run(exported[0], tmp_path / "run")
+    shutil.rmtree(run / "evaluation")
+    target = tmp_path / "target"
+    target.mkdir()
+    out = {"folder": target, "under_a_file": target / "f" / "m.onnx", "read_only": target / "m.onnx"}[where]
+    if where == "under_a_file":
+        (target / "f").write_text("x")
+    with deny_writes(target) if where == "read_only" else contextlib.nullcontext():
+        err = one_line_error(run_cli(capsys, "export.py", "--run", run, "--out", out))
+    assert str(target) in err
+    assert not (run / "evaluation").exists()  # refused before the work
+    assert [p.name for p in target.iterdir()] == ([] if where != "under_a_file" else ["f"])
+
+
+def test_export_on_a_full_disk_writes_nothing(exported, tmp_path, capsys, monkeypatch):
+    run = copy_run(exported[0], tmp_path / "run")
+    before = (run / "model.onnx").read_bytes(), (run / "model_card.json").read_text()
+    disk_full(monkeypatch)
+    err = one_line_error(run_cli(capsys, "export.py", "--run", run, "--fold", 3))
+    assert "disk is full" in err
+    assert ((run / "model.onnx").read_bytes(), (run / "model_card.json").read_text()) == before
+    assert temps(run) == []
+
+
+@pytest.mark.parametrize("content", ["garbage{", '{"folds": [{"fold": "x"}]}'])
+def test_export_re_evaluates_a_corrupt_summary(exported, tmp_path, capsys, content):
+    run = copy_run(exported[0], tmp_path / "run")
+    (run / "evaluation" / "summary.json").write_text(content)
+    shutil.rmtree(run / "fold_3")
+    shutil.rmtree(run / "fold_4")
+    r = run_cli(capsys, "export.py", "--run", run, "--out", tmp_path / "m.onnx")
+    assert r.code == 0, r.err[-3000:]
+    assert [
+        row["fold"] for row in json.loads((run / "evaluation" / "summary.json").read_text())["folds"]
+    ] == [
+        0,
+        1,
+        2,
+    ]
+
+
+@pytest.mark.parametrize(
+    "content", ["garbage{", '{"depth": 10, "fold', "[1, 2]", '{"depth": "ten", "data": "x"}']
+)
+def test_corrupt_run_config_is_one_line(exported, tmp_path, capsys, content):
+    run = copy_run(exported[0], tmp_path / "run")
+    (run / "config.json").write_text(content)
+    for script in ("export.py", "evaluate.py"):
+        err = one_line_error(run_cli(capsys, script, "--run", run))
+        assert str(run / "config.json") in err and "train.py" in err

@@ -1,4 +1,5 @@
 import argparse
+import contextlib
 import csv
 import json
 import shutil
@@ -9,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import resave, train_cv
+from clitools import Result, deny_writes, disk_full, one_line_error, run_cli, temps
 from sklearn.metrics import roc_auc_score
+from support import resave, train_cv
 
 from brats.ablation import ablation_markdown
 from brats.checkpoint import BEST, BEST_EMA, STATE, load_checkpoint, select_checkpoint
@@ -173,3 +175,117 @@ def test_ablation_table(cache20, cv_copy, tmp_path):
     (cv_copy / "splits.json").write_text(json.dumps(splits))
     with pytest.raises(BratsError, match="not trained on the same folds"):
         ablation_markdown(baseline, cv_copy)
+
+
+# --- the cache must be preprocessed as the checkpoint's was
+
+
+def test_evaluate_refuses_a_cache_prepared_again_at_another_size(cv_copy, cache20, tmp_path, capsys):
+    from brats.cache import prepare
+    from brats.cohort import find_cases
+    from brats.preprocess import PreprocessConfig
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cache20, cache)
+    cfg = json.loads((cv_copy / "config.json").read_text())
+    cfg["data"] = str(cache)
+    (cv_copy / "config.json").write_text(json.dumps(cfg))
+    prepare(find_cases(cache20.parent / "cohort").cases, cache, PreprocessConfig(size=32), progress=False)
+    err = one_line_error(run_cli(capsys, "evaluate.py", "--run", cv_copy, "--folds", "1"))
+    assert str(cache) in err and str(cv_copy / "fold_1" / BEST_EMA) in err
+    assert "size 32" in err and "size 24" in err and "--data" in err
+    assert list((cv_copy / "evaluation").iterdir()) == []
+    with pytest.raises(BratsError, match="size 32"):
+        evaluate_run(cv_copy, folds=[1], data=str(cache))
+    assert evaluate_run(cv_copy, folds=[1], data=str(cache20))["folds"][0]["fold"] == 1
+
+
+# --- one line instead of a traceback
+
+
+def test_evaluate_unknown_device_is_one_line(cv_copy, capsys):
+    err = one_line_error(run_cli(capsys, "evaluate.py", "--run", cv_copy, "--device", "foo"))
+    assert "--device 'foo'" in err
+    assert not (cv_copy / "evaluation").exists()
+
+
+@pytest.mark.parametrize(
+    "content", ["garbage{", '{"depth": 10, "fol', '["a"]', '{"folds": "five", "data": "x"}']
+)
+def test_evaluate_corrupt_config_is_one_line(cv_copy, capsys, content):
+    (cv_copy / "config.json").write_text(content)
+    err = one_line_error(run_cli(capsys, "evaluate.py", "--run", cv_copy))
+    assert str(cv_copy / "config.json") in err and "train.py" in err
+
+
+@pytest.mark.parametrize("where", ["file", "read_only_run", "summary_is_a_folder"])
+def test_evaluate_output_problems_are_one_line_before_scoring(cv_copy, capsys, caplog, where):
+    out = cv_copy / "evaluation"
+    if where == "file":
+        out.write_text("x")
+    elif where == "summary_is_a_folder":
+        (out / "summary.json").mkdir(parents=True)
+    with deny_writes(cv_copy) if where == "read_only_run" else contextlib.nullcontext():
+        r = run_cli(capsys, "evaluate.py", "--run", cv_copy, "--folds", "0")
+    err = one_line_error(r)
+    assert str(out) in err
+    assert not (out / "fold_0").exists()  # refused before scoring
+    assert "re-scored val AUC" not in caplog.text and temps(cv_copy) == []
+
+
+def test_evaluate_on_a_full_disk_keeps_the_previous_results(cv_copy, capsys, monkeypatch):
+    evaluate_run(cv_copy, folds=[0])
+    out = cv_copy / "evaluation"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    disk_full(monkeypatch)
+    err = one_line_error(run_cli(capsys, "evaluate.py", "--run", cv_copy, "--folds", "0,1"))
+    assert "disk is full" in err and str(out) in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert temps(cv_copy) == []
+
+
+def test_evaluate_removes_a_killed_evaluation_s_temps(cv_copy):
+    out = cv_copy / "evaluation"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = out / f".tmp-{int(dead.stdout)}-evaluation.part"
+    (stale / "fold_0").mkdir(parents=True)
+    (stale / "fold_0" / "roc_curve.png").write_bytes(b"\0")
+    evaluate_run(cv_copy, folds=[0])
+    assert temps(cv_copy) == [] and (out / "fold_0" / "roc_curve.png").stat().st_size > 1
+
+
+def test_ablation_errors_are_one_line(cv_copy, tmp_path, capsys):
+    r = run_ablation(capsys, tmp_path / "nowhere", cv_copy)
+    assert str(tmp_path / "nowhere") in one_line_error(r)
+    r = run_ablation(capsys, cv_copy, cv_copy)  # not evaluated
+    assert "python evaluate.py --run" in one_line_error(r)
+    (cv_copy / "evaluation").mkdir()
+    for content in ("garbage{", '{"folds": [{"fold": 0}]}', "[]"):
+        (cv_copy / "evaluation" / "summary.json").write_text(content)
+        err = one_line_error(run_ablation(capsys, cv_copy, cv_copy))
+        assert (
+            str(cv_copy / "evaluation" / "summary.json") in err
+            and f"python evaluate.py --run {cv_copy}" in err
+        )
+    (cv_copy / "splits.json").write_text("{")
+    err = one_line_error(run_ablation(capsys, cv_copy, cv_copy))
+    assert str(cv_copy / "splits.json") in err
+
+
+def run_ablation(capsys, *args):
+    import runpy
+
+    argv = sys.argv
+    sys.argv = ["brats.ablation", *map(str, args)]
+    capsys.readouterr()
+    try:
+        runpy.run_module("brats.ablation", run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    c = capsys.readouterr()
+    return Result(code, c.out, c.err)

@@ -66,3 +66,21 @@ def test_too_few_patients_per_class():
     with pytest.raises(BratsError, match="at least 5 patients of each grade"):
         make_splits(*cohort(10, 3))
     assert [len(f) for f in make_splits(*cohort(5, 5)).outer] == [2, 2, 2, 2, 2]
+
+
+def test_small_inner_split_holds_both_grades_and_is_reread_as_stored(tmp_path):
+    # 10 training patients, 2 of them LGG: a plain stratified 25% split can hold no LGG (no AUC)
+    ids = [f"P{i:02d}" for i in range(20)]
+    labels = [0, 0, 0, 0] + [1] * 16
+    path = tmp_path / "splits.json"
+    s = load_or_make_splits(path, ids, labels, k=2, seed=7, inner_val=0.25)
+    for k in range(2):
+        fold = s.fold(k, ids, labels)
+        grades = {labels[ids.index(p)] for p in fold.val}
+        assert grades == {0, 1}, fold.val
+        assert not set(fold.val) & set(fold.train) and not set(fold.val) & set(fold.test)
+    # read back in another patient order: the stored inner splits are used as they are
+    again = load_or_make_splits(path, ids[::-1], labels[::-1], k=2, seed=7, inner_val=0.25)
+    assert [again.fold(k, ids[::-1], labels[::-1]).val for k in range(2)] == [
+        s.fold(k, ids, labels).val for k in range(2)
+    ]

@@ -57,3 +57,42 @@ def test_grades_differ_in_t1ce_enhancement(cohort18):
     hgg = [enhancement(d) for d in (cohort18 / "HGG").iterdir()]
     lgg = [enhancement(d) for d in (cohort18 / "LGG").iterdir()]
     assert np.mean(hgg) > np.mean(lgg)
+
+
+def run_synthetic(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "brats.synthetic", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--patients", "1"], "--patients 1"),
+        (["--shape", "0", "20", "20"], "--shape 0 20 20"),
+        (["--shape", "20", "-4", "20"], "--shape 20 -4 20"),
+        (["--workers", "-2"], "--workers -2"),
+        (["--seed", "-1"], "--seed -1"),
+        (["--prefix", "../up"], "--prefix '../up'"),
+        (["--prefix", ""], "--prefix ''"),
+    ],
+)
+def test_cli_bad_options_give_one_line_and_write_nothing(tmp_path, args, named):
+    out = tmp_path / "syn"
+    r = run_synthetic(str(out), "--shape", "24", "24", "16", *args)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {named}"), r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["out is a file", "parent is a file"])
+def test_cli_output_folder_checked_up_front(tmp_path, where):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" if where == "out is a file" else tmp_path / "file" / "syn"
+    r = run_synthetic(str(out), "--patients", "2", "--shape", "24", "24", "16")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(out) in lines[0], r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

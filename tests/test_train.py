@@ -3,15 +3,15 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST
+from support import FAST, reset_accelerate
 
 from brats.checkpoint import BEST, BEST_EMA, STATE
 from brats.config import make_config
@@ -20,6 +20,7 @@ from brats.errors import BratsError
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+TIMING = ("seconds", "train_samples_per_s")  # metrics.csv columns that measure the machine
 CLI_FAST = ["--depth", "10", "--workers", "0", "--no-progress", "--min-epochs", "1", "--warmup-epochs", "1"]
 
 
@@ -138,32 +139,48 @@ def test_two_folds_of_one_run_must_share_settings(cache20, tmp_path, fresh_accel
     )
 
 
-def test_nan_loss_stops_with_epoch_and_step_and_keeps_best(cache20, tmp_path, fresh_accelerate, monkeypatch):
-    import brats.engine as engine
-
-    calls = {"n": 0}
-    real = engine.make_criterion
-
-    class Poisoned(torch.nn.Module):
-        """The real loss, made NaN at the 5th call: epoch 2, step 1 (16 patients / batch 4 = 4 steps)."""
-
-        def __init__(self, cfg, counts):
-            super().__init__()
-            self.ce = real(cfg, counts)
-
-        def forward(self, logits, y):
-            calls["n"] += 1
-            out = self.ce(logits, y)
-            return out * float("nan") if calls["n"] == 5 else out
-
-    poisoned = Poisoned
-
-    monkeypatch.setattr(engine, "make_criterion", poisoned)
-    cfg = make_config(data=str(cache20), run=str(tmp_path / "n"), fold=0, max_epochs=3, grad_accum=1, **FAST)
-    with pytest.raises(TrainingError, match="loss is nan at epoch 2, step 1"):
+def test_nan_loss_stops_with_epoch_and_step_and_writes_nothing(cache20, tmp_path, fresh_accelerate):
+    """An absurd learning rate makes the loss non-finite within the first epoch: training stops
+    with a line naming the epoch and the step, and no checkpoint, state or temp file is left."""
+    cfg = make_config(data=str(cache20), run=str(tmp_path / "n"), fold=0, max_epochs=3, lr=1e30, **FAST)
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf|-inf) at epoch 1, step \d+: training stopped"):
         train_fold(cfg)
-    best = torch.load(tmp_path / "n" / "fold_0" / BEST, weights_only=True)
-    assert best["epoch"] == 1
+    fold = tmp_path / "n" / "fold_0"
+    left = sorted(p.name for p in fold.iterdir()) if fold.exists() else []
+    assert not [n for n in left if n in (BEST, STATE, "metrics.csv") or n.startswith(".tmp-")], left
+
+
+def test_run_is_identified_by_its_settings_not_its_path(cache20, tmp_path, fresh_accelerate, monkeypatch):
+    """The same run given as a relative and an absolute path, or copied elsewhere, is the same run."""
+    monkeypatch.chdir(tmp_path)
+    train_fold(make_config(data=str(cache20), run="r", fold=0, max_epochs=1, **FAST))
+    reset_accelerate()
+    train_fold(make_config(data=str(cache20), run=str(tmp_path / "r"), fold=1, max_epochs=1, **FAST))
+    reset_accelerate()
+    shutil.copytree(tmp_path / "r", tmp_path / "moved")
+    resumed = train_fold(
+        make_config(data=str(cache20), run=str(tmp_path / "moved"), fold=1, max_epochs=1, resume=True, **FAST)
+    )
+    assert resumed["epochs"] == 1 and resumed["stop_reason"].startswith("reached --max-epochs")
+    reset_accelerate()
+    with pytest.raises(BratsError, match="other settings .*lr"):  # settings still count
+        train_fold(make_config(data=str(cache20), run="moved", fold=2, max_epochs=1, lr=3e-4, **FAST))
+
+
+def test_stale_temps_are_removed_and_an_unwritable_run_gives_one_line(cache20, tmp_path, fresh_accelerate):
+    fold = tmp_path / "r" / "fold_0"
+    fold.mkdir(parents=True)
+    dead_pid = 2**22 + 1  # above Linux's pid_max: no live process owns these
+    stale = [fold / f".tmp-{dead_pid}-best.pt.part", tmp_path / "r" / f".tmp-{dead_pid}-config.json.part"]
+    for p in stale:
+        p.write_bytes(b"torn")
+    train_fold(make_config(data=str(cache20), run=str(tmp_path / "r"), fold=0, max_epochs=1, **FAST))
+    assert not [p for p in stale if p.exists()]
+    reset_accelerate()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(BratsError, match="is a file, not a folder"):
+        train_fold(make_config(data=str(cache20), run=str(blocker), fold=0, max_epochs=1, **FAST))
 
 
 def weights(path):
@@ -196,14 +213,16 @@ def test_sigkill_then_resume_equals_uninterrupted(cache20, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), "--run", str(run), *args],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(rows(metrics)) < 2):
-        time.sleep(0.02)
-    time.sleep(0.3)  # land somewhere inside epoch 3 (an epoch takes about a second here)
+    # Killed as soon as epoch 2 is logged: its state is written, epoch 3 has begun.
+    for line in proc.stderr:
+        if "epoch 2/6 " in line:
+            break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    proc.stderr.close()
     done = len(rows(metrics))
     assert 2 <= done < 6, "the kill must land part-way"
     resumed = subprocess.run(
@@ -216,7 +235,7 @@ def test_sigkill_then_resume_equals_uninterrupted(cache20, tmp_path):
 
     a, b = tmp_path / "ref" / "fold_2", run / "fold_2"
     assert rows(a / "metrics.csv") == [
-        {**r, "seconds": x["seconds"]} for r, x in zip(rows(b / "metrics.csv"), rows(a / "metrics.csv"))
+        {**r, **{k: x[k] for k in TIMING}} for r, x in zip(rows(b / "metrics.csv"), rows(a / "metrics.csv"))
     ]
     for name in (BEST, BEST_EMA, STATE):
         wa, wb = weights(a / name), weights(b / name)
@@ -292,3 +311,45 @@ def test_two_gloo_processes_train_a_fold(cache20, tmp_path):
     assert (
         torch.load(run / "fold_1" / BEST, weights_only=True)["val_metrics"]["n"] == 4
     )  # every val patient once
+
+
+def test_a_state_written_by_older_code_still_resumes(cache20, tmp_path, fresh_accelerate):
+    """state.pt as older versions wrote it: bests inside fold_state, rng_cpu/rng_cuda, no keepers."""
+    settings = dict(data=str(cache20), run=str(tmp_path / "r"), fold=0, max_epochs=2, ema_decay=0.9, **FAST)
+    first = train_fold(make_config(**settings))
+    reset_accelerate()
+    path = tmp_path / "r" / "fold_0" / STATE
+    blob = torch.load(path, weights_only=True)
+    best, best_ema, rng = blob.pop("best"), blob.pop("best_ema"), blob.pop("rng")
+    blob["fold_state"].update(
+        best_auc=best["best_auc"],
+        best_epoch=best["best_epoch"],
+        best_ema_auc=best_ema["best_auc"],
+        best_ema_epoch=best_ema["best_epoch"],
+    )
+    blob.update(rng_cpu=rng["cpu"], rng_cuda=rng["cuda"], scaler=None)
+    torch.save(blob, path)
+    again = train_fold(make_config(**settings, resume=True))
+    assert again == first
+
+
+def test_resident_and_dataloader_paths_give_the_same_metrics(cache20, tmp_path, fresh_accelerate):
+    """The default resident data path draws the same batches as --cache-device off (DataLoader
+    with a worker process): on the CPU every metric but the timings is equal."""
+    runs = {}
+    for mode, workers in (("auto", 0), ("off", 1)):
+        run = tmp_path / mode
+        overrides = {**FAST, "workers": workers}
+        train_fold(
+            make_config(
+                data=str(cache20), run=str(run), fold=1, max_epochs=2, ema_decay=0.9, cache_device=mode,
+                **overrides,
+            )
+        )  # fmt: skip
+        reset_accelerate()
+        runs[mode] = [
+            {k: v for k, v in r.items() if k not in TIMING} for r in rows(run / "fold_1" / "metrics.csv")
+        ]
+    assert len(runs["auto"]) == 2 and runs["auto"] == runs["off"]
+    first = rows(tmp_path / "auto" / "fold_1" / "metrics.csv")[0]
+    assert float(first["train_samples_per_s"]) > 0

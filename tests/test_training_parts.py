@@ -166,3 +166,80 @@ def test_rank_auc_matches_sklearn_with_ties():
     p = rng.integers(0, 5, (3, 20)) / 4  # many ties
     expected = [roc_auc_score(y, row) for row in p]
     np.testing.assert_allclose(rank_auc(np.tile(y, (3, 1)), p), expected)
+
+
+def test_best_keeper_never_regresses_and_leaves_no_temp_files(tmp_path):
+    from brats.checkpoint import AUC_EPS, BestKeeper, Checkpoint
+
+    keeper = BestKeeper(tmp_path / "best.pt", is_ema=False, title="fold 0")
+    labels, p = np.array([0, 1, 1, 0]), np.array([0.2, 0.7, 0.9, 0.4])
+    saved = []
+    for epoch, auc in enumerate([0.5, 0.8, 0.8 + AUC_EPS / 2, float("nan"), 0.7, 0.9], start=1):
+        if keeper.consider(auc, epoch):
+            keeper.save(Checkpoint({"w": torch.zeros(1)}, {"auc": auc}, epoch), labels, p)
+            saved.append(epoch)
+    assert saved == [1, 2, 6]  # float noise, NaN and a worse AUC never replace the best
+    assert (keeper.best_auc, keeper.best_epoch) == (0.9, 6)
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 6
+    assert {p.name for p in tmp_path.glob("*_epoch_*.png")} == {
+        f"{n}_epoch_6.png" for n in ("roc_curve", "pr_curve", "confusion_matrix")
+    }
+    assert not list(tmp_path.glob(".tmp-*"))
+    restored = BestKeeper(tmp_path / "best.pt", is_ema=False, title="fold 0")
+    restored.load_state_dict(keeper.state_dict())
+    assert not restored.consider(0.9, 7) and restored.consider(0.95, 7)
+
+
+def test_checkpoint_schema_round_trips_and_fills_defaults_for_older_files(tmp_path):
+    from brats.checkpoint import Checkpoint
+
+    full = Checkpoint({"w": torch.ones(2)}, {"auc": 0.75}, 3, True, {"depth": 10}, 1, "abc", "p", ["a"])
+    again = Checkpoint.from_payload(full.to_payload(), tmp_path / "best.pt")
+    assert again.to_payload().keys() == full.to_payload().keys() and again.is_ema and again.epoch == 3
+    older = {"model_state_dict": {"w": torch.ones(2)}, "val_metrics": {}, "args_note": "ignored"}
+    ema = Checkpoint.from_payload(older, tmp_path / "best_ema.pt")
+    raw = Checkpoint.from_payload(older, tmp_path / "best.pt")
+    assert ema.is_ema and not raw.is_ema  # decided by the file name when the field is missing
+    assert (raw.epoch, raw.config, raw.splits_fingerprint, raw.val_patients) == (-1, None, None, [])
+    assert math.isnan(raw.val_auc)
+    with pytest.raises(BratsError, match="lacks val_metrics"):
+        Checkpoint.from_payload({"model_state_dict": {}}, tmp_path / "best.pt")
+
+
+def test_ema_follows_only_real_optimizer_updates(tmp_path, monkeypatch, fresh_accelerate):
+    """A step the fp16 grad scaler skipped moves neither the EMA nor the scheduler."""
+    from accelerate import Accelerator
+
+    from brats import engine
+    from brats.checkpoint import BestKeeper
+
+    accelerator = Accelerator(cpu=True)
+    model = ResNet3D(depth=10, in_channels=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(8, 1, 16, 16, 16), torch.tensor([0, 1] * 4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda s: 1.0)
+    ema = ModelEma(accelerator.unwrap_model(model), 0.5)
+    cfg = make_config(data="x", augment=False, progress=False, grad_accum=1)
+    data = engine.FoldData(loader, loader, torch.Generator(), [4, 4], {})
+    keepers = {"best": BestKeeper(tmp_path / "b.pt", False, "")}
+    parts = engine.TrainParts(
+        cfg, accelerator, engine.RunPaths(tmp_path), data, model, optimizer, scheduler,
+        torch.nn.CrossEntropyLoss(), torch.Generator(), ema, keepers,
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    monkeypatch.setattr(type(accelerator), "optimizer_step_was_skipped", property(lambda self: True))
+    engine.train_epoch(parts, 1)
+    assert scheduler.last_epoch == 0
+    assert all(torch.equal(before[k], v) for k, v in ema.state_dict().items())
+    monkeypatch.undo()
+    engine.train_epoch(parts, 2)
+    assert scheduler.last_epoch == 2
+    assert not torch.equal(before["fc.weight"], ema.state_dict()["fc.weight"])
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 1e38, 0.0])
+def test_learning_rates_that_cannot_train_are_refused_up_front(lr):
+    with pytest.raises(BratsError, match="--lr"):
+        make_config(data="cache", lr=lr)

@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 from brats.cache import open_cache
 from brats.config import make_config
 from brats.data import CachedVolumes
-from brats.engine import predict, score
 from brats.folds import make_splits
 from brats.model import build_model
+from brats.scoring import predict, score
 
 cache, out = sys.argv[1], sys.argv[2]
 accelerator = Accelerator(cpu=True)
