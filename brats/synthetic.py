@@ -171,7 +171,8 @@ def make_patient_with_lesion(
         tissue[1][ring] += look.enhancement * profile
 
     bias = 1.0 + 0.08 * smooth_field(rng, (dz, dy, dx), 3, 1.5)
-    return render(rng, tissue, brain, bias)
+    lesion = np.where(tumour, 1, np.where(oedema, 2, 0)).astype(np.uint8)
+    return render(rng, tissue, brain, bias), lesion
 
 
 def render(
@@ -189,8 +190,7 @@ def render(
         img = np.clip(img * gain, 1, 32000)
         img[~brain] = 0
         volumes.append(img.astype(np.int16))
-    lesion = np.where(tumour, 1, np.where(oedema, 2, 0)).astype(np.uint8)
-    return volumes, lesion
+    return volumes
 
 
 def write_patient(args: tuple[Path, str, int, int, bool, tuple[int, int, int]]) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import TINY_SHAPE, write_nifti
+from support import TINY_SHAPE, write_nifti
 from scipy import ndimage
 
 from brats.cam import (
