@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brats.cam import write_planes_png
+from brats.atomic import atomic_path
+from brats.cam import render_planes
 from brats.cohort import CLASSES
 from brats.errors import BratsError
 from brats.model import ResNet3D
@@ -47,11 +48,15 @@ def upsample(maps: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Te
     return F.interpolate(maps[:, None], size=tuple(size), mode="trilinear", align_corners=False)[:, 0]
 
 
+def coarse_cam(model: ResNet3D, maps: torch.Tensor) -> torch.Tensor:
+    """(B, F, d, h, w) last feature maps -> (B, d, h, w) HGG-evidence map at their resolution."""
+    weights, _ = hgg_evidence_weights(model)
+    return (maps * weights.view(1, -1, 1, 1, 1)).sum(dim=1)
+
+
 def cam_from_maps(model: ResNet3D, maps: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Tensor:
     """(B, F, d, h, w) last feature maps -> (B, *size) HGG-evidence map."""
-    weights, _ = hgg_evidence_weights(model)
-    coarse = (maps * weights.view(1, -1, 1, 1, 1)).sum(dim=1)  # (B, d, h, w)
-    return upsample(coarse, size)
+    return upsample(coarse_cam(model, maps), size)
 
 
 def class_activation_map(model: ResNet3D, x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +71,11 @@ class ExplainedModel(nn.Module):
     """One fold model or an ensemble, (B, C, S, S, S) -> probabilities (B, 2) [p_LGG, p_HGG]
     (the folds' mean softmax), logits (B, 2) (their mean) and cam (B, S, S, S) (their mean
     HGG-evidence map); one backbone pass per fold serves both the logits and the map. Eval
-    mode only: the logits are the pooled maps through `fc`, without dropout."""
+    mode only: the logits are the pooled maps through `fc`, without dropout.
+
+    The folds' coarse maps are averaged before the one upsampling, which is linear, so this is
+    the mean of the folds' upsampled maps at 1/M of the upsampling's cost (the folds of one run
+    share an architecture, hence the coarse maps' shape)."""
 
     def __init__(self, models: list[ResNet3D]):
         super().__init__()
@@ -79,9 +88,10 @@ class ExplainedModel(nn.Module):
         for model in self.models:
             maps = model.feature_maps(x)  # (B, F, d, h, w)
             logits.append(model.fc(maps.mean(dim=(2, 3, 4))))
-            cams.append(cam_from_maps(model, maps, x.shape[2:]))
+            cams.append(coarse_cam(model, maps))
         stacked = torch.stack(logits)  # (M, B, 2)
-        return torch.softmax(stacked, dim=-1).mean(0), stacked.mean(0), torch.stack(cams).mean(0)
+        cam = upsample(torch.stack(cams).mean(0), x.shape[2:])  # (B, S, S, S)
+        return torch.softmax(stacked, dim=-1).mean(0), stacked.mean(0), cam
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module | str, relu: bool = False) -> torch.Tensor:
@@ -125,32 +135,66 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module | str, relu: bo
 
 
 @torch.no_grad()
-def write_cam_montage(
-    models: list[ResNet3D],
-    volume: np.ndarray,
-    path: str | Path,
-    title: str,
-    underlay_channel: int = -1,
-) -> float:
-    """A PNG of one preprocessed patient (C, S, S, S): three planes of channel `underlay_channel`
-    (default the last, FLAIR in the standard order) through the peak of the evidence for the
-    predicted grade, the (ensemble's) CAM over them; returns p(HGG). Models keep their mode."""
+def explain(models: list[ResNet3D], volumes: np.ndarray, batch: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C, S, S, S) preprocessed patients -> p(HGG) (N,) and the (ensemble's) CAM
+    (N, S, S, S), both float32 numpy, on the models' device; the models keep their mode."""
     explained = ExplainedModel(models)
     modes = [m.training for m in models]
     device = next(models[0].parameters()).device
+    p_hgg, cams = [], []
     try:
         explained.eval()
-        x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None].to(device)
-        probabilities, _, cam = explained(x)
+        for start in range(0, len(volumes), batch):
+            x = torch.from_numpy(np.ascontiguousarray(volumes[start : start + batch], dtype=np.float32))
+            probabilities, _, cam = explained(x.to(device))
+            p_hgg.append(probabilities[:, HGG].float().cpu().numpy())
+            cams.append(cam.float().cpu().numpy())
     finally:
         for model, mode in zip(models, modes):
             model.train(mode)
-    p_hgg = float(probabilities[0, HGG])
-    write_planes_png(
-        path,
-        np.asarray(volume[underlay_channel], dtype=np.float32),
-        cam[0].float().cpu().numpy(),
-        f"{title}  p(HGG) {p_hgg:.3f}",
-        toward_hgg=p_hgg >= 0.5,
+    return np.concatenate(p_hgg), np.concatenate(cams)
+
+
+def write_cam_montage(
+    models: list[ResNet3D],
+    volumes: np.ndarray,
+    titles: list[str],
+    path: str | Path,
+    underlay_channel: int = -1,
+) -> np.ndarray:
+    """A PNG with one row per preprocessed patient (N, C, S, S, S): three planes of channel
+    `underlay_channel` (default the last, FLAIR in the standard order) through the peak of the
+    evidence for the predicted grade, the (ensemble's) CAM over them, titled `titles[i]` and
+    its p(HGG); written atomically. Returns p(HGG) (N,). Models keep their mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: also on servers
+    import matplotlib.pyplot as plt
+
+    if len(titles) != len(volumes) or not len(volumes):
+        raise BratsError(f"{path}: give one title per patient ({len(titles)} for {len(volumes)})")
+    p_hgg, cams = explain(models, volumes)
+    pictures = [
+        render_planes(np.asarray(v[underlay_channel], dtype=np.float32), cam, toward_hgg=bool(p >= 0.5))
+        for v, cam, p in zip(volumes, cams, p_hgg)
+    ]
+    height, width = max(r.shape[0] for r, _ in pictures), max(r.shape[1] for r, _ in pictures)
+    fig, axes = plt.subplots(
+        len(pictures), 1, figsize=(width / 100, len(pictures) * (height / 100 + 0.35)), squeeze=False
     )
+    for ax, (rgb, at), title, p in zip(axes[:, 0], pictures, titles, p_hgg):
+        ax.imshow(rgb, interpolation="nearest")
+        ax.set_title(
+            f"{title}  p(HGG) {p:.3f}  (axial, coronal, sagittal through z, y, x = {at}; R on the left; "
+            "red HGG, blue LGG evidence)",
+            fontsize=7,
+        )
+        ax.set_axis_off()
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return p_hgg

@@ -473,7 +473,14 @@ def preprocess_with_grid(
     case: Case, cfg: PreprocessConfig = PreprocessConfig()
 ) -> tuple[np.ndarray, CubeGrid]:
     """`preprocess_case` and the cube grid it resampled onto (to map a cube back onto the scan)."""
-    images = [read_image(case, m) for m in MODALITIES]
+    return preprocess_images(case, [read_image(case, m) for m in MODALITIES], cfg)
+
+
+def preprocess_images(
+    case: Case, images: list[sitk.Image], cfg: PreprocessConfig = PreprocessConfig()
+) -> tuple[np.ndarray, CubeGrid]:
+    """`preprocess_with_grid` on the four images already read (in MODALITIES order), which are
+    left as they are: a caller keeps the scans it read, e.g. to draw a map over the FLAIR."""
     check_same_grid(case, images)
     if not np.allclose(images[0].GetDirection(), np.eye(3).ravel(), atol=DIRECTION_ATOL):
         # Flip/permute to LPS axes (exact, no interpolation); an oblique image stays oblique.
