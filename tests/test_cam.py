@@ -7,14 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from support import TINY_SHAPE, write_nifti
 from scipy import ndimage
+from support import TINY_SHAPE, write_nifti
 
 from brats.cam import (
+    HGG_RGB,
+    LGG_RGB,
+    PLANE_PIXELS,
     cam_on_reference,
     cam_path,
     cube_image,
     peak_index,
+    render_planes,
     write_case_cam,
     write_case_png,
     write_planes_png,
@@ -147,9 +151,13 @@ def test_failed_write_keeps_the_old_file(patient, tmp_path):
 def test_png_through_the_peak_over_the_flair(patient, tmp_path):
     case, reference, volume, grid = patient
     out = tmp_path / "png" / "P1_cam.png"
-    png = write_case_png(out, cam_on_reference(volume[3], grid, reference), reference, "P1")
-    assert png == out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    png = write_case_png(out, cam_on_reference(volume[3], grid, reference), reference)
+    assert png == out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["P1_cam.png"]
+    drawn = sitk.ReadImage(str(png))
+    assert drawn.GetNumberOfComponentsPerPixel() == 3 and drawn.GetSize()[1] >= PLANE_PIXELS
+    pixels = sitk.GetArrayFromImage(drawn)  # (H, W, 3)
+    assert (pixels.max(axis=2) == 0).mean() > 0.2 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
 
 
 def test_peak_is_the_centre_of_a_plateau_and_can_be_kept_inside_a_mask():
@@ -164,7 +172,36 @@ def test_peak_is_the_centre_of_a_plateau_and_can_be_kept_inside_a_mask():
     assert peak_index(cam, within=within) == (4, 4, 4)
     assert peak_index(cam, toward_hgg=False, within=within) == (5, 6, 7)
     with pytest.raises(BratsError, match="same 3D shape"):
-        write_planes_png(Path("unused.png"), np.zeros((6, 7, 8)), np.zeros((6, 7, 9)), "t")
+        write_planes_png(Path("unused.png"), np.zeros((6, 7, 8)), np.zeros((6, 7, 9)))
+
+
+def test_planes_show_hgg_evidence_red_lgg_blue_in_square_pixels():
+    """A map with an HGG blob and an LGG blob over a uniform brain: the planes go through the
+    peak for the grade asked for, coloured by sign, and anisotropic voxels are drawn to scale."""
+    shape = (10, 20, 30)  # z, y, x
+    underlay = np.zeros(shape, np.float32)
+    underlay[1:-1, 2:-2, 2:-2] = 100.0
+    cam = np.zeros(shape, np.float32)
+    cam[3:6, 4:8, 5:9] = 2.0  # HGG evidence
+    cam[6:9, 12:16, 20:25] = -1.0  # LGG evidence
+    spacing = (1.0, 1.0, 3.0)  # x, y, z mm: a slice 3 voxels thick
+    rgb, at = render_planes(underlay, cam, spacing)
+    assert at == peak_index(cam) and cam[at] == 2.0
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    scale = -(-PLANE_PIXELS // 30)  # the 30 mm tall sagittal and coronal planes set the magnification
+    assert rgb.shape[0] == 30 * scale  # 10 slices of 3 mm
+    red = (rgb[..., 0].astype(int) - rgb[..., 2] > 60).sum()
+    blue = (rgb[..., 2].astype(int) - rgb[..., 0] > 60).sum()
+    assert red > 0 and blue == 0 or red > blue  # through the HGG blob: mostly red
+    _, at_lgg = render_planes(underlay, cam, spacing, toward_hgg=False)
+    assert cam[at_lgg] == -1.0
+    rgb_lgg, _ = render_planes(underlay, cam, spacing, at=at_lgg)
+    blue = (rgb_lgg[..., 2].astype(int) - rgb_lgg[..., 0] > 60).sum()
+    assert blue > 0
+    # colour bar: HGG colour at the top, LGG colour at the bottom, in the rightmost column
+    np.testing.assert_allclose(rgb[0, -1] / 255, HGG_RGB, atol=0.01)
+    np.testing.assert_allclose(rgb[-1, -1] / 255, LGG_RGB, atol=0.01)
+    assert np.all(rgb[0, 0] == 0)  # background black
 
 
 def test_cube_image_checks_the_shape():
@@ -174,7 +211,7 @@ def test_cube_image_checks_the_shape():
 
 NO_TORCH = """
 import sys
-sys.modules["torch"] = None  # any import of torch now fails
+sys.modules["torch"] = sys.modules["matplotlib"] = None  # any import of either now fails
 import numpy as np, SimpleITK as sitk
 from brats.cam import cam_on_reference, write_case_png
 from brats.preprocess import CubeGrid
@@ -182,12 +219,12 @@ grid = CubeGrid((0.0, 0.0, 0.0), 2.0, 8)
 reference = sitk.Image(12, 10, 9, sitk.sitkFloat32)
 reference += 1.0
 cam = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
-write_case_png(sys.argv[1], cam_on_reference(cam, grid, reference), reference, "no torch")
-print("torch" in sys.modules and sys.modules["torch"] is not None)
+write_case_png(sys.argv[1], cam_on_reference(cam, grid, reference), reference)
+print(any(sys.modules.get(m) is not None for m in ("torch", "matplotlib")))
 """
 
 
-def test_works_without_torch(tmp_path):
+def test_works_without_torch_or_matplotlib(tmp_path):
     r = subprocess.run(
         [sys.executable, "-c", NO_TORCH, str(tmp_path / "x.png")],
         capture_output=True,

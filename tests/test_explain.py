@@ -12,6 +12,7 @@ from brats.explain import (
     OUTPUT_NAMES,
     ExplainedModel,
     class_activation_map,
+    explain,
     grad_cam,
     hgg_evidence_weights,
     write_cam_montage,
@@ -119,13 +120,25 @@ def test_onnx_export_reproduces_the_cam(tmp_path):
 def test_montage_png_and_the_models_keep_their_mode(tmp_path):
     folds = [model(seed=s) for s in (0, 1)]
     folds[1].train()
-    volume = batch(24, n=1)[0].numpy()
-    volume[:, :4] = 0.0  # background, as preprocessing leaves it
-    p_hgg = write_cam_montage(folds, volume, tmp_path / "m" / "P1.png", "P1 (HGG)")
+    volumes = batch(24, n=2).numpy()
+    volumes[:, :, :4] = 0.0  # background, as preprocessing leaves it
+    p_hgg = write_cam_montage(folds, volumes, ["P1 (HGG)", "P2 (LGG)"], tmp_path / "m" / "fold.png")
     assert [f.training for f in folds] == [False, True]
     with torch.no_grad():
-        expected = ExplainedModel(folds).eval()(torch.from_numpy(volume)[None])[0][0, HGG]
-    assert p_hgg == pytest.approx(float(expected), abs=1e-6)
-    png = tmp_path / "m" / "P1.png"
+        expected = ExplainedModel(folds).eval()(torch.from_numpy(volumes))[0][:, HGG]
+    np.testing.assert_allclose(p_hgg, expected.numpy(), atol=1e-6)
+    png = tmp_path / "m" / "fold.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in png.parent.iterdir()] == ["P1.png"]
+    assert [p.name for p in png.parent.iterdir()] == ["fold.png"]
+    with pytest.raises(BratsError, match="one title per patient"):
+        write_cam_montage(folds, volumes, ["P1"], tmp_path / "x.png")
+
+
+def test_explain_batches_like_one_pass():
+    folds = [model(seed=s) for s in (0, 1)]
+    volumes = batch(24, n=3).numpy()
+    p_hgg, cams = explain(folds, volumes, batch=2)
+    with torch.no_grad():
+        probabilities, _, cam = ExplainedModel(folds).eval()(torch.from_numpy(volumes))
+    np.testing.assert_allclose(p_hgg, probabilities[:, HGG].numpy(), atol=1e-6)
+    np.testing.assert_allclose(cams, cam.numpy(), atol=1e-5)
