@@ -1,10 +1,11 @@
 """Re-score every fold's best checkpoint by the explicit policy, verify it, write the CV report.
 
-    python evaluate.py --run runs/cv [--folds 0,1] [--strict] [--trust-checkpoints]
+    python evaluate.py --run runs/cv [--folds 0,1] [--strict] [--trust-checkpoints] [--cam]
 
 Policy (seed 6.6): best_ema.pt if the run used EMA and it exists, else best.pt, else an error;
 never the resume state. Outputs in RUN/evaluation/: summary.json, report.md, predictions.csv,
-fold_K/*.png, roc_all_folds.png.
+fold_K/*.png, roc_all_folds.png; with --cam also fold_K/cam_montage.png: the fold's most
+confident right and wrong validation patients with the fold model's class activation map.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def main(
     ] = False,
     data: Annotated[str | None, typer.Option(help="cache to score on [the run's --data]")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda [cuda when available]")] = None,
+    cam: Annotated[
+        bool,
+        typer.Option(
+            "--cam", help="also draw each fold's most confident right and wrong patients with the model's CAM"
+        ),
+    ] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -49,6 +56,14 @@ def main(
     paths = RunPaths(run)
     print(paths.report.read_text())
     print(f"wrote {paths.evaluation} ({len(summary['folds'])} folds)")
+    if cam:
+        from brats.explain import write_evaluation_montages
+
+        folds_done = [row["fold"] for row in summary["folds"]]
+        montages = write_evaluation_montages(
+            run, folds_done, trust=trust_checkpoints, data=data, device=device
+        )
+        print(f"wrote {len(montages)} CAM montage(s): {', '.join(str(m) for m in montages)}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Class activation maps: exact for this network, exportable to ONNX, and Grad-CAM agrees."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from clitools import run_cli
 
 from brats.errors import BratsError
 from brats.explain import (
@@ -12,6 +15,7 @@ from brats.explain import (
     OUTPUT_NAMES,
     ExplainedModel,
     class_activation_map,
+    confident_right_and_wrong,
     explain,
     grad_cam,
     hgg_evidence_weights,
@@ -142,3 +146,55 @@ def test_explain_batches_like_one_pass():
         probabilities, _, cam = ExplainedModel(folds).eval()(torch.from_numpy(volumes))
     np.testing.assert_allclose(p_hgg, probabilities[:, HGG].numpy(), atol=1e-6)
     np.testing.assert_allclose(cams, cam.numpy(), atol=1e-5)
+
+
+def test_confident_right_and_wrong_are_farthest_from_one_half_on_the_predicted_side():
+    rows = [
+        {"patient_id": "a", "label": "1", "p_hgg": "0.9"},  # right, 0.40 from 1/2
+        {"patient_id": "b", "label": "1", "p_hgg": "0.2"},  # wrong, 0.30
+        {"patient_id": "c", "label": "0", "p_hgg": "0.05"},  # right, 0.45
+        {"patient_id": "d", "label": "0", "p_hgg": "0.7"},  # wrong, 0.20
+        {"patient_id": "e", "label": "0", "p_hgg": "0.5"},  # p = 1/2 grades HGG: wrong, 0
+    ]
+    picks = confident_right_and_wrong(rows)
+    assert [(kind, r["patient_id"]) for kind, r in picks] == [("right", "c"), ("wrong", "b")]
+    assert confident_right_and_wrong(rows[:1]) == [("right", rows[0])]
+    assert confident_right_and_wrong([rows[4]]) == [("wrong", rows[4])]
+
+
+def test_evaluate_cam_draws_each_folds_most_confident_right_and_wrong(cv_copy, cache20, capsys, monkeypatch):
+    import csv
+
+    import brats.explain as explain
+    from brats.cache import open_cache
+
+    drawn = {}
+    real = explain.write_cam_montage
+
+    def recording(models, volumes, titles, path, underlay_channel=-1):
+        p_hgg = real(models, volumes, titles, path, underlay_channel)
+        drawn[Path(path).parent.name] = (volumes, titles, p_hgg, underlay_channel)
+        return p_hgg
+
+    monkeypatch.setattr(explain, "write_cam_montage", recording)
+    r = run_cli(capsys, "evaluate.py", "--run", cv_copy, "--folds", "0,2", "--cam")
+    assert r.code == 0, r.err[-3000:]
+    assert "wrote 2 CAM montage(s)" in r.out
+    evaluation = cv_copy / "evaluation"
+    assert not (evaluation / "fold_1" / "cam_montage.png").exists()
+    with open(evaluation / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    cached = open_cache(cache20)
+    assert sorted(drawn) == ["fold_0", "fold_2"]
+    for k in (0, 2):
+        png = evaluation / f"fold_{k}" / "cam_montage.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        picks = confident_right_and_wrong([row for row in rows if row["fold"] == str(k)])
+        volumes, titles, p_hgg, underlay = drawn[f"fold_{k}"]
+        assert underlay == 3  # the FLAIR channel
+        assert len(titles) == len(picks) >= 1
+        for (kind, row), title, volume, p in zip(picks, titles, volumes, p_hgg):
+            assert f"most confident {kind}: {row['patient_id']}" in title
+            stored = cached.volumes[cached.patient_ids.index(row["patient_id"])]
+            np.testing.assert_array_equal(volume, np.asarray(stored, dtype=np.float32))
+            assert p == pytest.approx(float(row["p_hgg"]), abs=1e-4)  # the fold model evaluation scored
