@@ -1,12 +1,14 @@
 """Re-score every fold's best checkpoint by the explicit policy, verify it, write the CV report.
 
-    python evaluate.py --run runs/cv [--folds 0,1] [--strict] [--trust-checkpoints]
-    python evaluate.py --run runs/cv --calibrate temperature --threshold youden
+    python evaluate.py --run runs/cv [--folds 0,1] [--strict] [--trust-checkpoints] [--cam]
+    python evaluate.py --run runs/cv --calibrate platt --threshold youden
 
 Policy (seed 6.6): best_ema.pt if the run used EMA and it exists, else best.pt, else an error;
 never the resume state. Outputs in RUN/evaluation/: summary.json, report.md, predictions.csv,
-fold_K/*.png, roc_all_folds.png, reliability.png. The calibration and threshold chosen on the
-pooled out-of-fold predictions go into summary.json, and export.py puts them in the model.
+fold_K/*.png, roc_all_folds.png, reliability.png; with --cam also fold_K/cam_montage.png: the
+fold's most confident right and wrong validation patients with the fold model's class activation
+map. The calibration and threshold chosen on the pooled out-of-fold predictions go into
+summary.json, and export.py puts them in the model.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def main(
     threshold: Annotated[
         str, typer.Option(help="decision threshold: a probability, youden, or sensitivity:0.9")
     ] = "0.5",
+    cam: Annotated[
+        bool,
+        typer.Option(
+            "--cam", help="also draw each fold's most confident right and wrong patients with the model's CAM"
+        ),
+    ] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -66,6 +74,14 @@ def main(
     paths = RunPaths(run)
     print(paths.report.read_text())
     print(f"wrote {paths.evaluation} ({len(summary['folds'])} folds)")
+    if cam:
+        from brats.explain import write_evaluation_montages
+
+        folds_done = [row["fold"] for row in summary["folds"]]
+        montages = write_evaluation_montages(
+            run, folds_done, trust=trust_checkpoints, data=data, device=device
+        )
+        print(f"wrote {len(montages)} CAM montage(s): {', '.join(str(m) for m in montages)}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python predict.py runs/cv/model.onnx NEW_PATIENTS/ [MORE...] [--out predictions.csv]
     python predict.py model.onnx --t1 a_t1.nii.gz --t1ce a_t1ce.nii.gz --t2 a_t2.nii.gz --flair a_flair.nii.gz
+    python predict.py runs/cv/model.onnx NEW_PATIENTS/ --cam cams/   # and where the model looked
 
 Each INPUT is one patient folder or a cohort root in any supported layout (BraTS 2018/2019,
 2020, CSV manifest, or a folder of patient folders). Writes patient_id,p_hgg,p_lgg,prediction,
@@ -10,6 +11,11 @@ out-of-fold predictions when the model was evaluated that way (--threshold overr
 Patients that cannot be graded are listed with the reason (exit status 1); every other patient is
 still graded. A patient given twice is graded once. The output path is
 checked before any patient is read; an existing CSV is replaced atomically.
+
+--cam DIR writes, per patient, DIR/<id>_cam.nii.gz: the class activation map (HGG evidence per
+voxel, > 0 toward HGG) on the grid of the patient's own FLAIR, to overlay on it in ITK-SNAP or
+3D Slicer; and DIR/<id>_cam.png: three planes through its peak over the FLAIR. A map that cannot
+be written is reported (exit status 1) and the other patients' maps are still written.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Annotated
 
 import typer
 
-from brats.atomic import check_output_file, write_csv_atomic
+from brats.atomic import check_output_dir, check_output_file, write_csv_atomic
 from brats.cohort import CLASSES, MODALITIES, Case, find_cases
 from brats.errors import BratsError, CaseError, exit_on_error
 from brats.inference import Grader, Prediction
@@ -132,6 +138,10 @@ def main(
     threshold: Annotated[
         float | None, typer.Option(help="HGG when p_hgg >= this [the model's, chosen at evaluation]")
     ] = None,
+    cam: Annotated[
+        Path | None,
+        typer.Option(help="folder for each patient's class activation map (<id>_cam.nii.gz, <id>_cam.png)"),
+    ] = None,
 ) -> None:
     if batch_size < 1:
         raise BratsError(f"--batch-size {batch_size}: give at least 1 patient per onnxruntime call")
@@ -141,6 +151,9 @@ def main(
     check_output_file(out, "--out")
     replacing = out.is_file()
     grader = Grader(model, threads or None, threshold)
+    if cam is not None:
+        grader.check_cam()
+        check_output_dir(cam, "--cam")
     cases, problems, repeated = gather_cases(
         inputs or [], {"t1": t1, "t1ce": t1ce, "t2": t2, "flair": flair}, patient_id
     )
@@ -151,7 +164,7 @@ def main(
         f"input {grader.cfg.size}^3 {','.join(grader.cfg.modalities)}"
     )
     print(describe_decision(grader, threshold))
-    results = grader.grade(cases, batch_size)
+    results = grader.grade(cases, batch_size, cam_dir=cam)
     results += [Prediction(e.patient_id, None, e.reason, grader.threshold) for e in problems]
     rows = [
         {
@@ -181,10 +194,21 @@ def main(
     failed = [r for r in results if r.error]
     replaced = " (replaced the previous file)" if replacing else ""
     print(f"wrote {out}{replaced}: {len(results) - len(failed)} graded, {len(failed)} failed")
+    no_cam = [r for r in results if r.cam_error]
+    if cam is not None:
+        mapped = len(results) - len(failed) - len(no_cam)
+        print(
+            f"wrote {mapped} class activation map(s) to {cam} (<id>_cam.nii.gz over the FLAIR, <id>_cam.png)"
+        )
     if failed:
         print(f"{len(failed)} patient(s) could not be graded:", file=sys.stderr)
         for r in failed:
             print(f"  {r.patient_id}: {r.error}", file=sys.stderr)
+    if no_cam:
+        print(f"{len(no_cam)} patient(s) graded, but their CAM was not written:", file=sys.stderr)
+        for r in no_cam:
+            print(f"  {r.patient_id}: {r.cam_error}", file=sys.stderr)
+    if failed or no_cam:
         raise SystemExit(1)
 
 

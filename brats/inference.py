@@ -2,6 +2,8 @@
 
 No torch here. The preprocessing is driven by the contract stored in the model; a contract this
 code does not know (another preprocessing version) is refused rather than silently approximated.
+With a CAM folder, each patient's class activation map (the graph's `cam` output) is mapped back
+onto the patient's own FLAIR grid and written beside a picture of it (brats.cam).
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
 from brats.calibration import Decision
-from brats.cohort import CLASSES, Case
+from brats.cam import write_case_maps
+from brats.cohort import CLASSES, MODALITIES, Case
 from brats.errors import BratsError, CaseError
-from brats.preprocess import PreprocessConfig, preprocess_case
+from brats.preprocess import CubeGrid, PreprocessConfig, preprocess_case, preprocess_images, read_image
 
 # ONNX metadata keys, written by brats.onnx_export: the preprocessing contract
 # (PreprocessConfig.to_contract()) and where the model came from.
 CONTRACT_KEY, PROVENANCE_KEY = "brats_contract", "brats_provenance"
+CAM_OUTPUT = "cam"  # the graph's class activation map, (B, S, S, S); absent from older models
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class Prediction:
     p_hgg: float | None  # calibrated when the model's decision calibrates
     error: str = ""  # why this patient could not be graded
     threshold: float = 0.5  # HGG when p_hgg >= threshold
+    cam_error: str = ""  # why its CAM was not written, though it was graded
 
     @property
     def p_lgg(self) -> float | None:
@@ -97,6 +103,16 @@ class Grader:
         check_graph_input(
             self.session.get_inputs()[0].shape, self.cfg, model, "export it again with python export.py"
         )
+        self.model = model
+        self.has_cam = CAM_OUTPUT in {o.name for o in self.session.get_outputs()}
+
+    def check_cam(self) -> None:
+        """Refuse, before any patient is read, to map a CAM the model does not compute."""
+        if not self.has_cam:
+            raise BratsError(
+                f"{self.model}: its graph has no CAM output (exported before class activation maps "
+                "were): export it again with python export.py to use --cam, or leave --cam out"
+            )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(B, C, S, S, S) float32 -> p(HGG) (B,)."""
@@ -105,18 +121,31 @@ class Grader:
         ]
         return probs[:, 1].astype(np.float64)
 
+    def run_with_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, C, S, S, S) float32 -> p(HGG) (B,) and the CAM on the cube (B, S, S, S) float32."""
+        self.check_cam()
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        probs, cams = self.session.run(["probabilities", CAM_OUTPUT], {"input": x})
+        return probs[:, 1].astype(np.float64), cams
+
     def grade(
         self,
         cases: Iterable[Case],
         batch_size: int = 4,
         on_result: Callable[[Prediction], None] | None = None,
+        cam_dir: str | Path | None = None,
     ) -> list[Prediction]:
         """Preprocess and grade each patient, in input order; a patient that fails is reported
-        with its reason and the others go on."""
+        with its reason and the others go on. With `cam_dir`, each graded patient's CAM is
+        written there as <id>_cam.nii.gz on the FLAIR's grid and <id>_cam.png (brats.cam); a map
+        that cannot be written is reported in `cam_error` and the others go on."""
         if batch_size < 1:
             raise BratsError(f"batch size {batch_size}: give at least 1 patient per onnxruntime call")
+        if cam_dir is not None:
+            self.check_cam()
         results: dict[int, Prediction] = {}
-        pending: list[tuple[int, str, np.ndarray]] = []
+        # (input position, patient, preprocessed volume, and for its CAM: the cube grid and FLAIR)
+        pending: list[tuple[int, str, np.ndarray, tuple[CubeGrid, sitk.Image] | None]] = []
 
         def report(i: int, prediction: Prediction) -> None:
             results[i] = prediction
@@ -124,15 +153,29 @@ class Grader:
                 on_result(prediction)
 
         def flush() -> None:
-            if pending:
-                probs = self.decision.calibrate(self.run(np.stack([v for _, _, v in pending])))
-                for (i, pid, _), p in zip(pending, probs):
+            if not pending:
+                return
+            batch = np.stack([v for _, _, v, _ in pending])
+            if cam_dir is None:
+                probs = self.decision.calibrate(self.run(batch))
+                for (i, pid, _, _), p in zip(pending, probs):
                     report(i, Prediction(pid, float(p), threshold=self.threshold))
-                pending.clear()
+            else:
+                raw, cams = self.run_with_cam(batch)
+                for (i, pid, _, place), p, cam in zip(pending, self.decision.calibrate(raw), cams):
+                    assert place is not None  # kept for every patient when there is a cam_dir
+                    error = write_cam(cam_dir, pid, cam, place, p)
+                    report(i, Prediction(pid, float(p), threshold=self.threshold, cam_error=error))
+            pending.clear()
 
         for i, case in enumerate(cases):
             try:
-                volume = preprocess_case(case, self.cfg)
+                if cam_dir is None:
+                    volume, place = preprocess_case(case, self.cfg), None
+                else:  # the scans stay in memory: the map is drawn over the FLAIR just read
+                    images = [read_image(case, m) for m in MODALITIES]
+                    volume, grid = preprocess_images(case, images, self.cfg)
+                    place = (grid, images[MODALITIES.index("flair")])
             except CaseError as e:
                 report(i, Prediction(case.patient_id, None, e.reason, self.threshold))
                 continue
@@ -140,8 +183,22 @@ class Grader:
                 reason = f"preprocessing failed ({type(e).__name__}: {e})"
                 report(i, Prediction(case.patient_id, None, reason, self.threshold))
                 continue
-            pending.append((i, case.patient_id, volume))
+            pending.append((i, case.patient_id, volume, place))
             if len(pending) == batch_size:
                 flush()
         flush()
         return [results[i] for i in sorted(results)]
+
+
+def write_cam(
+    cam_dir: str | Path, patient_id: str, cam: np.ndarray, place: tuple[CubeGrid, sitk.Image], p_hgg: float
+) -> str:
+    """Write one patient's CAM files (brats.cam.write_case_maps); returns why not, or ""."""
+    grid, flair = place
+    try:
+        write_case_maps(cam_dir, patient_id, cam, grid, flair, toward_hgg=p_hgg >= 0.5)
+    except BratsError as e:
+        return str(e)
+    except Exception as e:  # one patient's map must not stop the others
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return ""

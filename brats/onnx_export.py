@@ -2,10 +2,12 @@
 
 The checkpoint is chosen with evaluate.py's policy (best EMA first) and loaded into a freshly
 built model (never a prepared/compiled module). The graph takes float32 (B, C, S, S, S) with a
-dynamic batch axis and returns `probabilities` (B, 2) [p(LGG), p(HGG)] and `logits` (B, 2); an
-ensemble averages the folds' softmax probabilities (and their logits). The preprocessing
-contract and the provenance travel in the ONNX metadata and in model_card.json beside the model.
-Export fails, leaving nothing behind, unless onnxruntime matches torch within 1e-4.
+dynamic batch axis and returns `probabilities` (B, 2) [p(LGG), p(HGG)], `logits` (B, 2) and
+`cam` (B, S, S, S), the class activation map of HGG evidence on the input cube (brats.explain);
+an ensemble averages the folds' softmax probabilities, logits and maps. The preprocessing
+contract and the provenance (which names the outputs) travel in the ONNX metadata and in
+model_card.json beside the model. Export fails, leaving nothing behind, unless onnxruntime
+matches torch within 1e-4 on the probabilities and on the map (relative to its largest value).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from torch import nn
 
 from brats.atomic import atomic_path, check_output_file, remove_stale_temps, write_json_atomic
 from brats.cache import open_data
@@ -33,7 +34,9 @@ from brats.evaluation import (
     model_config,
     run_config,
 )
+from brats.explain import DYNAMIC_AXES, OUTPUT_NAMES, ExplainedModel
 from brats.inference import CONTRACT_KEY, PROVENANCE_KEY, check_graph_input
+from brats.model import ResNet3D
 from brats.preprocess import PreprocessConfig
 from brats.runs import BEST, BEST_EMA, RunPaths
 
@@ -42,21 +45,21 @@ log = logging.getLogger(__name__)
 OPSET = {"torchscript": 17, "dynamo": 18}  # set explicitly per exporter
 EXPORTERS = tuple(OPSET)
 PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch|
+# max |cam_onnx - cam_torch| / max(1, max |cam_torch|): the map is in logit units per voxel, whose
+# scale depends on the model, so it is compared relative to its largest value.
+CAM_PARITY_TOLERANCE = 1e-4
+# What each output of the graph is: in the provenance (ONNX metadata and model card).
+OUTPUTS = {
+    "probabilities": "(B, 2) [p_LGG, p_HGG]",
+    "logits": "(B, 2)",
+    "cam": (
+        "(B, S, S, S) class activation map on the input cube: HGG evidence (logit_HGG - logit_LGG) "
+        "per voxel, > 0 toward HGG; predict.py --cam maps it onto the patient's scan"
+    ),
+}
 
 
-class Exported(nn.Module):
-    """One model or an ensemble: (B, C, S, S, S) -> (probabilities, logits), both (B, 2)."""
-
-    def __init__(self, models: list[nn.Module]):
-        super().__init__()
-        self.models = nn.ModuleList(models)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = torch.stack([m(x) for m in self.models])  # (M, B, 2)
-        return torch.softmax(logits, dim=-1).mean(0), logits.mean(0)
-
-
-def load_fold(run: Path, k: int, run_cfg: dict, trust: bool) -> tuple[nn.Module, dict]:
+def load_fold(run: Path, k: int, run_cfg: dict, trust: bool) -> tuple[ResNet3D, dict]:
     """Fold k's model by evaluate.py's policy, and where it came from."""
     model, ckpt, path = load_best_model(run, k, run_cfg, trust)
     info = {
@@ -71,25 +74,31 @@ def load_fold(run: Path, k: int, run_cfg: dict, trust: bool) -> tuple[nn.Module,
     return model, info
 
 
-def check_parity(path: Path, model: nn.Module, inputs: np.ndarray) -> float:
-    """max |p_onnx - p_torch| on `inputs` at batch 1 and 3 (onnxruntime on the CPU)."""
+def check_parity(path: Path, model: ExplainedModel, inputs: np.ndarray) -> dict[str, float]:
+    """onnxruntime (CPU) against torch on `inputs` at batch 1 and 3: {"probabilities":
+    max |p_onnx - p_torch|, "cam": max |cam_onnx - cam_torch| / max(1, max |cam_torch|)}."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = 0.0
+    worst = {"probabilities": 0.0, "cam": 0.0}
     for batch in (1, 3):
         x = np.ascontiguousarray(inputs[:batch])
         with torch.no_grad():
-            p_torch = model(torch.from_numpy(x))[0].numpy()
-        p_onnx = session.run(["probabilities"], {"input": x})[0]
-        if p_onnx.shape != p_torch.shape:
-            raise BratsError(f"ONNX output shape {p_onnx.shape} at batch {batch}, torch {p_torch.shape}")
-        worst = max(worst, float(np.abs(p_onnx - p_torch).max()))
+            p_torch, _, cam_torch = (t.numpy() for t in model(torch.from_numpy(x)))
+        p_onnx, cam_onnx = session.run(["probabilities", "cam"], {"input": x})
+        for name, got, want in (("probabilities", p_onnx, p_torch), ("cam", cam_onnx, cam_torch)):
+            if got.shape != want.shape:
+                raise BratsError(
+                    f"ONNX output {name} has shape {got.shape} at batch {batch}, torch {want.shape}"
+                )
+        scale = max(1.0, float(np.abs(cam_torch).max()))
+        worst["probabilities"] = max(worst["probabilities"], float(np.abs(p_onnx - p_torch).max()))
+        worst["cam"] = max(worst["cam"], float(np.abs(cam_onnx - cam_torch).max()) / scale)
     return worst
 
 
 def write_onnx(
-    wrapper: Exported,
+    wrapper: ExplainedModel,
     inputs: np.ndarray,
     out: Path,
     metadata: dict[str, dict],
@@ -98,8 +107,9 @@ def write_onnx(
 ) -> float:
     """Export `wrapper` to `out` atomically: dynamic batch, metadata as JSON strings, full
     checker, the graph's input checked against the contract in `metadata`, and parity against
-    torch on `inputs` (>= 3 samples); returns the max |dp|. `card` (with the parity added) is
-    written beside the model just before the model itself, so a failure leaves neither.
+    torch on `inputs` (>= 3 samples) for the probabilities and the CAM; returns the parity
+    (`check_parity`). `card` (with the parity added) is written beside the model just before the
+    model itself, so a failure leaves neither.
 
     `torchscript` (default) is ~3x faster to export here; `dynamo` is the exporter PyTorch
     develops further. Both are traced with a batch of 2 and a dynamic batch axis, since the
@@ -111,8 +121,7 @@ def write_onnx(
         batch = torch.export.Dim("batch", min=1, max=4096)
         how = {"dynamo": True, "dynamic_shapes": {"x": {0: batch}}, "external_data": False}
     else:
-        axes = {"input": {0: "batch"}, "probabilities": {0: "batch"}, "logits": {0: "batch"}}
-        how = {"dynamo": False, "dynamic_axes": axes}
+        how = {"dynamo": False, "dynamic_axes": DYNAMIC_AXES}
     with atomic_path(out) as tmp:
         torch.onnx.export(
             wrapper,
@@ -120,7 +129,7 @@ def write_onnx(
             str(tmp),
             opset_version=OPSET[exporter],
             input_names=["input"],
-            output_names=["probabilities", "logits"],
+            output_names=list(OUTPUT_NAMES),
             **how,
         )
         proto = onnx.load(str(tmp))
@@ -139,15 +148,27 @@ def write_onnx(
                 out,
                 "nothing written (export from a cache preprocessed as the checkpoint was, with --data)",
             )
-        worst = check_parity(tmp, wrapper, inputs)
-        if not worst <= PARITY_TOLERANCE:
+        parity = check_parity(tmp, wrapper, inputs)
+        if not parity["probabilities"] <= PARITY_TOLERANCE:
             raise BratsError(
-                f"ONNX parity failed: max |p_onnx - p_torch| = {worst:.2e} > {PARITY_TOLERANCE:g}; "
-                "nothing written"
+                f"ONNX parity failed: max |p_onnx - p_torch| = {parity['probabilities']:.2e} > "
+                f"{PARITY_TOLERANCE:g}; nothing written"
+            )
+        if not parity["cam"] <= CAM_PARITY_TOLERANCE:
+            raise BratsError(
+                f"ONNX parity failed on the CAM: max |cam_onnx - cam_torch| = {parity['cam']:.2e} of "
+                f"its largest value > {CAM_PARITY_TOLERANCE:g}; nothing written"
             )
         if card is not None:
-            write_json_atomic(RunPaths.card(out), {**card, "parity_max_abs_diff": worst})
-    return worst
+            write_json_atomic(
+                RunPaths.card(out),
+                {
+                    **card,
+                    "parity_max_abs_diff": parity["probabilities"],
+                    "cam_parity_max_rel_diff": parity["cam"],
+                },
+            )
+    return parity
 
 
 def trained_folds(run: Path, k_total: int) -> list[int]:
@@ -252,7 +273,7 @@ def export(
     # How p(HGG) becomes a grade: calibration and threshold chosen on the out-of-fold predictions
     contract["decision"] = Decision.from_dict(summary.get("decision", {}), RunPaths(run).summary).to_dict()
     provenance = make_provenance(run, sources, summary)
-    wrapper = Exported(models).eval()
+    wrapper = ExplainedModel(models).eval()
     channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
     inputs = np.stack([np.asarray(v[channels], dtype=np.float32) for v in cached.volumes[:3]])
     card = {
@@ -262,16 +283,19 @@ def export(
         "exporter": exporter,
         "opset": OPSET[exporter],
     }
-    worst = write_onnx(
+    parity = write_onnx(
         wrapper, inputs, out, {CONTRACT_KEY: contract, PROVENANCE_KEY: provenance}, exporter, card=card
     )
-    log.info(f"wrote {out} (parity max |dp| {worst:.1e}) and {RunPaths.card(out)}")
+    log.info(
+        f"wrote {out} (parity max |dp| {parity['probabilities']:.1e}, CAM {parity['cam']:.1e} of its "
+        f"largest value) and {RunPaths.card(out)}"
+    )
     return out
 
 
 def load_sources(
     run: Path, folds: list[int], run_cfg: dict, trust: bool, evaluated: dict[int, dict]
-) -> tuple[list[nn.Module], list[dict]]:
+) -> tuple[list[ResNet3D], list[dict]]:
     """The folds' models by the policy and where each came from; they must agree on channels
     and preprocessing to be exported together."""
     models, sources = [], []
@@ -299,7 +323,7 @@ def make_provenance(run: Path, sources: list[dict], summary: dict) -> dict:
     return {
         "classes": list(CLASSES),
         "input": "float32 (B, C, S, S, S), channels in the contract's `modalities` order",
-        "outputs": {"probabilities": "(B, 2) [p_LGG, p_HGG]", "logits": "(B, 2)"},
+        "outputs": OUTPUTS,
         "ensemble": len(sources) > 1,
         "sources": [{k: v for k, v in s.items() if k not in ("preprocess", "config")} for s in sources],
         "architecture": {k: sources[0]["config"][k] for k in ("depth", "layout", "dropout")},

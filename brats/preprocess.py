@@ -450,6 +450,15 @@ def zscore_brain(volume: np.ndarray) -> np.ndarray:
     return volume
 
 
+@dataclass(frozen=True)
+class CubeGrid:
+    """Where the (S, S, S) cube of one patient lies: an LPS grid (identity direction) in mm."""
+
+    origin: tuple[float, float, float]  # physical x, y, z (mm) of voxel (0, 0, 0)'s centre
+    spacing_mm: float  # isotropic voxel size
+    size: int  # S voxels a side
+
+
 def preprocess_case(case: Case, cfg: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
     """Read and preprocess one patient -> float32 (C, S, S, S), channels in `cfg.modalities`.
 
@@ -457,7 +466,21 @@ def preprocess_case(case: Case, cfg: PreprocessConfig = PreprocessConfig()) -> n
     files, 2D/4D images, modalities on different grids, NaN/Inf or huge voxels, a blank modality
     and an empty brain.
     """
-    images = [read_image(case, m) for m in MODALITIES]
+    return preprocess_with_grid(case, cfg)[0]
+
+
+def preprocess_with_grid(
+    case: Case, cfg: PreprocessConfig = PreprocessConfig()
+) -> tuple[np.ndarray, CubeGrid]:
+    """`preprocess_case` and the cube grid it resampled onto (to map a cube back onto the scan)."""
+    return preprocess_images(case, [read_image(case, m) for m in MODALITIES], cfg)
+
+
+def preprocess_images(
+    case: Case, images: list[sitk.Image], cfg: PreprocessConfig = PreprocessConfig()
+) -> tuple[np.ndarray, CubeGrid]:
+    """`preprocess_with_grid` on the four images already read (in MODALITIES order), which are
+    left as they are: a caller keeps the scans it read, e.g. to draw a map over the FLAIR."""
     check_same_grid(case, images)
     if not np.allclose(images[0].GetDirection(), np.eye(3).ravel(), atol=DIRECTION_ATOL):
         # Flip/permute to LPS axes (exact, no interpolation); an oblique image stays oblique.
@@ -483,4 +506,6 @@ def preprocess_case(case: Case, cfg: PreprocessConfig = PreprocessConfig()) -> n
         volume = resample_lps(chosen, origin, spacing, cfg.size)
     else:
         volume = resample_any(chosen, origin, spacing, cfg.size)
-    return zscore_brain(volume)
+    x0, y0, z0 = (float(v) for v in origin)
+    grid = CubeGrid((x0, y0, z0), float(spacing), cfg.size)
+    return zscore_brain(volume), grid

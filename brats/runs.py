@@ -78,6 +78,10 @@ class RunPaths:
     def predictions(self) -> Path:
         return self.evaluation / "predictions.csv"
 
+    def cam_montage(self, k: int) -> Path:
+        """Fold k's most confident right and wrong patients with their CAM (evaluate.py --cam)."""
+        return self.evaluation / self.fold_name(k) / "cam_montage.png"
+
     def model(self, ensemble: bool = False) -> Path:
         return self.root / ("model_ensemble.onnx" if ensemble else "model.onnx")
 

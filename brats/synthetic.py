@@ -88,6 +88,14 @@ def smooth_field(
 
 def make_patient(seed: int, index: int, hgg: bool, shape_xyz: tuple[int, int, int]) -> list[np.ndarray]:
     """Four int16 (z, y, x) volumes for one phantom patient."""
+    return make_patient_with_lesion(seed, index, hgg, shape_xyz)[0]
+
+
+def make_patient_with_lesion(
+    seed: int, index: int, hgg: bool, shape_xyz: tuple[int, int, int]
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """`make_patient` and where its lesion is: uint8 (z, y, x), 1 tumour (with any necrotic
+    core), 2 oedema, 0 elsewhere; known ground truth for checking where a model looks."""
     rng = np.random.default_rng([seed, index])
     nx, ny, nz = shape_xyz
     zz = np.arange(nz, dtype=np.float32)
@@ -163,7 +171,8 @@ def make_patient(seed: int, index: int, hgg: bool, shape_xyz: tuple[int, int, in
         tissue[1][ring] += look.enhancement * profile
 
     bias = 1.0 + 0.08 * smooth_field(rng, (dz, dy, dx), 3, 1.5)
-    return render(rng, tissue, brain, bias)
+    lesion = np.where(tumour, 1, np.where(oedema, 2, 0)).astype(np.uint8)
+    return render(rng, tissue, brain, bias), lesion
 
 
 def render(

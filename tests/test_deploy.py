@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import SimpleITK as sitk
 from clitools import deny_writes, disk_full, one_line_error, run_cli, temps
 from support import TINY_SHAPE, copy_run
 
@@ -60,19 +61,38 @@ def test_single_fold_export_contract_and_dynamic_batch(exported, cache20):
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     cached = open_cache(cache20)
     x = np.stack([np.asarray(v, dtype=np.float32) for v in cached.volumes[:5]])
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "logits", "cam"]
+    assert list(card["outputs"]) == ["probabilities", "logits", "cam"]
+    assert card["cam_parity_max_rel_diff"] <= 1e-4
     for b in (2, 5):
-        probs, logits = session.run(None, {"input": x[:b]})
-        assert probs.shape == (b, 2) and logits.shape == (b, 2)
+        probs, logits, cam = session.run(None, {"input": x[:b]})
+        assert probs.shape == (b, 2) and logits.shape == (b, 2) and cam.shape == (b, 24, 24, 24)
         np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
 
 
-def test_ensemble_export(exported, tmp_path):
+def test_ensemble_export(exported, cache20, tmp_path):
+    import torch
+
+    from brats.explain import class_activation_map
+    from brats.onnx_export import load_fold
+
     run, _ = exported
     out = export(run, tmp_path / "ens.onnx", ensemble=True)
     card = json.loads((tmp_path / "ens_card.json").read_text())
     assert card["ensemble"] and [s["fold"] for s in card["sources"]] == [0, 1, 2, 3, 4]
-    assert card["parity_max_abs_diff"] <= 1e-4
+    assert card["parity_max_abs_diff"] <= 1e-4 and card["cam_parity_max_rel_diff"] <= 1e-4
     assert out.stat().st_size > 4 * (run / "model.onnx").stat().st_size
+    # Its map is the mean of the folds' maps, each fold's model as the policy chose it.
+    x = np.stack([np.asarray(v, dtype=np.float32) for v in open_cache(cache20).volumes[:2]])
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    cam = session.run(["cam"], {"input": x})[0]
+    run_cfg = json.loads((run / "config.json").read_text())
+    with torch.no_grad():
+        folds = [
+            class_activation_map(load_fold(run, k, run_cfg, False)[0], torch.from_numpy(x)) for k in range(5)
+        ]
+    expected = torch.stack(folds).mean(0).numpy()
+    np.testing.assert_allclose(cam, expected, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
 
 
 def test_dynamo_exporter(exported, tmp_path):
@@ -87,8 +107,26 @@ def test_failed_parity_writes_nothing(exported, tmp_path, monkeypatch):
     import brats.onnx_export as onnx_export
 
     run, _ = exported
-    monkeypatch.setattr(onnx_export, "check_parity", lambda *a: 0.5)
-    with pytest.raises(BratsError, match="ONNX parity failed"):
+    monkeypatch.setattr(onnx_export, "check_parity", lambda *a: {"probabilities": 0.5, "cam": 0.0})
+    with pytest.raises(BratsError, match="ONNX parity failed: max"):
+        export(run, tmp_path / "bad.onnx", fold=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_cam_parity_writes_nothing(exported, tmp_path, monkeypatch):
+    """A graph whose map drifts from torch's is refused like one whose probabilities do."""
+    import torch
+
+    import brats.explain as explain
+
+    run, _ = exported
+    real = explain.upsample
+
+    def drifts_in_the_graph(maps, size):  # torch's own map, computed outside the trace, is exact
+        return real(maps, size) * (1.01 if torch.jit.is_tracing() else 1.0)
+
+    monkeypatch.setattr(explain, "upsample", drifts_in_the_graph)
+    with pytest.raises(BratsError, match="ONNX parity failed on the CAM"):
         export(run, tmp_path / "bad.onnx", fold=0)
     assert list(tmp_path.iterdir()) == []
 
@@ -118,6 +156,102 @@ def test_predict_without_torch_reports_bad_patient_and_grades_the_rest(exported,
             assert 0 <= p <= 1 and float(row["p_lgg"]) == pytest.approx(1 - p, abs=1e-6)
             assert row["prediction"] == ("HGG" if p >= 0.5 else "LGG") and row["error"] == ""
     assert "3 graded, 1 failed" in r.stdout
+
+
+# Also refuses matplotlib: predict's install has neither.
+NO_TORCH_NOR_MATPLOTLIB = NO_TORCH.replace(
+    "sys.modules['torch'] = None", "sys.modules['torch'] = sys.modules['matplotlib'] = None"
+)
+
+
+def without_cam(model: Path, out: Path) -> Path:
+    """`model` as exported before the graph had a CAM output: that output removed."""
+    proto = onnx.load(str(model))
+    kept = [o for o in proto.graph.output if o.name != "cam"]
+    del proto.graph.output[:]
+    proto.graph.output.extend(kept)
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_predict_cam_without_torch_writes_each_patients_map_on_its_own_grid(exported, tmp_path):
+    from brats.cam import cam_on_reference
+    from brats.preprocess import PreprocessConfig, preprocess_with_grid
+
+    _, model = exported
+    new = new_patients(tmp_path, 3)
+    out, cams = tmp_path / "pred.csv", tmp_path / "cams"
+    r = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_NOR_MATPLOTLIB, str(ROOT / "predict.py"), str(model), str(new)]
+        + ["--out", str(out), "--cam", str(cams)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"wrote 3 class activation map(s) to {cams}" in r.stdout
+    rows = {row["patient_id"]: row for row in read_csv(out)}
+    cases = find_cases(new).cases
+    assert sorted(p.name for p in cams.iterdir()) == sorted(
+        f"{c.patient_id}_cam.{ext}" for c in cases for ext in ("nii.gz", "png")
+    )
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    for case in cases:
+        flair = sitk.ReadImage(str(case.path("flair")))
+        written = sitk.ReadImage(str(cams / f"{case.patient_id}_cam.nii.gz"))
+        for get in ("GetSize", "GetOrigin", "GetSpacing", "GetDirection"):
+            assert getattr(written, get)() == pytest.approx(getattr(flair, get)(), abs=1e-5)
+        # the graph's own map of this patient, mapped back by the grid preprocessing used
+        volume, grid = preprocess_with_grid(case, PreprocessConfig(size=24))
+        p, cam = session.run(["probabilities", "cam"], {"input": volume[None]})
+        expected = sitk.GetArrayFromImage(cam_on_reference(cam[0], grid, flair))
+        np.testing.assert_allclose(sitk.GetArrayFromImage(written), expected, atol=1e-5)
+        assert float(rows[case.patient_id]["p_hgg"]) == pytest.approx(float(p[0, 1]), abs=1e-5)
+        png = cams / f"{case.patient_id}_cam.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_cam_with_a_model_exported_before_cams(exported, tmp_path, capsys):
+    _, model = exported
+    old = without_cam(model, tmp_path / "old.onnx")
+    new = new_patients(tmp_path)
+    out, cams = tmp_path / "pred.csv", tmp_path / "cams"
+    r = run_cli(capsys, "predict.py", old, new, "--out", out)
+    assert r.code == 0, r.err  # grading needs no CAM
+    assert len(read_csv(out)) == 2
+    out.unlink()
+    err = one_line_error(run_cli(capsys, "predict.py", old, new, "--out", out, "--cam", cams))
+    assert str(old) in err and "no CAM output" in err and "export.py" in err
+    assert not out.exists() and not cams.exists()  # refused before any patient was read
+
+
+def test_predict_cam_folder_checked_before_grading(exported, tmp_path, capsys):
+    _, model = exported
+    new = new_patients(tmp_path)
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    err = one_line_error(
+        run_cli(capsys, "predict.py", model, new, "--out", tmp_path / "p.csv", "--cam", taken)
+    )
+    assert "--cam" in err and str(taken) in err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_map_that_cannot_be_written_is_reported_and_the_others_are_written(exported, tmp_path, capsys):
+    _, model = exported
+    new = new_patients(tmp_path, 3)
+    ids = sorted(c.patient_id for c in find_cases(new).cases)
+    cams = tmp_path / "cams"
+    (cams / f"{ids[1]}_cam.nii.gz").mkdir(parents=True)  # a folder where its map goes
+    out = tmp_path / "pred.csv"
+    r = run_cli(capsys, "predict.py", model, new, "--out", out, "--cam", cams)
+    assert r.code == 1 and "Traceback" not in r.err
+    assert f"{ids[1]}: cannot write {cams / f'{ids[1]}_cam.nii.gz'}" in r.err
+    assert "1 patient(s) graded, but their CAM was not written" in r.err
+    rows = {row["patient_id"]: row for row in read_csv(out)}
+    assert sorted(rows) == ids and all(row["p_hgg"] and not row["error"] for row in rows.values())
+    for pid in (ids[0], ids[2]):
+        assert (cams / f"{pid}_cam.nii.gz").is_file() and (cams / f"{pid}_cam.png").is_file()
+    assert temps(cams) == []
 
 
 def test_predict_matches_evaluation_on_the_same_patients(exported, cache20, tmp_path):
@@ -221,8 +355,9 @@ def test_export_refuses_a_cache_prepared_again_at_another_size(exported, cache20
 
 
 def test_export_checks_the_graph_against_its_contract(exported, cache20, tmp_path):
+    from brats.explain import ExplainedModel
     from brats.inference import CONTRACT_KEY
-    from brats.onnx_export import Exported, load_fold, write_onnx
+    from brats.onnx_export import load_fold, write_onnx
     from brats.preprocess import PreprocessConfig
 
     run, _ = exported
@@ -230,7 +365,7 @@ def test_export_checks_the_graph_against_its_contract(exported, cache20, tmp_pat
     x = np.stack([np.asarray(v, dtype=np.float32) for v in open_cache(cache20).volumes[:3]])  # 24^3
     contract = PreprocessConfig(size=32).to_contract()
     with pytest.raises(BratsError, match="graph takes input .*4, 24, 24, 24.* contract .*4, 32, 32, 32"):
-        write_onnx(Exported([model]).eval(), x, tmp_path / "m.onnx", {CONTRACT_KEY: contract})
+        write_onnx(ExplainedModel([model]).eval(), x, tmp_path / "m.onnx", {CONTRACT_KEY: contract})
     assert list(tmp_path.iterdir()) == []
 
 
