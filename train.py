@@ -1,13 +1,17 @@
-"""Train one cross-validation fold of the glioma grading model.
+"""Train cross-validation folds of the glioma grading model.
 
     accelerate launch train.py --fold 1 --data CACHE_OR_BRATS_ROOT --run runs/cv
+    accelerate launch train.py --fold all --data ... --run runs/cv --resume    # every fold, restartable
     python train.py --fold 0 --data ... --policy baseline      # the seed's first setup (section 1)
 
+Several folds (--fold 0,2,4 or all) train one after the other in this one process. With
+--resume a finished fold is skipped and a killed one continues where it stopped.
 Defaults are the seed's final policy (section 6). Options left unset take the policy's value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -15,9 +19,24 @@ from typing import Annotated
 import typer
 
 from brats.config import make_config
-from brats.errors import exit_on_error
+from brats.errors import BratsError, exit_on_error
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+
+
+def parse_folds(text: str, k_total: int) -> list[int]:
+    """--fold: one fold (1), several (0,2,4 or "0 2 4"), or all of the K-fold."""
+    if text.strip().lower() == "all":
+        return list(range(k_total))
+    try:
+        folds = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        folds = []
+    if not folds:
+        raise BratsError(f"--fold {text!r}: give fold numbers like 1 or 0,2,4, or all")
+    if any(not 0 <= k < k_total for k in folds):
+        raise BratsError(f"--fold {text}: this run has folds 0..{k_total - 1} (or give all)")
+    return list(dict.fromkeys(folds))  # in the order given, each once
 
 
 @app.command()
@@ -26,7 +45,9 @@ def main(
     data: Annotated[
         str, typer.Option(help="prepared cache, or a BraTS folder / CSV manifest (prepared first)")
     ],
-    fold: Annotated[int, typer.Option(help="fold to train, 0-based")] = 0,
+    fold: Annotated[
+        str, typer.Option(help="fold(s) to train, 0-based: 1, 0,2,4 or all (in turn, in this process)")
+    ] = "0",
     run: Annotated[Path, typer.Option(help="run folder (splits.json, config.json, fold_K/)")] = Path(
         "runs/cv"
     ),
@@ -91,7 +112,6 @@ def main(
         policy,
         data=str(Path(data).resolve()),
         run=str(run),
-        fold=fold,
         folds=folds,
         split_seed=split_seed,
         inner_val=inner_val,
@@ -131,9 +151,10 @@ def main(
         resume=resume or None,
         progress=progress,
     )
-    from brats.engine import train_fold  # torch is imported only once the options are valid
+    cfgs = [dataclasses.replace(cfg, fold=k) for k in parse_folds(fold, cfg.folds)]
+    from brats.engine import train_folds  # torch is imported only once the options are valid
 
-    train_fold(cfg)
+    train_folds(cfgs)
 
 
 if __name__ == "__main__":
