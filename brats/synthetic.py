@@ -91,6 +91,21 @@ def make_patient(seed: int, index: int, hgg: bool, shape_xyz: tuple[int, int, in
     return make_patient_with_lesion(seed, index, hgg, shape_xyz)[0]
 
 
+def add_ventricles(
+    tissue: np.ndarray, brain: np.ndarray, dz: np.ndarray, dy: np.ndarray, dx: np.ndarray
+) -> None:
+    """Two CSF-filled ventricles either side of the midline, in brain coordinates (dz, dy, dx)."""
+    for side in (-1, 1):
+        vr = (
+            ((dz[:, None, None] - 0.05) / 0.16) ** 2
+            + ((dy[None, :, None] + 0.05) / 0.32) ** 2
+            + ((dx[None, None, :] - side * 0.12) / 0.08) ** 2
+        )
+        vent = brain & (vr < 1.0)
+        for c in range(4):
+            tissue[c][vent] = TISSUE["csf"][c]
+
+
 def make_patient_with_lesion(
     seed: int, index: int, hgg: bool, shape_xyz: tuple[int, int, int]
 ) -> tuple[list[np.ndarray], np.ndarray]:
@@ -119,16 +134,7 @@ def make_patient_with_lesion(
     for c in range(4):
         tissue[c][wm] = TISSUE["wm"][c]
         tissue[c][gm] = TISSUE["gm"][c]
-    # Two ventricles either side of the midline.
-    for side in (-1, 1):
-        vr = (
-            ((dz[:, None, None] - 0.05) / 0.16) ** 2
-            + ((dy[None, :, None] + 0.05) / 0.32) ** 2
-            + ((dx[None, None, :] - side * 0.12) / 0.08) ** 2
-        )
-        vent = brain & (vr < 1.0)
-        for c in range(4):
-            tissue[c][vent] = TISSUE["csf"][c]
+    add_ventricles(tissue, brain, dz, dy, dx)
 
     # Tumour: centre inside the brain, off the midline, irregular outline.
     look = draw_look(rng, hgg)
