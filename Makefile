@@ -8,13 +8,13 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 DEV    := $(VENV)/.installed-dev
-# pip byte-compiles every file it installs one after the other (~1 min of CPU for torch, scipy,
-# sympy...); compileall does the same on every core afterwards. Compiled ahead rather than on
-# first import because with PYTHONDONTWRITEBYTECODE set nothing would ever be cached and every
-# start would pay it again. One file of torch's tests is Python 3.12 syntax: compile errors are
-# not fatal (pip ignores them too).
-PIP     := $(BIN)/python -m pip install -q --no-compile
-COMPILE := $(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
+# pip byte-compiles every file it installs, one after the other: ~1 min of CPU for torch, scipy,
+# sympy... of which the commands import a fraction. Python compiles what is imported, once, when it
+# is first imported, provided it may write the .pyc files: the commands below may, even where
+# PYTHONDONTWRITEBYTECODE is set (they land in .venv, where pip would have written them anyway,
+# and in brats/__pycache__, which git ignores); otherwise every start would compile them again.
+PIP := $(BIN)/python -m pip install -q --no-compile
+unexport PYTHONDONTWRITEBYTECODE
 
 DATA   ?= demo/cohort
 CACHE  ?= $(DATA)_cache$(SIZE)
@@ -34,13 +34,11 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(PIP) $(TORCH)
 	$(PIP) -e .
-	$(COMPILE)
 	touch $@
 
 # Also pytest and ruff, for make test / make lint only.
 $(DEV): $(STAMP)
 	$(PIP) -e ".[dev]"
-	$(COMPILE)
 	touch $@
 
 install: $(STAMP)
