@@ -88,6 +88,10 @@ def main(
     mixed_precision: Annotated[str | None, typer.Option(help="no/fp16/bf16 [accelerate config]")] = None,
     sync_bn: Annotated[bool | None, typer.Option("--sync-bn/--no-sync-bn", help="[off]")] = None,
     seed: Annotated[int | None, typer.Option(help="[42]")] = None,
+    state_every: Annotated[
+        float | None,
+        typer.Option(help="seconds between state.pt writes (a new best always writes) [0: every epoch]"),
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers, --cache-device off [2]")] = None,
     cache_device: Annotated[
         str | None, typer.Option(help="fold volumes held on: auto (GPU if they fit), cuda, cpu, off [auto]")
@@ -140,6 +144,7 @@ def main(
         mixed_precision=mixed_precision,
         sync_bn=sync_bn,
         seed=seed,
+        state_every=state_every,
         workers=workers,
         cache_device=cache_device,
         val_batch_size=val_batch_size,

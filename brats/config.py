@@ -65,6 +65,7 @@ class TrainConfig:
     )
     # --- run control
     seed: int = 42  # torch seed for init, sampling, augmentation and dropout
+    state_every: float = 0.0  # seconds between state.pt writes, 0: every epoch (a new best always writes)
     workers: int = 2  # DataLoader worker processes (--cache-device off only)
     cache_device: str = "auto"  # fold volumes resident: auto (GPU if they fit, else host), cuda, cpu, off
     val_batch_size: int = 0  # validation batch; 0 = 2 x batch_size (no gradients: larger fits)
@@ -168,6 +169,7 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.ldam_max_m > 0 and cfg.ldam_s > 0, "LDAM max_m and s must be > 0")
     check(cfg.drw_start_epoch >= 0, f"--drw-start-epoch {cfg.drw_start_epoch}: must be >= 0 (0 = off)")
     check(cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0")
+    check(cfg.state_every >= 0, f"--state-every {cfg.state_every}: seconds, must be >= 0")
     check(cfg.cache_device in CACHE_DEVICES, f"--cache-device {cfg.cache_device!r}: one of {CACHE_DEVICES}")
     check(cfg.val_batch_size >= 0, f"--val-batch-size {cfg.val_batch_size}: must be >= 0 (0 = 2 x batch)")
     check(cfg.effective_batch >= 0, f"--effective-batch {cfg.effective_batch}: must be >= 0 (0 = off)")

@@ -266,6 +266,7 @@ class TrainParts:
     ema: ModelEma | None
     keepers: dict[str, BestKeeper]  # "best" (raw weights) and, with EMA, "best_ema"
     state: FoldState = field(default_factory=FoldState)
+    state_written: float = field(default_factory=time.monotonic)  # when state.pt was last written
 
     @property
     def fold_dir(self) -> Path:
@@ -488,6 +489,9 @@ def fit(parts: TrainParts) -> dict:
         accelerator.wait_for_everyone()
 
     state = parts.state
+    if accelerator.is_main_process and state.finished:
+        for keeper in parts.keepers.values():
+            keeper.plot()
     if state.stop_reason:
         log.info(f"fold {cfg.fold} finished after epoch {state.epoch}: {state.stop_reason}")
     best, best_ema = parts.keepers["best"], parts.keepers.get("best_ema")
@@ -503,7 +507,7 @@ def fit(parts: TrainParts) -> dict:
 
 
 def run_epoch(parts: TrainParts, epoch: int) -> None:
-    """Train, validate, keep the bests, decide on stopping, write metrics.csv and state.pt."""
+    """Train, validate, keep the bests, decide on stopping, write metrics.csv and (when due) state.pt."""
     cfg, accelerator, state = parts.cfg, parts.accelerator, parts.state
     t0 = time.perf_counter()
     rank = accelerator.process_index
@@ -547,7 +551,12 @@ def run_epoch(parts: TrainParts, epoch: int) -> None:
             kind = "EMA val AUC" if keeper.is_ema else "val AUC"
             log.info(f"epoch {epoch}: new best {kind} {metrics['auc']:.4f} -> {keeper.path}")
         write_csv_atomic(parts.paths.metrics(cfg.fold), state.history)
-        save_resume_state(parts.paths.state(cfg.fold), parts.stateful(), {"config": cfg.to_dict()})
+        # state.pt (the model, its EMA and Adam's moments: ~4x the weights) is rewritten whenever a
+        # best is, so that it always knows the checkpoints on disk, and at the fold's end
+        due = time.monotonic() - parts.state_written >= cfg.state_every
+        if improved or state.finished or due:
+            save_resume_state(parts.paths.state(cfg.fold), parts.stateful(), {"config": cfg.to_dict()})
+            parts.state_written = time.monotonic()
     accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
     log.info(
         f"epoch {epoch}/{cfg.max_epochs} train_loss {train_loss:.4f} val_loss {val['loss']:.4f} "

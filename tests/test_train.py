@@ -1,6 +1,7 @@
 """End-to-end training: real entry points, tiny cubes, depth 10."""
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import pytest
 import torch
 from support import FAST, reset_accelerate
 
-from brats.checkpoint import BEST, BEST_EMA, STATE
+from brats.checkpoint import AUC_EPS, BEST, BEST_EMA, STATE
 from brats.config import make_config
 from brats.engine import TrainingError, train_fold
 from brats.errors import BratsError
@@ -118,6 +119,29 @@ def test_baseline_policy_and_ema(cache20, tmp_path, fresh_accelerate):
     assert ema["config"]["loss"] == "ldam"
     assert "ema_val_auc" in rows(fold / "metrics.csv")[0]
     assert list(fold.glob("ema_roc_curve_epoch_*.png"))
+
+
+def test_state_every_writes_on_a_new_best_and_at_the_end(cache20, tmp_path, fresh_accelerate, monkeypatch):
+    import brats.engine
+
+    written, save = [], brats.engine.save_resume_state
+
+    def spy(path, objects, extra):
+        written.append(objects["fold_state"].epoch)
+        save(path, objects, extra)
+
+    monkeypatch.setattr(brats.engine, "save_resume_state", spy)
+    run = str(tmp_path / "r")
+    cfg = make_config(data=str(cache20), run=run, max_epochs=4, patience=10, state_every=3600, **FAST)
+    train_fold(cfg)
+    aucs = [float(r["val_auc"]) for r in rows(tmp_path / "r" / "fold_0" / "metrics.csv")]
+    bests = [e for e, auc in enumerate(aucs, 1) if all(auc > a + AUC_EPS for a in aucs[: e - 1])]
+    assert written == sorted({*bests, 4})
+    assert torch.load(tmp_path / "r" / "fold_0" / STATE, weights_only=True)["fold_state"]["finished"]
+
+    written.clear()
+    train_fold(dataclasses.replace(cfg, run=str(tmp_path / "every"), state_every=0.0))
+    assert written == [1, 2, 3, 4]
 
 
 def test_two_folds_of_one_run_must_share_settings(cache20, tmp_path, fresh_accelerate):

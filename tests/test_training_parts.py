@@ -181,12 +181,15 @@ def test_best_keeper_never_regresses_and_leaves_no_temp_files(tmp_path):
     assert saved == [1, 2, 6]  # float noise, NaN and a worse AUC never replace the best
     assert (keeper.best_auc, keeper.best_epoch) == (0.9, 6)
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 6
+    assert not list(tmp_path.glob("*.png"))  # drawn once, for the best epoch, when the fold is done
+    keeper.plot()
     assert {p.name for p in tmp_path.glob("*_epoch_*.png")} == {
         f"{n}_epoch_6.png" for n in ("roc_curve", "pr_curve", "confusion_matrix")
     }
     assert not list(tmp_path.glob(".tmp-*"))
     restored = BestKeeper(tmp_path / "best.pt", is_ema=False, title="fold 0")
     restored.load_state_dict(keeper.state_dict())
+    assert (restored.labels, restored.p_hgg) == (labels.tolist(), p.tolist())  # a resumed fold still plots
     assert not restored.consider(0.9, 7) and restored.consider(0.95, 7)
 
 
