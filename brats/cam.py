@@ -24,11 +24,10 @@ import SimpleITK as sitk
 
 from brats.atomic import atomic_path
 from brats.errors import BratsError
-from brats.preprocess import ORIENTATION, ZLIB_MODULE, CubeGrid
+from brats.preprocess import DIRECTION_ATOL, ORIENTATION, ZLIB_MODULE, CubeGrid
 
 CAM_SUFFIX, PNG_SUFFIX = "_cam.nii.gz", "_cam.png"
 GZIP_LEVEL = 1  # the map compresses little better at higher levels, and far slower
-PLANES = ("axial", "coronal", "sagittal")
 OVERLAY_ALPHA = 0.7  # opacity where |CAM| is largest; fades to 0 where the map is 0
 HGG_RGB, LGG_RGB, MID_RGB = (0.80, 0.10, 0.15), (0.15, 0.35, 0.85), (0.85, 0.85, 0.85)
 PLANE_PIXELS = 240  # planes less tall than this are drawn magnified by a whole factor
@@ -140,12 +139,14 @@ def peak_index(
     An upsampled map is flat around its coarse cells' centres at the edges, so the maximum is
     often reached on a plateau: take the voxel of the plateau nearest its centroid, not the first.
     """
-    values = np.asarray(cam, dtype=np.float64) * (1.0 if toward_hgg else -1.0)
+    values = np.asarray(cam, dtype=np.float32)  # a scan's grid: millions of voxels, few passes
+    if not toward_hgg:
+        values = -values
     if within is not None and within.any():
         values = np.where(within, values, -np.inf)
-    top = values.max()
+    top = float(values.max())
     tie = abs(top) * 1e-6 + 1e-12
-    at_top = np.argwhere(values >= top - tie)
+    at_top = np.stack(np.unravel_index(np.flatnonzero(values >= top - tie), values.shape), axis=1)
     nearest = np.argmin(((at_top - at_top.mean(axis=0)) ** 2).sum(axis=1))
     z, y, x = (int(i) for i in at_top[nearest])  # a (z, y, x) volume
     return z, y, x
@@ -198,7 +199,8 @@ def render_planes(
         raise BratsError(f"underlay {underlay.shape} and CAM {cam.shape} must be the same 3D shape")
     if at is None:
         at = peak_index(cam, toward_hgg, within=underlay != 0)
-    brain = underlay[underlay != 0]
+    # grey levels from the brain in the three planes drawn (the whole volume: 10x the time)
+    brain = np.concatenate([plane[plane != 0] for plane in _planes(underlay, at)]).astype(np.float32)
     lo, hi = np.percentile(brain, (1, 99)) if brain.size else (0.0, 1.0)
     limit = float(np.abs(cam).max()) or 1.0
     pixel_sizes = _pixel_sizes(spacing_xyz)
@@ -210,6 +212,7 @@ def render_planes(
     panels = []
     for raw, heat, pixel_mm in zip(_planes(underlay, at), _planes(cam, at), pixel_sizes):
         # background (exactly 0, also in z-scored input) black, whatever the intensity scale
+        raw = raw.astype(np.float32)
         grey = np.where(raw == 0, 0.0, np.clip((raw - lo) / ((hi - lo) or 1.0), 0.0, 1.0))
         alpha = OVERLAY_ALPHA * np.clip(np.abs(heat) / limit, 0.0, 1.0)[..., None]
         rgb = grey[..., None] * (1 - alpha) + diverging_colours(heat / limit) * alpha
@@ -257,14 +260,19 @@ def write_planes_png(
     return write_png(path, render_planes(underlay, cam, spacing_xyz, at, toward_hgg)[0])
 
 
-def lps_arrays(cam_image: sitk.Image, flair: sitk.Image) -> tuple[np.ndarray, np.ndarray, tuple]:
+def lps_arrays(
+    cam_image: sitk.Image, flair: sitk.Image
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """The FLAIR and the CAM on its grid as (z, y, x) LPS arrays, and their (x, y, z) spacing:
-    whatever the file's orientation, drawn the same way round."""
+    whatever the file's orientation, drawn the same way round. Files already in LPS axes (as
+    BraTS ships them) are not copied: the arrays are views, valid while the images live."""
+    if np.allclose(flair.GetDirection(), np.eye(3).ravel(), atol=DIRECTION_ATOL):
+        sx, sy, sz = (float(v) for v in flair.GetSpacing())
+        return sitk.GetArrayViewFromImage(flair), sitk.GetArrayViewFromImage(cam_image), (sx, sy, sz)
     cam_lps = sitk.DICOMOrient(cam_image, ORIENTATION)  # permutes and flips only: no interpolation
     flair_lps = sitk.DICOMOrient(flair, ORIENTATION)
-    spacing = tuple(float(v) for v in flair_lps.GetSpacing())
-    flair_array = sitk.GetArrayFromImage(flair_lps).astype(np.float32)
-    return flair_array, sitk.GetArrayFromImage(cam_lps), spacing
+    sx, sy, sz = (float(v) for v in flair_lps.GetSpacing())
+    return sitk.GetArrayFromImage(flair_lps), sitk.GetArrayFromImage(cam_lps), (sx, sy, sz)
 
 
 def write_case_png(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -164,8 +164,10 @@ class Grader:
                 raw, cams = self.run_with_cam(batch)
                 for (i, pid, _, place), p, cam in zip(pending, self.decision.calibrate(raw), cams):
                     assert place is not None  # kept for every patient when there is a cam_dir
-                    error = write_cam(cam_dir, pid, cam, place, p)
-                    report(i, Prediction(pid, float(p), threshold=self.threshold, cam_error=error))
+                    graded = Prediction(pid, float(p), threshold=self.threshold)
+                    # the picture goes through the evidence for the grade predicted, at the model's threshold
+                    error = write_cam(cam_dir, pid, cam, place, toward_hgg=graded.prediction == "HGG")
+                    report(i, replace(graded, cam_error=error))
             pending.clear()
 
         for i, case in enumerate(cases):
@@ -191,12 +193,16 @@ class Grader:
 
 
 def write_cam(
-    cam_dir: str | Path, patient_id: str, cam: np.ndarray, place: tuple[CubeGrid, sitk.Image], p_hgg: float
+    cam_dir: str | Path,
+    patient_id: str,
+    cam: np.ndarray,
+    place: tuple[CubeGrid, sitk.Image],
+    toward_hgg: bool,
 ) -> str:
     """Write one patient's CAM files (brats.cam.write_case_maps); returns why not, or ""."""
     grid, flair = place
     try:
-        write_case_maps(cam_dir, patient_id, cam, grid, flair, toward_hgg=p_hgg >= 0.5)
+        write_case_maps(cam_dir, patient_id, cam, grid, flair, toward_hgg)
     except BratsError as e:
         return str(e)
     except Exception as e:  # one patient's map must not stop the others
