@@ -139,9 +139,9 @@ def select_checkpoint(fold_dir: str | Path, ema_enabled: bool) -> Path:
 
 class BestKeeper:
     """One best checkpoint file: replaced only when the validation AUC beats the best so far by
-    more than `AUC_EPS` (NaN never does), written atomically; `plot` draws the ROC, PR and
-    confusion plots of the best epoch once the fold is done (drawing them at every new best cost
-    ~0.5 s each time, for plots the next best replaced).
+    more than `AUC_EPS` (NaN never does), or ties it at a lower validation loss; written
+    atomically. `plot` draws the ROC, PR and confusion plots of the best epoch once the fold is
+    done (drawing them at every new best cost ~0.5 s each time, for plots the next replaced).
 
     `consider` runs on every process (so that all agree on early stopping); `save` and `plot`
     write, on the main process only. The best AUC and epoch, and the labels and probabilities
@@ -151,15 +151,20 @@ class BestKeeper:
     def __init__(self, path: Path, is_ema: bool, title: str):
         self.path, self.is_ema, self.title = Path(path), is_ema, title
         self.plot_prefix = "ema_" if is_ema else ""
-        self.best_auc, self.best_epoch = -math.inf, 0
+        self.best_auc, self.best_loss, self.best_epoch = -math.inf, math.inf, 0
         self.labels: list[int] = []  # the best epoch's validation labels and p(HGG), for `plot`
         self.p_hgg: list[float] = []
 
-    def consider(self, auc: float, epoch: int) -> bool:
-        """Record `auc` of `epoch` if it is a new best; returns whether it is."""
-        if not auc > self.best_auc + AUC_EPS:
+    def consider(self, auc: float, epoch: int, loss: float = math.inf) -> bool:
+        """Record `epoch` if it is a new best: a higher AUC, or the same AUC at a lower validation
+        loss. Returns whether it is. The tie-break matters on small validation folds, whose AUC
+        takes few values and often reaches 1.0 within a few epochs: without it the first epoch
+        to reach the top is kept, a barely trained model whose probabilities are bunched."""
+        higher = auc > self.best_auc + AUC_EPS
+        tied = abs(auc - self.best_auc) <= AUC_EPS and loss < self.best_loss
+        if not (higher or tied):
             return False
-        self.best_auc, self.best_epoch = auc, epoch
+        self.best_auc, self.best_loss, self.best_epoch = auc, loss, epoch
         return True
 
     def save(self, ckpt: Checkpoint, labels: np.ndarray, p_hgg: np.ndarray) -> None:
@@ -180,11 +185,12 @@ class BestKeeper:
         save_plots(folder, labels, p_hgg, prefix=self.plot_prefix, suffix=suffix, title=title)
 
     def state_dict(self) -> dict[str, Any]:
-        best = {"best_auc": self.best_auc, "best_epoch": self.best_epoch}
+        best = {"best_auc": self.best_auc, "best_loss": self.best_loss, "best_epoch": self.best_epoch}
         return {**best, "labels": self.labels, "p_hgg": self.p_hgg}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_auc = float(state.get("best_auc", -math.inf))
+        self.best_loss = float(state.get("best_loss", math.inf))
         self.best_epoch = int(state.get("best_epoch", 0))
         self.labels, self.p_hgg = list(state.get("labels", [])), list(state.get("p_hgg", []))
 

@@ -536,7 +536,7 @@ def run_epoch(parts: TrainParts, epoch: int) -> None:
         judged.append((parts.keepers["best_ema"], parts.ema.module, ema_val, ema_p))
     row["seconds"] = round(time.perf_counter() - t0, 3)
 
-    improved = [(k, w, m, p) for k, w, m, p in judged if k.consider(m["auc"], epoch)]
+    improved = [(k, w, m, p) for k, w, m, p in judged if k.consider(m["auc"], epoch, m["loss"])]
     judge = policy_keeper(parts.keepers)
     state.record(epoch, row, any(k is judge for k, *_ in improved), cfg, judge.is_ema)
 

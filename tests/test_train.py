@@ -97,9 +97,10 @@ def test_accelerate_launch_writes_every_file(cache20, tmp_path):
         "is_ema",
     } <= set(ckpt)
     assert ckpt["is_ema"] is False and ckpt["fold"] == 0 and isinstance(ckpt["config"], dict)
-    aucs = [float(r["val_auc"]) for r in rows(fold / "metrics.csv")]
-    assert ckpt["epoch"] == 1 + aucs.index(max(aucs))  # the first epoch with the best AUC, never a later tie
-    assert ckpt["val_metrics"]["auc"] == max(aucs)
+    history = rows(fold / "metrics.csv")
+    seen = [(float(r["val_auc"]), -float(r["val_loss"]), -int(r["epoch"])) for r in history]
+    auc, _, epoch = max(seen)  # the best AUC; among equal ones the lowest val loss, then the first
+    assert ckpt["epoch"] == -epoch and ckpt["val_metrics"]["auc"] == auc
     splits = json.loads((run / "splits.json").read_text())
     assert ckpt["splits_fingerprint"] == splits["cohort_fingerprint"]
     assert json.loads((run / "config.json").read_text())["depth"] == 10
@@ -134,8 +135,11 @@ def test_state_every_writes_on_a_new_best_and_at_the_end(cache20, tmp_path, fres
     run = str(tmp_path / "r")
     cfg = make_config(data=str(cache20), run=run, max_epochs=4, patience=10, state_every=3600, **FAST)
     train_fold(cfg)
-    aucs = [float(r["val_auc"]) for r in rows(tmp_path / "r" / "fold_0" / "metrics.csv")]
-    bests = [e for e, auc in enumerate(aucs, 1) if all(auc > a + AUC_EPS for a in aucs[: e - 1])]
+    bests, top = [], (-1.0, float("inf"))  # epochs of a higher val AUC, or the same at a lower val loss
+    for epoch, row in enumerate(rows(tmp_path / "r" / "fold_0" / "metrics.csv"), 1):
+        auc, loss = float(row["val_auc"]), float(row["val_loss"])
+        if auc > top[0] + AUC_EPS or (abs(auc - top[0]) <= AUC_EPS and loss < top[1]):
+            bests, top = [*bests, epoch], (auc, loss)
     assert written == sorted({*bests, 4})
     assert torch.load(tmp_path / "r" / "fold_0" / STATE, weights_only=True)["fold_state"]["finished"]
 

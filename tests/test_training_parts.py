@@ -193,6 +193,24 @@ def test_best_keeper_never_regresses_and_leaves_no_temp_files(tmp_path):
     assert not restored.consider(0.9, 7) and restored.consider(0.95, 7)
 
 
+def test_an_auc_tie_is_broken_by_the_lower_validation_loss(tmp_path):
+    from brats.checkpoint import BestKeeper
+
+    keeper = BestKeeper(tmp_path / "best.pt", is_ema=False, title="fold 0")
+    seen = [(1.0, 0.6), (1.0, 0.7), (1.0, 0.4), (0.95, 0.1), (1.0, 0.4)]  # (AUC, val loss) of epochs 1-5
+    assert [keeper.consider(auc, epoch, loss) for epoch, (auc, loss) in enumerate(seen, 1)] == [
+        True,
+        False,  # same AUC, higher loss
+        True,  # same AUC, lower loss: the better-trained model of the two
+        False,  # a lower AUC never wins on loss
+        False,  # an exact repeat is no improvement
+    ]
+    restored = BestKeeper(tmp_path / "best.pt", is_ema=False, title="fold 0")
+    restored.load_state_dict(keeper.state_dict())
+    assert (restored.best_epoch, restored.best_loss) == (3, 0.4)
+    assert not restored.consider(1.0, 6, 0.5) and restored.consider(1.0, 6, 0.3)
+
+
 def test_checkpoint_schema_round_trips_and_fills_defaults_for_older_files(tmp_path):
     from brats.checkpoint import Checkpoint
 
