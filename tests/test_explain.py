@@ -198,3 +198,124 @@ def test_evaluate_cam_draws_each_folds_most_confident_right_and_wrong(cv_copy, c
             stored = cached.volumes[cached.patient_ids.index(row["patient_id"])]
             np.testing.assert_array_equal(volume, np.asarray(stored, dtype=np.float32))
             assert p == pytest.approx(float(row["p_hgg"]), abs=1e-4)  # the fold model evaluation scored
+
+
+# --- where a trained model looks, on phantoms whose lesion is known
+
+LOOK_SHAPE = (48, 48, 36)  # x, y, z voxels of each phantom
+LOOK_SIZE, LOOK_CROP = 64, 24  # CAM cube side (8^3 cells in the dilated layout) / training crop side
+
+
+def lesion_in_cube(lesion: np.ndarray, reference, grid) -> np.ndarray:
+    """The phantom's lesion mask (z, y, x on `reference`'s grid) on the preprocessing cube."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(lesion)
+    image.CopyInformation(reference)
+    size, identity = (grid.size,) * 3, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    cube = sitk.Resample(
+        image,
+        size,
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        grid.origin,
+        (grid.spacing_mm,) * 3,
+        identity,
+        0,
+    )
+    return sitk.GetArrayFromImage(cube)
+
+
+def train_on_lesion_crops(
+    volumes: list[np.ndarray], lesions: list[np.ndarray], labels: np.ndarray, steps: int, seed: int, crop: int
+) -> ResNet3D:
+    """A depth-10 dilated ResNet trained on `crop`^3 crops of the (C, S, S, S) `volumes` that
+    hold part of the lesion (`lesions`, on the same cubes), at random places in the crop and
+    flipped at random, two patients of each grade per step. Eval mode on return.
+
+    Why crops: every cell of the last feature map of a model trained on whole 32^3 cubes sees the
+    whole cube, so its CAM follows position, not the lesion (measured: peak in the lesion no
+    more often than chance); whole 64^3 cubes are too slow to train in a test. The grade is
+    the patient's; the crop only decides what the model sees."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    m = ResNet3D(depth=10, layout="medicalnet", dropout=0.0)
+    optimizer = torch.optim.Adam(m.parameters(), lr=1e-3)
+    y = torch.as_tensor(labels)
+    by_grade = [np.flatnonzero(labels == grade) for grade in (0, 1)]
+    m.train()
+    for _ in range(steps):
+        chosen = np.concatenate([rng.choice(patients, 2, replace=False) for patients in by_grade])
+        crops = []
+        for i in chosen:
+            inside = np.argwhere(lesions[i] > 0)
+            centre = inside[rng.integers(len(inside))]
+            lo = np.clip(centre - rng.integers(4, crop - 4, 3), 0, LOOK_SIZE - crop)
+            patch = volumes[i][:, lo[0] : lo[0] + crop, lo[1] : lo[1] + crop, lo[2] : lo[2] + crop]
+            for axis in (1, 2, 3):
+                if rng.random() < 0.5:
+                    patch = np.flip(patch, axis)
+            crops.append(np.ascontiguousarray(patch))
+        loss = torch.nn.functional.cross_entropy(m(torch.from_numpy(np.stack(crops))), y[chosen])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return m.eval()
+
+
+def cam_peaks_in_lesion(
+    seed: int, n_train: int, n_val: int, steps: int, crop: int = LOOK_CROP
+) -> tuple[list[float], list[float]]:
+    """Train on phantoms of cohort `seed`, then for each HGG validation patient: how far (mm)
+    from its lesion (tumour or oedema; 0 inside) is the peak of HGG evidence, its CAM mapped
+    back onto its own FLAIR grid, within the brain? And how likely a voxel drawn at random in its
+    brain is to lie in the lesion: the lesion's share of the brain."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from brats.cam import cam_on_reference, peak_index
+    from brats.cohort import MODALITIES, Case
+    from brats.preprocess import PreprocessConfig, preprocess_images
+    from brats.synthetic import class_counts, make_patient_with_lesion
+
+    n_hgg, n_lgg = class_counts(n_train + n_val)
+    labels = np.array([1] * n_hgg + [0] * n_lgg)
+    np.random.default_rng(seed).shuffle(labels)
+    volumes, cube_lesions, places = [], [], []
+    for i, label in enumerate(labels):
+        scans, lesion = make_patient_with_lesion(seed, i, bool(label), LOOK_SHAPE)
+        images = [sitk.GetImageFromArray(scan) for scan in scans]  # 1 mm, LPS, as make_cohort writes
+        case = Case(f"P{i}", int(label), tuple(Path(f"P{i}_{m}.nii.gz") for m in MODALITIES))
+        volume, grid = preprocess_images(case, images, PreprocessConfig(size=LOOK_SIZE))
+        volumes.append(volume)
+        cube_lesions.append(lesion_in_cube(lesion, images[0], grid))
+        places.append((grid, images[MODALITIES.index("flair")], lesion > 0))
+    model = train_on_lesion_crops(volumes[n_val:], cube_lesions[n_val:], labels[n_val:], steps, seed, crop)
+    hgg = [i for i in range(n_val) if labels[i] == 1]
+    _, cams = explain([model], np.stack([volumes[i] for i in hgg]))
+    distances, chance = [], []
+    for i, cam in zip(hgg, cams):
+        grid, flair, lesion = places[i]
+        back = sitk.GetArrayFromImage(cam_on_reference(cam, grid, flair))
+        brain = sitk.GetArrayFromImage(flair) != 0
+        to_lesion = ndimage.distance_transform_edt(~lesion)  # mm: the phantoms are 1 mm
+        distances.append(float(to_lesion[peak_index(back, toward_hgg=True, within=brain)]))
+        chance.append(float(np.mean(lesion[brain])))  # a brain voxel drawn at random hits the lesion
+    return distances, chance
+
+
+def test_a_trained_models_cam_peaks_inside_the_tumour_for_most_patients():
+    """Phantoms whose lesion (tumour and oedema) is known: a small model trained to grade them,
+    then, for each HGG validation patient, the peak of its HGG evidence, the map mapped back
+    onto the patient's own grid as predict maps it, inside the brain, must lie in the lesion for
+    most of them, where a voxel drawn at random in the brain would for 6-10% of them.
+
+    Measured with these settings (72 steps, 32 training and 16 validation phantoms, 24^3 crops)
+    on cohort seeds 0-7: the peak was inside the lesion for 14/15, 14/14, 11/11, 8/12, 6/9, 7/13,
+    7/8 and 6/10 HGG patients; more than half for every seed. Fewer steps are not reliable (seed
+    3 at 50 steps: 1/12). Everything is seeded, so a run repeats; seed 0 is the one tested."""
+    distances, chance = cam_peaks_in_lesion(seed=0, n_train=32, n_val=16, steps=72)
+    hits = [d == 0 for d in distances]
+    assert len(hits) >= 8, len(hits)  # enough HGG patients to say "most"
+    assert np.mean(chance) < 0.15
+    assert sum(hits) > len(hits) / 2, (distances, np.mean(chance))
