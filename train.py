@@ -57,6 +57,10 @@ def main(
     inner_val: Annotated[
         float | None, typer.Option(help="fraction of training patients that choose the epoch [0=off]")
     ] = None,
+    select: Annotated[
+        str | None,
+        typer.Option(help="epoch kept: best (val AUC) or last (no selection, no early stop) [best]"),
+    ] = None,
     size: Annotated[int | None, typer.Option(help="cube side when --data is raw [128]")] = None,
     depth: Annotated[int | None, typer.Option(help="ResNet depth 10/18/34/50 [50]")] = None,
     layout: Annotated[
@@ -119,6 +123,7 @@ def main(
         folds=folds,
         split_seed=split_seed,
         inner_val=inner_val,
+        select=select,
         size=size,
         depth=depth,
         layout=layout,

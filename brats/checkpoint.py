@@ -148,8 +148,9 @@ class BestKeeper:
     the plots are drawn from, are part of the resume state.
     """
 
-    def __init__(self, path: Path, is_ema: bool, title: str):
+    def __init__(self, path: Path, is_ema: bool, title: str, last: bool = False):
         self.path, self.is_ema, self.title = Path(path), is_ema, title
+        self.last = last  # keep every epoch in turn: the file ends with the fold's last epoch
         self.plot_prefix = "ema_" if is_ema else ""
         self.best_auc, self.best_loss, self.best_epoch = -math.inf, math.inf, 0
         self.labels: list[int] = []  # the best epoch's validation labels and p(HGG), for `plot`
@@ -160,6 +161,9 @@ class BestKeeper:
         loss. Returns whether it is. The tie-break matters on small validation folds, whose AUC
         takes few values and often reaches 1.0 within a few epochs: without it the first epoch
         to reach the top is kept, a barely trained model whose probabilities are bunched."""
+        if self.last:
+            self.best_auc, self.best_loss, self.best_epoch = auc, loss, epoch
+            return True
         higher = auc > self.best_auc + AUC_EPS
         tied = abs(auc - self.best_auc) <= AUC_EPS and loss < self.best_loss
         if not (higher or tied):

@@ -17,6 +17,7 @@ from brats.errors import BratsError
 POLICIES = ("final", "baseline")
 DEPTHS = (10, 18, 34, 50)
 LAYOUTS = ("strided", "medicalnet")
+SELECT = ("best", "last")  # which epoch of a fold is kept and scored
 LOSSES = ("ce", "ldam")
 SAMPLERS = ("inverse_freq", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -32,6 +33,7 @@ class TrainConfig:
     folds: int = 5  # K of the stratified K-fold (seed: 5-fold CV)
     split_seed: int = 42  # seed of the fold assignment, shared by every policy
     inner_val: float = 0.0  # >0: this fraction of the training patients chooses the epoch (unbiased)
+    select: str = "best"  # best: the epoch of the best val AUC (seed 6.4); last: each fold's last epoch
     size: int = 128  # cube side when `data` is raw (seed 6.2: 128^3)
     # --- model
     depth: int = 50  # ResNet depth (seed: ResNet50-3D)
@@ -145,6 +147,7 @@ def validate(cfg: TrainConfig) -> None:
     )
     check(cfg.folds >= 2, f"--folds {cfg.folds}: need at least 2")
     check(0 <= cfg.fold < cfg.folds, f"--fold {cfg.fold}: must be in 0..{cfg.folds - 1}")
+    check(cfg.select in SELECT, f"--select {cfg.select!r}: choose one of {SELECT}")
     check(0.0 <= cfg.inner_val < 0.5, f"--inner-val {cfg.inner_val}: use 0 (off) or a fraction below 0.5")
     check(cfg.size >= 16, f"--size {cfg.size}: at least 16 voxels")
     check(

@@ -205,7 +205,7 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> Fo
     class_counts = np.bincount(train_labels, minlength=2).tolist()
     log.info(
         f"fold {cfg.fold}: {len(train_idx)} train ({class_counts[1]} HGG, {class_counts[0]} LGG), "
-        f"{len(val_idx)} val; {protocol(splits.inner_val)}; "
+        f"{len(val_idx)} val; {protocol(splits.inner_val, cfg.select)}; "
         f"policy {cfg.policy}; channels {','.join(cfg.modalities)}; "
         f"{accelerator.num_processes} process(es) on {accelerator.device.type}; effective batch "
         f"{cfg.batch_size} x {cfg.grad_accum} x {accelerator.num_processes} = "
@@ -242,7 +242,7 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> Fo
         val_loader = resident_loader(resident.part(n, len(resident)), val_batch)
     recorded = {
         "splits_fingerprint": splits.fingerprint,
-        "protocol": protocol(splits.inner_val),
+        "protocol": protocol(splits.inner_val, cfg.select),
         "val_patients": fold.val,
         "preprocess": cached.preprocess,
     }
@@ -442,9 +442,10 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> TrainParts:
         optimizer.optimizer, warmup_cosine(round(cfg.warmup * updates_per_epoch), total_updates)
     )
     ema = ModelEma(plain_module(accelerator, model), cfg.ema_decay) if cfg.ema_decay > 0 else None
-    keepers = {"best": BestKeeper(paths.best(cfg.fold), False, f"fold {cfg.fold}")}
+    last = cfg.select == "last"
+    keepers = {"best": BestKeeper(paths.best(cfg.fold), False, f"fold {cfg.fold}", last)}
     if ema is not None:
-        keepers["best_ema"] = BestKeeper(paths.best(cfg.fold, ema=True), True, f"fold {cfg.fold} EMA")
+        keepers["best_ema"] = BestKeeper(paths.best(cfg.fold, ema=True), True, f"fold {cfg.fold} EMA", last)
     criterion = criterion.to(accelerator.device)
     return TrainParts(
         cfg, accelerator, paths, data, model, optimizer, scheduler, criterion, torch.Generator(), ema, keepers
@@ -541,28 +542,41 @@ def run_epoch(parts: TrainParts, epoch: int) -> None:
     state.record(epoch, row, any(k is judge for k, *_ in improved), cfg, judge.is_ema)
 
     if accelerator.is_main_process:
-        for keeper, weights, metrics, p in improved:
-            ckpt = Checkpoint(
-                cpu_state_dict(weights), metrics, epoch, keeper.is_ema, cfg.to_dict(), cfg.fold,
-                **parts.data.checkpoint_fields, brats_version=__version__, mixed_precision=precision,
-                val_probabilities=dict(zip(parts.data.val_ids, map(float, p), strict=True)),
-            )  # fmt: skip
-            keeper.save(ckpt, val_labels, p)
-            kind = "EMA val AUC" if keeper.is_ema else "val AUC"
-            log.info(f"epoch {epoch}: new best {kind} {metrics['auc']:.4f} -> {keeper.path}")
-        write_csv_atomic(parts.paths.metrics(cfg.fold), state.history)
-        # state.pt (the model, its EMA and Adam's moments: ~4x the weights) is rewritten whenever a
-        # best is, so that it always knows the checkpoints on disk, and at the fold's end
-        due = time.monotonic() - parts.state_written >= cfg.state_every
-        if improved or state.finished or due:
-            save_resume_state(parts.paths.state(cfg.fold), parts.stateful(), {"config": cfg.to_dict()})
-            parts.state_written = time.monotonic()
+        write_epoch(parts, epoch, improved, val_labels, precision)
     accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
     log.info(
         f"epoch {epoch}/{cfg.max_epochs} train_loss {train_loss:.4f} val_loss {val['loss']:.4f} "
         f"val_auc {val['auc']:.4f} f1 {val['f1']:.4f} acc {val['accuracy']:.4f} "
         f"lr {row['lr']:.2e} ({row['seconds']:.1f}s, train {samples_per_s:.1f} samples/s)"
     )
+
+
+def write_epoch(
+    parts: TrainParts, epoch: int, improved: list, val_labels: np.ndarray, precision: str
+) -> None:
+    """The main process's files after an epoch: each improved keeper's checkpoint, metrics.csv and,
+    when due, state.pt (the model, its EMA and Adam's moments: ~4x the weights). With --select
+    best, state.pt is rewritten whenever a best is, so that it always knows the checkpoints on
+    disk. With --select last every epoch replaces the last, so the checkpoints are written with
+    state.pt only: every --state-every seconds and at the fold's end."""
+    cfg, state = parts.cfg, parts.state
+    due = state.finished or time.monotonic() - parts.state_written >= cfg.state_every
+    if cfg.select == "last" and not due:
+        improved = []
+    for keeper, weights, metrics, p in improved:
+        ckpt = Checkpoint(
+            cpu_state_dict(weights), metrics, epoch, keeper.is_ema, cfg.to_dict(), cfg.fold,
+            **parts.data.checkpoint_fields, brats_version=__version__, mixed_precision=precision,
+            val_probabilities=dict(zip(parts.data.val_ids, map(float, p), strict=True)),
+        )  # fmt: skip
+        keeper.save(ckpt, val_labels, p)
+        kind = "EMA val AUC" if keeper.is_ema else "val AUC"
+        what = "last epoch" if cfg.select == "last" else "new best"
+        log.info(f"epoch {epoch}: {what} {kind} {metrics['auc']:.4f} -> {keeper.path}")
+    write_csv_atomic(parts.paths.metrics(cfg.fold), state.history)
+    if improved or due:
+        save_resume_state(parts.paths.state(cfg.fold), parts.stateful(), {"config": cfg.to_dict()})
+        parts.state_written = time.monotonic()
 
 
 def train_epoch(parts: TrainParts, epoch: int) -> tuple[float, float]:

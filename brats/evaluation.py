@@ -325,7 +325,7 @@ def summary_arrays(results: list[FoldResult]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([r.labels for r in results]), np.concatenate([r.p_hgg for r in results])
 
 
-def summarize_folds(results: list[FoldResult], inner_val: float, seed: int = 0) -> dict:
+def summarize_folds(results: list[FoldResult], inner_val: float, seed: int = 0, select: str = "best") -> dict:
     """Table 1 (per fold), mean +- sample std, pooled out-of-fold AUC with a bootstrap CI."""
     table = [
         {
@@ -350,8 +350,8 @@ def summarize_folds(results: list[FoldResult], inner_val: float, seed: int = 0) 
         lo, hi = bootstrap_auc_ci(labels, p, seed=seed)
         pooled["auc_ci95"] = [lo, hi]
     return {
-        "protocol": protocol(inner_val),
-        "optimistic": inner_val <= 0,
+        "protocol": protocol(inner_val, select),
+        "optimistic": inner_val <= 0 and select == "best",
         "folds": table,
         "mean_std": summary,
         "pooled": pooled,
@@ -504,7 +504,7 @@ def evaluate_run(
     )
     results = [evaluate_fold(run, k, run_cfg, cached, splits, trust, strict, dev, batch) for k in wanted]
 
-    summary = summarize_folds(results, cfg.inner_val)
+    summary = summarize_folds(results, cfg.inner_val, select=cfg.select)
     summary["run"] = str(run)
     labels, p_oof = summary_arrays(results)
     folds_of = np.concatenate([np.full(len(r.labels), r.fold) for r in results])

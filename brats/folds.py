@@ -88,7 +88,9 @@ def inner_split(ids: list[str], labels: list[int], fraction: float, seed: int) -
     return chosen
 
 
-def protocol(inner_val: float) -> str:
+def protocol(inner_val: float, select: str = "best") -> str:
+    if select == "last":
+        return "last epoch of each fold (no epoch is chosen on validation data: the scored fold is unseen)"
     if inner_val > 0:
         return (
             f"inner-validation ({inner_val:g} of each training fold chooses the epoch; "

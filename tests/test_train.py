@@ -148,6 +148,38 @@ def test_state_every_writes_on_a_new_best_and_at_the_end(cache20, tmp_path, fres
     assert written == [1, 2, 3, 4]
 
 
+def test_select_last_keeps_each_folds_last_epoch_and_the_report_is_not_optimistic(
+    cache20, tmp_path, fresh_accelerate, monkeypatch
+):
+    import brats.engine
+    from brats.evaluation import evaluate_run
+
+    written, save = [], brats.engine.save_resume_state
+
+    def spy(path, objects, extra):
+        written.append(objects["fold_state"].epoch)
+        save(path, objects, extra)
+
+    monkeypatch.setattr(brats.engine, "save_resume_state", spy)
+    run = tmp_path / "r"
+    cfg = make_config(
+        data=str(cache20), run=str(run), max_epochs=3, patience=1, ema_decay=0.9, select="last", **FAST
+    )
+    summary = train_fold(cfg)
+    assert summary["epochs"] == 3  # patience 1 stops nothing: no epoch is judged on validation
+    assert written == [1, 2, 3]  # --state-every 0: checkpoints and state every epoch
+    for name in (BEST, BEST_EMA):
+        assert torch.load(run / "fold_0" / name, weights_only=True)["epoch"] == 3
+    report = evaluate_run(run, folds=[0])
+    assert report["optimistic"] is False and report["protocol"].startswith("last epoch of each fold")
+    assert "optimistic" not in (run / "evaluation" / "report.md").read_text()
+
+    written.clear()
+    train_fold(dataclasses.replace(cfg, run=str(tmp_path / "spaced"), state_every=3600.0))
+    assert written == [3]  # checkpoints go with the state: at the end only
+    assert torch.load(tmp_path / "spaced" / "fold_0" / BEST, weights_only=True)["epoch"] == 3
+
+
 def test_two_folds_of_one_run_must_share_settings(cache20, tmp_path, fresh_accelerate):
     run = str(tmp_path / "r")
     train_fold(make_config(data=str(cache20), run=run, fold=0, max_epochs=1, **FAST))
