@@ -92,14 +92,24 @@ def compare_out_of_fold(grader: Grader, override: float | None, lo: float, hi: f
             f"out-of-fold accuracy {point['accuracy']:.2f} over {n} patients was measured at threshold "
             f"{grader.decision.threshold:.4g}, not at --threshold {override:g}"
         )
-    acc = point["accuracy"]
+    acc, ensemble = point["accuracy"], bool(grader.provenance.get("ensemble"))
+    reasons = ["these patients differ from the cross-validation cohort"]
+    if cv.get("optimistic"):
+        reasons.append(
+            "the out-of-fold figure is optimistic (each fold's epoch was chosen on the patients scored)"
+        )
+    if ensemble:
+        reasons.append(
+            "the decision was fitted on each fold model's probabilities, and the ensemble averages them"
+        )
     verdict = (
         "inside the new patients' 95% CI: the two agree"
         if lo <= acc <= hi
-        else "outside the new patients' 95% CI: more than chance separates the two (these patients may "
-        "differ from the cross-validation cohort, or the out-of-fold figure may be optimistic)"
+        else "outside the new patients' 95% CI: more than chance separates the two (either "
+        + ", or ".join(reasons)
+        + ")"
     )
-    who = "the fold models this ensemble averages" if grader.provenance.get("ensemble") else "the fold models"
+    who = "the fold models this ensemble averages" if ensemble else "the fold models"
     return (
         f"out-of-fold ({who}, each on patients it never trained on) at the same decision: "
         f"accuracy {acc:.2f} (sensitivity {point['sensitivity']:.2f}, "

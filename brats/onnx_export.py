@@ -329,6 +329,7 @@ def make_provenance(run: Path, sources: list[dict], summary: dict) -> dict:
         "architecture": {k: sources[0]["config"][k] for k in ("depth", "layout", "dropout")},
         "cv_summary": {
             "protocol": summary["protocol"],
+            "optimistic": summary.get("optimistic", True),
             "mean_std": {m: summary["mean_std"][m] for m in ("auc", "macro_f1", "f1", "accuracy")},
             "pooled": summary["pooled"],
             "calibration": summary.get("calibration"),  # Brier, ECE, operating point (raw/calibrated)

@@ -663,3 +663,28 @@ def test_wilson_interval_of_a_small_check():
     lo, hi = wilson_interval(5, 8)
     assert (round(lo, 4), round(hi, 4)) == (0.3057, 0.8632)
     assert wilson_interval(0, 4)[0] == 0.0 and wilson_interval(4, 4)[1] == 1.0
+
+
+def test_new_patients_beside_the_out_of_fold_accuracy_say_why_they_differ():
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT))
+    from predict import compare_out_of_fold
+
+    point = {"accuracy": 0.87, "sensitivity": 0.84, "specificity": 0.94}
+    cv = {"calibration": {"operating_point": point}, "pooled": {"n": 60}, "optimistic": False}
+
+    def grader(ensemble: bool, optimistic: bool):
+        provenance = {"cv_summary": {**cv, "optimistic": optimistic}, "ensemble": ensemble}
+        return SimpleNamespace(provenance=provenance, decision=SimpleNamespace(threshold=0.7))
+
+    agree = compare_out_of_fold(grader(True, False), None, 0.8, 0.95)
+    assert "accuracy 0.87" in agree and "over 60 patients" in agree and agree.endswith("the two agree")
+    apart = compare_out_of_fold(grader(True, False), None, 0.48, 0.85)
+    assert "more than chance separates the two" in apart and "the ensemble averages" in apart
+    assert "optimistic" not in apart  # the last epoch of each fold: nothing was chosen on the scored fold
+    single = compare_out_of_fold(grader(False, True), None, 0.48, 0.85)
+    assert "optimistic" in single and "ensemble" not in single
+    assert "not at --threshold 0.5" in compare_out_of_fold(grader(False, False), 0.5, 0.48, 0.85)
+    empty = SimpleNamespace(provenance={}, decision=SimpleNamespace(threshold=0.5))
+    assert "not in this model's metadata" in compare_out_of_fold(empty, None, 0.0, 1.0)
