@@ -120,9 +120,11 @@ def summarize(folder: Path) -> str:
     # each launch is logged twice (the recipe line, and the launch inside it through ACCEL), and
     # older Makefiles ran every fold's launch from one `for` line: keep the innermost lines only
     trains = [ln for ln in lines if "train.py" in ln.command and not ln.command.startswith("make")]
-    launches = [
-        ln for ln in trains if not any(o is not ln and ln.start <= o.start and o.end <= ln.end for o in trains)
-    ]
+
+    def holds_another(ln: Line) -> bool:
+        return any(o is not ln and ln.start <= o.start and o.end <= ln.end for o in trains)
+
+    launches = [ln for ln in trains if not holds_another(ln)]
     rows: dict[str, float] = {}
     for ln in lines:
         if ln in launches:
