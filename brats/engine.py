@@ -3,13 +3,15 @@
 `train_fold` = `setup` (seed -> data -> model -> optimizer -> accelerator.prepare -> scheduler
 sized in optimizer updates -> EMA and best-checkpoint keepers) -> `resume_or_refuse` -> `fit`;
 `train_folds` does that for several folds in turn in one process, under one Accelerator.
-Each epoch (`run_epoch`): `train_epoch`, validate (raw and EMA), write metrics.csv, let each
-`BestKeeper` replace best.pt / best_ema.pt on a strict val-AUC improvement, write the resume state.
+Each epoch (`run_epoch`): `train_epoch`, validate (raw and EMA), let each `BestKeeper` replace
+best.pt / best_ema.pt on a strict val-AUC improvement or an AUC tie at a lower val loss (with
+`--select last`: every epoch), then `write_epoch`: metrics.csv and, when due, the resume state.
 
 Exact resume: every random stream is reseeded per epoch (`epoch_seed`), and the resume state
 (`TrainParts.stateful`) holds the model, optimizer, scheduler, grad scaler, EMA, the keepers'
-bests, the fold's progress and the RNG. A run killed at any moment and resumed repeats at most
-the epoch it was in, with the same numbers.
+bests, the fold's progress and the RNG. A run killed at any moment and resumed repeats the
+epochs since the state was last written (the one it was in, with `--state-every 0`), with the
+same numbers.
 
 Data: by default the fold's volumes are resident (`--cache-device auto`: one float16 tensor on
 the GPU when it fits, else in host memory; brats/resident.py) and a batch is an index gather on
