@@ -217,17 +217,16 @@ def render_planes(
     if at is None:
         at = peak_index(cam, toward_hgg, within=underlay != 0)
     # grey levels from the brain in the three planes drawn (the whole volume: 10x the time)
-    brain = np.concatenate([plane[plane != 0] for plane in _planes(underlay, at)]).astype(np.float32)
+    planes = _planes(underlay, at)
+    brain = np.concatenate([plane[plane != 0] for plane in planes]).astype(np.float32)
     lo, hi = np.percentile(brain, (1, 99)) if brain.size else (0.0, 1.0)
     limit = float(np.abs(cam).max()) or 1.0
     pixel_sizes = _pixel_sizes(spacing_xyz)
     mm_per_pixel = min(spacing_xyz)
-    tallest = max(
-        plane.shape[0] * h / mm_per_pixel for plane, (h, _) in zip(_planes(underlay, at), pixel_sizes)
-    )
+    tallest = max(plane.shape[0] * h / mm_per_pixel for plane, (h, _) in zip(planes, pixel_sizes))
     mm_per_pixel /= max(1, math.ceil(PLANE_PIXELS / tallest))  # small volumes drawn larger
     panels = []
-    for raw, heat, pixel_mm in zip(_planes(underlay, at), _planes(cam, at), pixel_sizes):
+    for raw, heat, pixel_mm in zip(planes, _planes(cam, at), pixel_sizes):
         # background (exactly 0, also in z-scored input) black, whatever the intensity scale
         raw = raw.astype(np.float32)
         grey = np.where(raw == 0, 0.0, np.clip((raw - lo) / ((hi - lo) or 1.0), 0.0, 1.0))

@@ -21,7 +21,7 @@ from brats.calibration import Decision
 from brats.cam import write_case_maps
 from brats.cohort import CLASSES, MODALITIES, Case
 from brats.errors import BratsError, CaseError
-from brats.preprocess import CubeGrid, PreprocessConfig, preprocess_case, preprocess_images, read_image
+from brats.preprocess import CubeGrid, PreprocessConfig, preprocess_images, read_image
 
 # ONNX metadata keys, written by brats.onnx_export: the preprocessing contract
 # (PreprocessConfig.to_contract()) and where the model came from.
@@ -156,28 +156,22 @@ class Grader:
             if not pending:
                 return
             batch = np.stack([v for _, _, v, _ in pending])
-            if cam_dir is None:
-                probs = self.decision.calibrate(self.run(batch))
-                for (i, pid, _, _), p in zip(pending, probs):
-                    report(i, Prediction(pid, float(p), threshold=self.threshold))
-            else:
-                raw, cams = self.run_with_cam(batch)
-                for (i, pid, _, place), p, cam in zip(pending, self.decision.calibrate(raw), cams):
-                    assert place is not None  # kept for every patient when there is a cam_dir
-                    graded = Prediction(pid, float(p), threshold=self.threshold)
+            raw, cams = self.run_with_cam(batch) if cam_dir is not None else (self.run(batch), None)
+            for j, ((i, pid, _, place), p) in enumerate(zip(pending, self.decision.calibrate(raw))):
+                graded = Prediction(pid, float(p), threshold=self.threshold)
+                if cams is not None and place is not None:  # place is kept for every patient with a cam_dir
                     # the picture goes through the evidence for the grade predicted, at the model's threshold
-                    error = write_cam(cam_dir, pid, cam, place, toward_hgg=graded.prediction == "HGG")
-                    report(i, replace(graded, cam_error=error))
+                    error = write_cam(cam_dir, pid, cams[j], place, toward_hgg=graded.prediction == "HGG")
+                    graded = replace(graded, cam_error=error)
+                report(i, graded)
             pending.clear()
 
         for i, case in enumerate(cases):
             try:
-                if cam_dir is None:
-                    volume, place = preprocess_case(case, self.cfg), None
-                else:  # the scans stay in memory: the map is drawn over the FLAIR just read
-                    images = [read_image(case, m) for m in MODALITIES]
-                    volume, grid = preprocess_images(case, images, self.cfg)
-                    place = (grid, images[MODALITIES.index("flair")])
+                images = [read_image(case, m) for m in MODALITIES]
+                volume, grid = preprocess_images(case, images, self.cfg)
+                # with a CAM folder the FLAIR just read stays in memory: the map is drawn over it
+                place = (grid, images[MODALITIES.index("flair")]) if cam_dir is not None else None
             except CaseError as e:
                 report(i, Prediction(case.patient_id, None, e.reason, self.threshold))
                 continue

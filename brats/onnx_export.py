@@ -104,7 +104,7 @@ def write_onnx(
     metadata: dict[str, dict],
     exporter: str = "torchscript",
     card: dict | None = None,
-) -> float:
+) -> dict[str, float]:
     """Export `wrapper` to `out` atomically: dynamic batch, metadata as JSON strings, full
     checker, the graph's input checked against the contract in `metadata`, and parity against
     torch on `inputs` (>= 3 samples) for the probabilities and the CAM; returns the parity
