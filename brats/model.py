@@ -38,8 +38,44 @@ SPECS = {
 CLASSIFIER_PREFIX = "fc."
 
 
-def conv3(in_planes: int, planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
-    return nn.Conv3d(in_planes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d that computes a single-voxel output as one matrix product.
+
+    On small inputs the last layers of a strided ResNet see maps of a voxel or two (32^3 input:
+    layer4 is 1^3), where the output voxel meets only the kernel taps that overlap the input; the
+    rest multiply padding. oneDNN still runs a full 3-D convolution there, and its backward pass is
+    slow: on 2 CPU cores a 512->512 3x3x3 convolution on a 1^3 map took ~60 ms per step of 4, which
+    is a 4x512 by 512x512 product. Same weights, keys and result (forward and gradients) as
+    nn.Conv3d; any other shape goes to nn.Conv3d, and so does a TorchScript trace (the ONNX export
+    keeps the plain Conv node).
+    """
+
+    def window(self, size: torch.Size) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+        """(input slices, kernel slices) that the one output voxel sees, or None when the output is
+        larger than one voxel (or the convolution is grouped or not zero-padded)."""
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return None
+        inputs, taps = [], []
+        for n, k, s, p, d in zip(size, self.kernel_size, self.stride, self.padding, self.dilation):
+            hit = [j for j in range(k) if 0 <= j * d - p < n]
+            if not 0 <= n + 2 * p - d * (k - 1) - 1 < s or not hit:  # not one voxel meeting the input
+                return None
+            inputs.append(slice(hit[0] * d - p, hit[-1] * d - p + 1, d))
+            taps.append(slice(hit[0], hit[-1] + 1))
+        return tuple(inputs), tuple(taps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        window = None if torch.jit.is_tracing() else self.window(x.shape[2:])
+        if window is None:
+            return super().forward(x)
+        inputs, taps = window
+        weight = self.weight[(slice(None), slice(None), *taps)].flatten(1)
+        out = F.linear(x[(slice(None), slice(None), *inputs)].flatten(1), weight, self.bias)
+        return out[:, :, None, None, None]
+
+
+def conv3(in_planes: int, planes: int, stride: int = 1, dilation: int = 1) -> Conv3d:
+    return Conv3d(in_planes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
 class ShortcutA(nn.Module):
@@ -94,11 +130,11 @@ class Bottleneck(nn.Module):
         downsample: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv3d(in_planes, planes, 1, bias=False)
+        self.conv1 = Conv3d(in_planes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm3d(planes)
         self.conv2 = conv3(planes, planes, stride, dilation)
         self.bn2 = nn.BatchNorm3d(planes)
-        self.conv3 = nn.Conv3d(planes, planes * 4, 1, bias=False)
+        self.conv3 = Conv3d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm3d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -131,7 +167,7 @@ class ResNet3D(nn.Module):
         block = Bottleneck if kind == "bottleneck" else BasicBlock
         self.depth, self.layout, self.in_channels = depth, layout, in_channels
         self.in_planes = 64
-        self.conv1 = nn.Conv3d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.conv1 = Conv3d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm3d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool3d(3, stride=2, padding=1)
@@ -163,7 +199,7 @@ class ResNet3D(nn.Module):
                 downsample = ShortcutA(planes * block.expansion, stride)
             else:
                 downsample = nn.Sequential(
-                    nn.Conv3d(self.in_planes, planes * block.expansion, 1, stride=stride, bias=False),
+                    Conv3d(self.in_planes, planes * block.expansion, 1, stride=stride, bias=False),
                     nn.BatchNorm3d(planes * block.expansion),
                 )
         layers = [block(self.in_planes, planes, stride, dilation, downsample)]

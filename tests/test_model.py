@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from brats.errors import BratsError
-from brats.model import ResNet3D, load_pretrained, param_groups
+from brats.model import Conv3d, ResNet3D, load_pretrained, param_groups
 
 
 def bn(prefix, c):
@@ -171,3 +171,49 @@ def test_with_weights_the_default_layout_is_medicalnet():
     assert make_config(data="x", pretrained="medicalnet").layout == "medicalnet"
     assert make_config(data="x", pretrained="w.pth").layout == "medicalnet"
     assert make_config(data="x", pretrained="medicalnet", layout="strided").layout == "strided"
+
+
+# (in channels, input side, kernel, stride, padding, dilation, takes the one-voxel product)
+GEOMETRIES = [
+    (32, 1, 3, 1, 1, 1, True),  # layer4's second conv at 32^3 input: only the centre tap meets the input
+    (16, 2, 3, 2, 1, 1, True),  # layer4's first conv: 8 of the 27 taps
+    (16, 2, 1, 2, 0, 1, True),  # its 1x1x1 strided shortcut
+    (8, 4, 3, 4, 1, 1, True),  # a window that covers part of the input
+    (8, 1, 3, 1, 4, 4, True),  # dilated (the medicalnet layout)
+    (8, 3, 3, 2, 1, 1, False),  # two output voxels a side: the ordinary convolution
+    (8, 2, 2, 1, 1, 3, False),  # the one output voxel meets only padding
+]
+
+
+@pytest.mark.parametrize("cin, side, k, stride, pad, dil, fast", GEOMETRIES)
+def test_conv3d_on_one_output_voxel_equals_the_convolution(cin, side, k, stride, pad, dil, fast):
+    torch.manual_seed(0)
+    ref = torch.nn.Conv3d(cin, 12, k, stride, pad, dil, bias=True).double()
+    conv = Conv3d(cin, 12, k, stride, pad, dil, bias=True).double()
+    conv.load_state_dict(ref.state_dict())
+    x = torch.randn(3, cin, side, side, side, dtype=torch.double, requires_grad=True)
+    assert (conv.window(x.shape[2:]) is not None) == fast
+    outs = []
+    for m in (ref, conv):
+        y = m(x)
+        weighted = (y * torch.arange(y.numel()).view_as(y)).sum()
+        outs.append((y, *torch.autograd.grad(weighted, [x, m.weight, m.bias])))
+    for a, b in zip(*outs):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_resnet_layer4_at_32_cubed_takes_the_one_voxel_product():
+    model = ResNet3D(depth=10, in_channels=4).eval()
+    seen = {}
+
+    def record(name):
+        return lambda conv, args: seen.__setitem__(name, conv.window(args[0].shape[2:]))
+
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, Conv3d)]
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in convs]
+    model(torch.zeros(1, 4, 32, 32, 32))
+    for h in hooks:
+        h.remove()
+    fast = {name for name, window in seen.items() if window is not None}
+    assert fast == {"layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0"}
