@@ -9,10 +9,11 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 DEV    := $(VENV)/.installed-dev
 # pip byte-compiles every file it installs, one after the other: ~1 min of CPU for torch, scipy,
-# sympy... of which the commands import a fraction. Python compiles what is imported, once, when it
-# is first imported, provided it may write the .pyc files: the commands below may, even where
-# PYTHONDONTWRITEBYTECODE is set (they land in .venv, where pip would have written them anyway,
-# and in brats/__pycache__, which git ignores); otherwise every start would compile them again.
+# sympy... of which the commands import a fraction. The install compiles that fraction instead
+# (brats.precompile imports what the commands import); anything else is compiled when first
+# imported. Python keeps the .pyc files only where it may write them: the commands below may, even
+# where PYTHONDONTWRITEBYTECODE is set (they land in .venv, where pip would have written them
+# anyway, and in brats/__pycache__, which git ignores); otherwise every start would compile again.
 PIP := $(BIN)/python -m pip install -q --no-compile
 unexport PYTHONDONTWRITEBYTECODE
 
@@ -34,6 +35,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(PIP) $(TORCH)
 	$(PIP) -e .
+	$(BIN)/python -m brats.precompile
 	touch $@
 
 # Also pytest and ruff, for make test / make lint only.
