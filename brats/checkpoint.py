@@ -261,8 +261,9 @@ def load_resume_state(path: str | Path, objects: dict[str, Stateful]) -> None:
             f"{path}: cannot read the resume state ({type(e).__name__}: {e}); delete it to start over"
         ) from e
     blob = _upgrade(blob)
+    finished = (blob.get("fold_state") or {}).get("finished", False)  # holds no weights
     for name, obj in objects.items():
         if blob.get(name) is not None:
             obj.load_state_dict(blob[name])
-        elif name in _MISSING_HINT:
+        elif name in _MISSING_HINT and not finished:
             raise BratsError(f"{path}: {_MISSING_HINT[name]}")

@@ -275,14 +275,19 @@ class TrainParts:
         return self.paths.fold(self.cfg.fold)
 
     def stateful(self) -> dict[str, Stateful]:
-        """The resume state, under the names state.pt has always used for them."""
+        """The resume state, under the names state.pt has always used for them. A finished fold
+        keeps only how it ended (epochs, metrics rows, the keepers' bests): no epoch will train
+        on, and its weights are in its checkpoints; the model, EMA and Adam's moments would be
+        ~4x the weights written for nothing."""
+        ended: dict[str, Stateful] = {"fold_state": self.state, **self.keepers}
+        if self.state.finished:
+            return ended
         objects: dict[str, Stateful] = {
             "model_state_dict": plain_module(self.accelerator, self.model),
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
-            "fold_state": self.state,
             "rng": RngState(),
-            **self.keepers,
+            **ended,
         }
         if self.accelerator.scaler is not None:
             objects["scaler"] = self.accelerator.scaler
@@ -557,7 +562,8 @@ def write_epoch(
     parts: TrainParts, epoch: int, improved: list, val_labels: np.ndarray, precision: str
 ) -> None:
     """The main process's files after an epoch: each improved keeper's checkpoint, metrics.csv and,
-    when due, state.pt (the model, its EMA and Adam's moments: ~4x the weights). With --select
+    when due, state.pt (the model, its EMA and Adam's moments: ~4x the weights; once the fold has
+    finished, only how it ended). With --select
     best, state.pt is rewritten whenever a best is, so that it always knows the checkpoints on
     disk. With --select last every epoch replaces the last, so the checkpoints are written with
     state.pt only: every --state-every seconds and at the fold's end."""

@@ -41,12 +41,15 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def same_fold(a: Path, b: Path) -> None:
-    """Fold folders `a` and `b` hold the same training: metrics and every checkpoint's weights."""
+    """Fold folders `a` and `b` hold the same training: metrics, every checkpoint's weights and the
+    bests their finished states record."""
     assert rows(a / "metrics.csv") == rows(b / "metrics.csv")
-    for name in (BEST, BEST_EMA, STATE):
+    for name in (BEST, BEST_EMA):
         wa, wb = weights(a / name), weights(b / name)
         assert wa.keys() == wb.keys()
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    sa, sb = (torch.load(f / STATE, weights_only=True) for f in (a, b))
+    assert (sa["best"], sa["best_ema"]) == (sb["best"], sb["best_ema"])
 
 
 @pytest.fixture(scope="module")

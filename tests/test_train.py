@@ -141,7 +141,11 @@ def test_state_every_writes_on_a_new_best_and_at_the_end(cache20, tmp_path, fres
         if auc > top[0] + AUC_EPS or (abs(auc - top[0]) <= AUC_EPS and loss < top[1]):
             bests, top = [*bests, epoch], (auc, loss)
     assert written == sorted({*bests, 4})
-    assert torch.load(tmp_path / "r" / "fold_0" / STATE, weights_only=True)["fold_state"]["finished"]
+    ended = torch.load(tmp_path / "r" / "fold_0" / STATE, weights_only=True)
+    assert ended["fold_state"]["finished"] and ended["fold_state"]["epoch"] == 4
+    # a finished fold trains no further: its state holds no weights (they are in the checkpoints)
+    assert not {"model_state_dict", "ema_state_dict", "optimizer"} & set(ended)
+    assert ended["best"]["best_epoch"] == bests[-1]
 
     written.clear()
     train_fold(dataclasses.replace(cfg, run=str(tmp_path / "every"), state_every=0.0))
@@ -298,10 +302,12 @@ def test_sigkill_then_resume_equals_uninterrupted(cache20, tmp_path):
     assert rows(a / "metrics.csv") == [
         {**r, **{k: x[k] for k in TIMING}} for r, x in zip(rows(b / "metrics.csv"), rows(a / "metrics.csv"))
     ]
-    for name in (BEST, BEST_EMA, STATE):
+    for name in (BEST, BEST_EMA):
         wa, wb = weights(a / name), weights(b / name)
         assert wa.keys() == wb.keys()
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    sa, sb = (torch.load(f / STATE, weights_only=True) for f in (a, b))
+    assert sa["fold_state"]["finished"] and (sa["best"], sa["best_ema"]) == (sb["best"], sb["best_ema"])
     ca, cb = torch.load(a / BEST, weights_only=True), torch.load(b / BEST, weights_only=True)
     assert (ca["epoch"], ca["val_metrics"]["auc"]) == (cb["epoch"], cb["val_metrics"]["auc"])
 
@@ -381,7 +387,8 @@ def test_a_state_written_by_older_code_still_resumes(cache20, tmp_path, fresh_ac
     reset_accelerate()
     path = tmp_path / "r" / "fold_0" / STATE
     blob = torch.load(path, weights_only=True)
-    best, best_ema, rng = blob.pop("best"), blob.pop("best_ema"), blob.pop("rng")
+    best, best_ema = blob.pop("best"), blob.pop("best_ema")
+    rng = {"cpu": torch.get_rng_state(), "cuda": []}  # older code kept it in a finished fold's state too
     blob["fold_state"].update(
         best_auc=best["best_auc"],
         best_epoch=best["best_epoch"],
