@@ -156,10 +156,9 @@ def load_best_model(
     mode; returns (model, checkpoint, path)."""
     path = select_checkpoint(RunPaths(run).fold(k), float(run_cfg.get("ema_decay", 0.0)) > 0)
     ckpt = read_checkpoint(path, trust=trust)
-    with torch.device("meta"):  # no random initialisation of weights about to be replaced
-        model = build_model(model_config(ckpt, run_cfg))
+    model = build_model(model_config(ckpt, run_cfg))
     try:
-        model.load_state_dict(ckpt.model_state_dict, assign=True)  # strict: every weight comes from it
+        model.load_state_dict(ckpt.model_state_dict)
     except RuntimeError as e:
         raise BratsError(f"{path}: weights do not fit the configured model ({str(e).splitlines()[0]})") from e
     return model.eval().float(), ckpt, path
