@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from brats.errors import BratsError, exit_on_error
+from brats.errors import BratsError, exit_on_error, run_cli
 from brats.runs import RunPaths
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
@@ -85,4 +85,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run_cli(app)

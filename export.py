@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from brats.errors import BratsError, exit_on_error
+from brats.errors import BratsError, exit_on_error, run_cli
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
@@ -54,4 +54,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run_cli(app)

@@ -31,7 +31,7 @@ import typer
 
 from brats.atomic import check_output_dir, check_output_file, write_csv_atomic
 from brats.cohort import CLASSES, MODALITIES, Case, find_cases
-from brats.errors import BratsError, CaseError, exit_on_error
+from brats.errors import BratsError, CaseError, exit_on_error, run_cli
 from brats.inference import Grader, Prediction
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
@@ -223,4 +223,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run_cli(app)

@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from brats.config import make_config
-from brats.errors import BratsError, exit_on_error
+from brats.errors import BratsError, exit_on_error, run_cli
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
@@ -168,4 +168,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run_cli(app)

@@ -38,7 +38,7 @@ STEPS = (
     ("install: pip upgrade", r"pip install.*--upgrade pip"),
     ("install: torch", r"pip install.*torch"),
     ("install: package + deps", r"pip install"),
-    ("install: byte-compile", r"compileall"),
+    ("install: byte-compile", r"compileall|brats\.precompile"),
     ("install: other", r"touch \.venv|\.installed"),
     ("generate the cohort and new patients", r"brats\.synthetic"),
     ("prepare the cache", r"brats\.prepare"),

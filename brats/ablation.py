@@ -18,7 +18,7 @@ import numpy as np
 import typer
 
 from brats.atomic import check_output_file, write_text_atomic
-from brats.errors import BratsError, exit_on_error
+from brats.errors import BratsError, exit_on_error, run_cli
 from brats.evaluation import load_summary, run_config
 from brats.runs import RunPaths
 
@@ -144,4 +144,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run_cli(app)

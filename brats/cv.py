@@ -22,7 +22,7 @@ from typing import IO, Annotated
 
 import typer
 
-from brats.errors import BratsError, exit_on_error
+from brats.errors import BratsError, exit_on_error, run_cli
 from brats.runs import RunPaths
 
 log = logging.getLogger(__name__)
@@ -130,4 +130,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run_cli(app)

@@ -497,9 +497,8 @@ def fit(parts: TrainParts) -> dict:
         accelerator.wait_for_everyone()
 
     state = parts.state
-    if accelerator.is_main_process and state.finished:
-        for keeper in parts.keepers.values():
-            keeper.plot()
+    if accelerator.is_main_process and state.finished:  # the plots of the checkpoint evaluated
+        policy_keeper(parts.keepers).plot()
     if state.stop_reason:
         log.info(f"fold {cfg.fold} finished after epoch {state.epoch}: {state.stop_reason}")
     best, best_ema = parts.keepers["best"], parts.keepers.get("best_ema")

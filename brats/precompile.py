@@ -16,7 +16,8 @@ import sys
 import time
 
 MODULES = (
-    # training: torch, Accelerate, the fused Adam's dynamo import, metrics and plots
+    # training: `accelerate launch`, torch, the fused Adam's dynamo import, metrics and plots
+    "accelerate.commands.accelerate_cli",
     "torch",
     "torch._dynamo",
     "accelerate",
@@ -24,11 +25,14 @@ MODULES = (
     "scipy.optimize",
     "scipy.stats",
     "matplotlib.pyplot",
+    "matplotlib.backends.backend_agg",
+    "PIL.PngImagePlugin",
     # data: NIfTI reading and the synthetic cohort's CLI
     "SimpleITK",
     "nibabel",
     "isal.isal_zlib",
     "typer",
+    "pydantic",  # typer's option parsing
     # export and predict
     "torch.onnx",
     "torch.onnx._internal.torchscript_exporter.utils",

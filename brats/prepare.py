@@ -17,7 +17,7 @@ import typer
 
 from brats.cache import check_cache_dir, check_size, prepare
 from brats.cohort import check_trainable, find_cases, summarize
-from brats.errors import BratsError, exit_on_error
+from brats.errors import BratsError, exit_on_error, run_cli
 from brats.preprocess import PreprocessConfig
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
@@ -68,4 +68,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run_cli(app)

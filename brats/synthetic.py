@@ -28,7 +28,7 @@ import typer
 
 from brats.atomic import atomic_path, check_output_dir
 from brats.cohort import CLASSES, MODALITIES
-from brats.errors import BratsError, exit_on_error
+from brats.errors import BratsError, exit_on_error, run_cli
 
 BRATS18_SHAPE = (240, 240, 155)  # x, y, z voxels, 1 mm
 BRATS18_RATIO = (210, 75)  # HGG, LGG patients in BraTS 2018
@@ -292,4 +292,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run_cli(app)

@@ -120,6 +120,7 @@ def test_baseline_policy_and_ema(cache20, tmp_path, fresh_accelerate):
     assert ema["config"]["loss"] == "ldam"
     assert "ema_val_auc" in rows(fold / "metrics.csv")[0]
     assert list(fold.glob("ema_roc_curve_epoch_*.png"))
+    assert not list(fold.glob("roc_curve_epoch_*.png"))  # plots of the checkpoint evaluation uses only
 
 
 def test_state_every_writes_on_a_new_best_and_at_the_end(cache20, tmp_path, fresh_accelerate, monkeypatch):
