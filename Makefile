@@ -93,7 +93,7 @@ ablation: $(STAMP)
 # because a demo epoch is 12 updates. Each fold keeps its last epoch (--select last): on 12
 # validation patients the best-AUC epoch is noise (often epoch 2 or 3, barely trained), and the
 # out-of-fold figures are then honest, not optimistic. Measured on the demo cohort, pooled
-# out-of-fold AUC: 0.920 (seed 42) and 0.925 (seed 1); with best-AUC selection 0.911 and 0.882.
+# out-of-fold AUC: 0.906 (seed 42), 0.915 (seed 1), 0.935 (seed 2) (bench/RESULTS.md).
 DEMO_ARGS ?= --depth 10 --lr 1e-3 --grad-accum 1 --max-epochs 8 --select last --warmup-epochs 1 \
 	--ema-decay 0.9 --state-every 60 --workers 0 --no-progress
 DEMO_EVAL ?= --calibrate platt --threshold youden
