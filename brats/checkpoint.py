@@ -194,7 +194,8 @@ class BestKeeper:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_auc = float(state.get("best_auc", -math.inf))
-        self.best_loss = float(state.get("best_loss", math.inf))
+        # a state written before the tie-break: its best was kept on ties, so a tie keeps it now
+        self.best_loss = float(state.get("best_loss", -math.inf))
         self.best_epoch = int(state.get("best_epoch", 0))
         self.labels, self.p_hgg = list(state.get("labels", [])), list(state.get("p_hgg", []))
 

@@ -562,10 +562,10 @@ def write_epoch(
 ) -> None:
     """The main process's files after an epoch: each improved keeper's checkpoint, metrics.csv and,
     when due, state.pt (the model, its EMA and Adam's moments: ~4x the weights; once the fold has
-    finished, only how it ended). With --select
-    best, state.pt is rewritten whenever a best is, so that it always knows the checkpoints on
-    disk. With --select last every epoch replaces the last, so the checkpoints are written with
-    state.pt only: every --state-every seconds and at the fold's end."""
+    finished, only how it ended). With --select best, state.pt is rewritten whenever a best is,
+    so that it always knows the checkpoints on disk. With --select last every epoch replaces the
+    last, so the checkpoints are written with state.pt only: every --state-every seconds and at
+    the fold's end."""
     cfg, state = parts.cfg, parts.state
     due = state.finished or time.monotonic() - parts.state_written >= cfg.state_every
     if cfg.select == "last" and not due:

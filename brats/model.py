@@ -46,8 +46,9 @@ class Conv3d(nn.Conv3d):
     rest multiply padding. oneDNN still runs a full 3-D convolution there, and its backward pass is
     slow: on 2 CPU cores a 512->512 3x3x3 convolution on a 1^3 map took ~60 ms per step of 4, which
     is a 4x512 by 512x512 product. Same weights, keys and result (forward and gradients) as
-    nn.Conv3d; any other shape goes to nn.Conv3d, and so does a TorchScript trace (the ONNX export
-    keeps the plain Conv node).
+    nn.Conv3d; any other shape (or an unbatched input) goes to nn.Conv3d, and so does a TorchScript
+    trace (the default ONNX exporter keeps the plain Conv node; the dynamo exporter records the
+    product, and export checks parity either way).
     """
 
     def window(self, size: torch.Size) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
@@ -65,7 +66,7 @@ class Conv3d(nn.Conv3d):
         return tuple(inputs), tuple(taps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        window = None if torch.jit.is_tracing() else self.window(x.shape[2:])
+        window = None if torch.jit.is_tracing() or x.dim() != 5 else self.window(x.shape[2:])
         if window is None:
             return super().forward(x)
         inputs, taps = window

@@ -5,8 +5,9 @@ the other (~1 min on 2 cores for torch, scipy, sympy...), of which the commands 
 fraction. Python compiles a module when it first imports it and keeps the .pyc; left alone, that
 happens inside the first generation, training launch, export and predict (~10 s on 2 cores).
 Importing here the modules they load compiles the same files as part of the install. A module
-missing from this torch or library version is skipped: what is not compiled here is compiled on
-first use, as before.
+missing from this torch or library version, or failing to import here, is skipped (the install
+goes on; the command that needs it reports the problem): what is not compiled here is compiled
+on first use.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def main() -> None:
     for name in MODULES:
         try:
             importlib.import_module(name)
-        except ImportError:
+        except Exception:  # absent, or failing to load here: the command that needs it will say
             skipped.append(name)
-    note = f" (not in this environment: {', '.join(skipped)})" if skipped else ""
+    note = f" (skipped, not importable here: {', '.join(skipped)})" if skipped else ""
     print(f"byte-compiled the modules the commands import in {time.perf_counter() - start:.1f} s{note}")
     if sys.flags.dont_write_bytecode:
         print("PYTHONDONTWRITEBYTECODE is set: nothing was kept; unset it to keep the .pyc files")

@@ -203,6 +203,15 @@ def test_conv3d_on_one_output_voxel_equals_the_convolution(cin, side, k, stride,
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_conv3d_on_an_unbatched_input_is_the_convolution():
+    torch.manual_seed(0)
+    ref = torch.nn.Conv3d(4, 8, 1)
+    conv = Conv3d(4, 8, 1)
+    conv.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 4, 1, 1)  # (C, D, H, W): one voxel in H and W, four in D
+    torch.testing.assert_close(conv(x), ref(x))
+
+
 def test_resnet_layer4_at_32_cubed_takes_the_one_voxel_product():
     model = ResNet3D(depth=10, in_channels=4).eval()
     seen = {}

@@ -254,6 +254,8 @@ def weights(path):
 
 
 def test_sigkill_then_resume_equals_uninterrupted(cache20, tmp_path):
+    """--select last: the checkpoints hold the last epoch's weights (the model and its EMA), so
+    the resumed run must end with exactly the uninterrupted run's final weights."""
     args = [
         "--data",
         str(cache20),
@@ -261,8 +263,8 @@ def test_sigkill_then_resume_equals_uninterrupted(cache20, tmp_path):
         "2",
         "--max-epochs",
         "6",
-        "--patience",
-        "10",
+        "--select",
+        "last",
         "--ema-decay",
         "0.9",
         *CLI_FAST,
@@ -310,7 +312,7 @@ def test_sigkill_then_resume_equals_uninterrupted(cache20, tmp_path):
     sa, sb = (torch.load(f / STATE, weights_only=True) for f in (a, b))
     assert sa["fold_state"]["finished"] and (sa["best"], sa["best_ema"]) == (sb["best"], sb["best_ema"])
     ca, cb = torch.load(a / BEST, weights_only=True), torch.load(b / BEST, weights_only=True)
-    assert (ca["epoch"], ca["val_metrics"]["auc"]) == (cb["epoch"], cb["val_metrics"]["auc"])
+    assert ca["epoch"] == cb["epoch"] == 6 and ca["val_metrics"]["auc"] == cb["val_metrics"]["auc"]
 
 
 def test_two_processes_score_like_one(cache20, tmp_path):
@@ -381,15 +383,26 @@ def test_two_gloo_processes_train_a_fold(cache20, tmp_path):
     )  # every val patient once
 
 
-def test_a_state_written_by_older_code_still_resumes(cache20, tmp_path, fresh_accelerate):
-    """state.pt as older versions wrote it: bests inside fold_state, rng_cpu/rng_cuda, no keepers."""
+def test_a_state_written_by_older_code_still_resumes(cache20, tmp_path, fresh_accelerate, monkeypatch):
+    """state.pt as older versions wrote it (bests inside fold_state, rng_cpu/rng_cuda, no keepers),
+    after epoch 1 of 2: resumed, epoch 2 trains exactly as in the uninterrupted run."""
+    import brats.engine
+
+    after_epoch_1, save = [], brats.engine.save_resume_state
+
+    def keep_first(path, objects, extra):
+        save(path, objects, extra)
+        if not after_epoch_1:
+            after_epoch_1.append(torch.load(path, weights_only=True))
+
+    monkeypatch.setattr(brats.engine, "save_resume_state", keep_first)
     settings = dict(data=str(cache20), run=str(tmp_path / "r"), fold=0, max_epochs=2, ema_decay=0.9, **FAST)
     first = train_fold(make_config(**settings))
     reset_accelerate()
     path = tmp_path / "r" / "fold_0" / STATE
-    blob = torch.load(path, weights_only=True)
-    best, best_ema = blob.pop("best"), blob.pop("best_ema")
-    rng = {"cpu": torch.get_rng_state(), "cuda": []}  # older code kept it in a finished fold's state too
+    blob = after_epoch_1[0]
+    assert blob["fold_state"]["epoch"] == 1 and "model_state_dict" in blob and "optimizer" in blob
+    best, best_ema, rng = blob.pop("best"), blob.pop("best_ema"), blob.pop("rng")
     blob["fold_state"].update(
         best_auc=best["best_auc"],
         best_epoch=best["best_epoch"],
@@ -398,8 +411,17 @@ def test_a_state_written_by_older_code_still_resumes(cache20, tmp_path, fresh_ac
     )
     blob.update(rng_cpu=rng["cpu"], rng_cuda=rng["cuda"], scaler=None)
     torch.save(blob, path)
+    metrics = tmp_path / "r" / "fold_0" / "metrics.csv"
+    uninterrupted = [{k: v for k, v in r.items() if k not in TIMING} for r in rows(metrics)]
     again = train_fold(make_config(**settings, resume=True))
-    assert again == first
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in rows(metrics)] == uninterrupted
+    # The same bests; an older state has no validation loss, so an AUC tie keeps its earlier
+    # epoch, as the code that wrote it did (uninterrupted, the tie goes to the lower loss).
+    assert (again["epochs"], again["best_auc"], again["best_ema_auc"]) == (
+        2,
+        first["best_auc"],
+        first["best_ema_auc"],
+    )
 
 
 def test_resident_and_dataloader_paths_give_the_same_metrics(cache20, tmp_path, fresh_accelerate):

@@ -209,6 +209,10 @@ def test_an_auc_tie_is_broken_by_the_lower_validation_loss(tmp_path):
     restored.load_state_dict(keeper.state_dict())
     assert (restored.best_epoch, restored.best_loss) == (3, 0.4)
     assert not restored.consider(1.0, 6, 0.5) and restored.consider(1.0, 6, 0.3)
+    # a state written before the tie-break holds no loss: its best was kept on ties, and still is
+    older = BestKeeper(tmp_path / "best.pt", is_ema=False, title="fold 0")
+    older.load_state_dict({"best_auc": 1.0, "best_epoch": 3})
+    assert not older.consider(1.0, 7, 0.01) and older.consider(1.0 + 0.01, 7, 0.9)
 
 
 def test_checkpoint_schema_round_trips_and_fills_defaults_for_older_files(tmp_path):
