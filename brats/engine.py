@@ -566,9 +566,9 @@ def write_epoch(
     so that it always knows the checkpoints on disk. With --select last every epoch replaces the
     last, so the checkpoints are written with state.pt only: every --state-every seconds and at
     the fold's end."""
-    cfg, state = parts.cfg, parts.state
+    cfg, state, last = parts.cfg, parts.state, parts.cfg.select == "last"
     due = state.finished or time.monotonic() - parts.state_written >= cfg.state_every
-    if cfg.select == "last" and not due:
+    if last and not due:
         improved = []
     for keeper, weights, metrics, p in improved:
         ckpt = Checkpoint(
@@ -578,7 +578,7 @@ def write_epoch(
         )  # fmt: skip
         keeper.save(ckpt, val_labels, p)
         kind = "EMA val AUC" if keeper.is_ema else "val AUC"
-        what = "last epoch" if cfg.select == "last" else "new best"
+        what = "last epoch" if last else "new best"
         log.info(f"epoch {epoch}: {what} {kind} {metrics['auc']:.4f} -> {keeper.path}")
     write_csv_atomic(parts.paths.metrics(cfg.fold), state.history)
     if improved or due:

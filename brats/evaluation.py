@@ -36,7 +36,7 @@ from brats.checkpoint import Checkpoint, read_checkpoint, select_checkpoint
 from brats.config import TrainConfig, validate
 from brats.data import CachedVolumes
 from brats.errors import BratsError
-from brats.folds import load_or_make_splits, protocol
+from brats.folds import load_or_make_splits, optimistic, protocol
 from brats.metrics import METRICS, bootstrap_auc_ci, mean_std, save_plots
 from brats.model import build_model
 from brats.preprocess import PreprocessConfig
@@ -351,7 +351,7 @@ def summarize_folds(results: list[FoldResult], inner_val: float, seed: int = 0, 
         pooled["auc_ci95"] = [lo, hi]
     return {
         "protocol": protocol(inner_val, select),
-        "optimistic": inner_val <= 0 and select == "best",
+        "optimistic": optimistic(inner_val, select),
         "folds": table,
         "mean_std": summary,
         "pooled": pooled,

@@ -88,10 +88,15 @@ def inner_split(ids: list[str], labels: list[int], fraction: float, seed: int) -
     return chosen
 
 
+def optimistic(inner_val: float, select: str = "best") -> bool:
+    """Whether each fold's epoch is chosen on the patients the fold is scored on."""
+    return select == "best" and inner_val <= 0
+
+
 def protocol(inner_val: float, select: str = "best") -> str:
     if select == "last":
         return "last epoch of each fold (no epoch is chosen on validation data: the scored fold is unseen)"
-    if inner_val > 0:
+    if not optimistic(inner_val, select):
         return (
             f"inner-validation ({inner_val:g} of each training fold chooses the epoch; "
             "the outer fold is only scored)"
