@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 
 from brats.errors import BratsError, exit_on_error, run_cli
-from brats.runs import RunPaths
+from brats.runs.paths import RunPaths
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
@@ -59,7 +59,7 @@ def main(
         wanted = [int(f) for f in folds.split(",")] if folds else None
     except ValueError as e:
         raise BratsError(f"--folds {folds!r}: give fold numbers like 0,1,2") from e
-    from brats.evaluation import evaluate_run
+    from brats.evaluation.cross_validation import evaluate_run
 
     summary = evaluate_run(
         run,
@@ -75,7 +75,7 @@ def main(
     print(paths.report.read_text())
     print(f"wrote {paths.evaluation} ({len(summary['folds'])} folds)")
     if cam:
-        from brats.explain import write_evaluation_montages
+        from brats.evaluation.cam_montage import write_evaluation_montages
 
         folds_done = [row["fold"] for row in summary["folds"]]
         montages = write_evaluation_montages(

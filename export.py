@@ -45,7 +45,7 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if ensemble and fold is not None:
         raise BratsError("--fold and --ensemble exclude each other")
-    from brats.onnx_export import export
+    from brats.evaluation.export import export
 
     path = export(
         run, out, fold=fold, ensemble=ensemble, trust=trust_checkpoints, exporter=exporter, data=data

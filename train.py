@@ -18,8 +18,8 @@ from typing import Annotated
 
 import typer
 
-from brats.config import make_config
 from brats.errors import BratsError, exit_on_error, run_cli
+from brats.training.config import make_config
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
@@ -162,7 +162,7 @@ def main(
         progress=progress,
     )
     cfgs = [dataclasses.replace(cfg, fold=k) for k in parse_folds(fold, cfg.folds)]
-    from brats.engine import train_folds  # torch is imported only once the options are valid
+    from brats.training.engine import train_folds  # torch is imported only once the options are valid
 
     train_folds(cfgs)
 

@@ -23,13 +23,13 @@ import onnxruntime as ort
 import SimpleITK as sitk
 import torch
 
-from brats.cohort import find_cases
-from brats.explain import ExplainedModel
-from brats.inference import CONTRACT_KEY, Grader
-from brats.model import ResNet3D
-from brats.onnx_export import write_onnx
-from brats.preprocess import PreprocessConfig, preprocess_case
-from brats.synthetic import make_cohort
+from brats.data.cohort import find_cases
+from brats.data.phantom import make_cohort
+from brats.data.preprocess import PreprocessConfig, preprocess_case
+from brats.deploy.inference import CONTRACT_KEY, Grader
+from brats.evaluation.export import write_onnx
+from brats.models.explained import ExplainedModel
+from brats.models.resnet import ResNet3D
 
 
 def main() -> None:

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-import brats.preprocess as pre
-from brats.cache import prepare
-from brats.cohort import MODALITIES, find_cases
-from brats.preprocess import PreprocessConfig, preprocess_case, read_image
-from brats.synthetic import make_cohort
+import brats.io.compression as pre
+from brats.data.cache_builder import prepare
+from brats.data.cohort import MODALITIES, find_cases
+from brats.data.phantom import make_cohort
+from brats.data.preprocess import PreprocessConfig, preprocess_case, read_image
 
 
 def seconds(fn, *args) -> float:

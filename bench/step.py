@@ -22,9 +22,9 @@ import time
 import torch
 from torch import nn
 
-from brats.config import make_config
-from brats.ema import ModelEma
-from brats.model import Conv3d, build_model, param_groups
+from brats.models.resnet import Conv3d, build_model, param_groups
+from brats.training.config import make_config
+from brats.training.ema import ModelEma
 
 PARTS = ("forward", "backward", "adam", "ema")
 

@@ -26,12 +26,11 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from brats.augment import augment_batch
-from brats.cache import CachedCohort
-from brats.cohort import MODALITIES
-from brats.data import CachedVolumes
-from brats.model import ResNet3D
-from brats.resident import ResidentVolumes, resident_loader
+from brats.data.cache_reader import CachedCohort
+from brats.data.cohort import MODALITIES
+from brats.models.resnet import ResNet3D
+from brats.training.augment import augment_batch
+from brats.training.datasets import CachedVolumes, ResidentVolumes, resident_loader
 
 
 def step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:

@@ -40,12 +40,11 @@ MODULES = (
     "onnx",
     "onnxruntime",
     # this package: every command's modules
-    "brats.engine",
-    "brats.evaluation",
-    "brats.calibration",
-    "brats.onnx_export",
-    "brats.inference",
-    "brats.explain",
+    "brats.training.engine",
+    "brats.evaluation.cross_validation",
+    "brats.evaluation.cam_montage",
+    "brats.evaluation.export",
+    "brats.deploy.report",
     "brats.synthetic",
     "brats.prepare",
 )

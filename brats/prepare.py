@@ -15,10 +15,10 @@ from typing import Annotated
 
 import typer
 
-from brats.cache import check_cache_dir, check_size, prepare
-from brats.cohort import check_trainable, find_cases, summarize
+from brats.data.cache_builder import check_cache_dir, check_size, prepare
+from brats.data.cohort import check_trainable, find_cases, summarize
+from brats.data.preprocess import PreprocessConfig
 from brats.errors import BratsError, exit_on_error, run_cli
-from brats.preprocess import PreprocessConfig
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from support import TINY_SHAPE, TINY_SIZE, copy_run, reset_accelerate, train_cv
 
-from brats.synthetic import make_cohort
+from brats.data.phantom import make_cohort
 
 
 @pytest.fixture(scope="session")
@@ -29,9 +29,9 @@ def cohort_copy(cohort18, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def cache20(tmp_path_factory) -> Path:
     """A prepared cache of 20 tiny patients (15 HGG, 5 LGG): enough for 5 stratified folds."""
-    from brats.cache import prepare
-    from brats.cohort import find_cases
-    from brats.preprocess import PreprocessConfig
+    from brats.data.cache_builder import prepare
+    from brats.data.cohort import find_cases
+    from brats.data.preprocess import PreprocessConfig
 
     base = tmp_path_factory.mktemp("c20")
     make_cohort(base / "cohort", 20, seed=11, shape=TINY_SHAPE, workers=1)

@@ -55,8 +55,8 @@ def reset_accelerate() -> None:
 
 def train_cv(cache: Path, run: Path, policy: str = "final", **overrides) -> Path:
     """Train every fold of a tiny CV run in-process."""
-    from brats.config import make_config
-    from brats.engine import train_fold
+    from brats.training.config import make_config
+    from brats.training.engine import train_fold
 
     settings = {**FAST, **overrides}
     for k in range(settings.get("folds", 5)):

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from brats.atomic import (
+from brats.errors import BratsError
+from brats.io.atomic import (
     atomic_path,
     check_output_dir,
     check_output_file,
@@ -18,7 +19,6 @@ from brats.atomic import (
     write_atomic,
     write_json_atomic,
 )
-from brats.errors import BratsError
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from support import TINY_SIZE, case_dirs, make_brats20
 
-from brats.cache import open_cache, prepare, volume_stem
-from brats.cohort import find_cases
-from brats.preprocess import PreprocessConfig, preprocess_case
+from brats.data.cache_builder import prepare
+from brats.data.cache_reader import open_cache
+from brats.data.cohort import find_cases
+from brats.data.preprocess import PreprocessConfig, preprocess_case
+from brats.io.names import file_stem
 
 CFG = PreprocessConfig(size=TINY_SIZE)
 
@@ -35,7 +37,7 @@ def test_prepare_is_idempotent_and_incremental(cohort_copy, tmp_path):
     os.utime(changed.paths[2], ns=(time.time_ns(), time.time_ns()))
     third = prepare(cases, cache, CFG, workers=1, progress=False)
     assert third.written == [changed.patient_id]
-    assert len(list((cache / "volumes").glob(f"{volume_stem(changed.patient_id)}.*.npy"))) == 1
+    assert len(list((cache / "volumes").glob(f"{file_stem(changed.patient_id)}.*.npy"))) == 1
 
     # a changed parameter redoes everyone
     fourth = prepare(cases, cache, PreprocessConfig(size=TINY_SIZE + 4), workers=2, progress=False)

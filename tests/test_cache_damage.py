@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from support import TINY_SIZE
 
-from brats.cache import open_cache, prepare
-from brats.cohort import find_cases
-from brats.preprocess import PreprocessConfig
+from brats.data.cache_builder import prepare
+from brats.data.cache_reader import open_cache
+from brats.data.cohort import find_cases
+from brats.data.preprocess import PreprocessConfig
 
 CFG = PreprocessConfig(size=TINY_SIZE)
 
@@ -100,7 +101,7 @@ def prepared(tmp_path_factory):
     """A cohort of 4 tiny patients and its cache (read-only: copy the cache before damaging it)."""
     from support import TINY_SHAPE
 
-    from brats.synthetic import make_cohort
+    from brats.data.phantom import make_cohort
 
     base = tmp_path_factory.mktemp("prepared")
     make_cohort(base / "cohort", 4, seed=5, shape=TINY_SHAPE, workers=1)
@@ -137,8 +138,8 @@ def test_prepare_redoes_a_broken_volume_and_says_so(prepared, tmp_path, how):
 
 @pytest.mark.parametrize("how", DAMAGES)
 def test_training_on_a_broken_volume_names_it_in_one_line(prepared, tmp_path, how):
-    from brats.data import CachedVolumes
     from brats.errors import BratsError
+    from brats.training.datasets import CachedVolumes
 
     _, clean = prepared
     cache = copy_cache(clean, tmp_path / "cache")
@@ -164,8 +165,8 @@ def torch_finite(x):
 def test_a_volume_cut_short_during_training_is_one_line_in_a_loader_worker(prepared, tmp_path):
     from torch.utils.data import DataLoader
 
-    from brats.data import CachedVolumes
     from brats.errors import BratsError
+    from brats.training.datasets import CachedVolumes
 
     _, clean = prepared
     cache = copy_cache(clean, tmp_path / "cache")
@@ -185,7 +186,7 @@ def test_the_resident_path_checks_each_volume_it_loads(prepared, tmp_path, how):
     import torch
 
     from brats.errors import BratsError
-    from brats.resident import ResidentVolumes
+    from brats.training.datasets import ResidentVolumes
 
     _, clean = prepared
     cache = copy_cache(clean, tmp_path / "cache")
@@ -310,10 +311,11 @@ def test_kill_9_of_prepare_takes_its_workers_with_it(cohort18, tmp_path):
 POOL_WITHOUT_PRCTL = """
 import os, sys, time
 from concurrent.futures import ProcessPoolExecutor
-import brats.cache as cache
+import brats.data.cache_builder as builder
+import brats.io.processes as processes
 
-cache._arm_parent_death_signal = lambda: False  # as where prctl is missing: the thread must do
-with ProcessPoolExecutor(1, initializer=cache._init_worker, initargs=(os.getpid(),)) as pool:
+processes.arm_parent_death_signal = lambda sig: False  # as where prctl is missing: the thread must do
+with ProcessPoolExecutor(1, initializer=builder._init_worker, initargs=(os.getpid(),)) as pool:
     print(pool.submit(os.getpid).result(), flush=True)
     time.sleep(60)
 """
@@ -353,7 +355,7 @@ def test_prepare_refuses_a_size_outside_the_range_up_front(cohort18, tmp_path, s
 
 
 def test_the_smallest_and_largest_sizes_are_accepted():
-    from brats.cache import SIZE_MAX, SIZE_MIN, check_size
+    from brats.data.cache_builder import SIZE_MAX, SIZE_MIN, check_size
 
     assert (SIZE_MIN, SIZE_MAX) == (16, 512)
     for ok in (SIZE_MIN, 128, SIZE_MAX):
@@ -425,15 +427,15 @@ def test_prepare_cli_says_what_it_redid(prepared, tmp_path):
 def test_ensure_prepared_logs_and_never_prints(cohort_copy, caplog, capsys):
     import logging
 
-    from brats.cache import ensure_prepared
+    from brats.data.cache_reader import ensure_prepared
 
-    with caplog.at_level(logging.INFO, logger="brats.cache"):
+    with caplog.at_level(logging.INFO, logger="brats.data.cache_reader"):
         out = ensure_prepared(cohort_copy, TINY_SIZE)
         pid, path = volume_of(out, 4)
         damage(path, "truncated")
         assert ensure_prepared(cohort_copy, TINY_SIZE) == out
     assert capsys.readouterr().out == ""  # every training process calls it: stdout stays clean
-    messages = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "brats.cache"]
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "brats.data.cache_reader"]
     assert (
         "INFO",
         f"{cohort_copy}: 14 patients: 10 HGG, 4 LGG (HGG:LGG 2.50:1); preparing into {out}",
@@ -475,9 +477,12 @@ def make_legacy(cache):
     return index
 
 
-def test_a_cache_of_earlier_versions_trains_checked_and_is_renamed_by_prepare(prepared, tmp_path):
-    from brats.data import CachedVolumes
+def test_a_cache_of_earlier_versions_trains_checked_and_is_adopted_by_prepare(prepared, tmp_path):
+    """Volumes named `<id>.<fp>.npy` without checksums (the earliest caches): a plain id names its
+    files as it is again, so prepare reuses them after checking them, adds their checksums and
+    redoes only the damaged one."""
     from brats.errors import BratsError
+    from brats.training.datasets import CachedVolumes
 
     cases, clean = prepared
     cache = copy_cache(clean, tmp_path / "cache")
@@ -490,6 +495,7 @@ def test_a_cache_of_earlier_versions_trains_checked_and_is_renamed_by_prepare(pr
         CachedVolumes(open_cache(cache), [0, 1, 2, 3], mods)
 
     result = prepare(cases, cache, CFG, workers=1, progress=False, source=str(clean.parent / "cohort"))
-    assert len(result.written) == 4 and result.index_written
-    assert files_in(cache) == files_in(clean)  # the old names are gone, exactly
+    assert result.written == [index["patients"][2]["patient_id"]] and result.index_written
+    assert len(result.reused) == 3
+    assert files_in(cache) == files_in(clean)
     assert (cache / "index.json").read_text() == (clean / "index.json").read_text()

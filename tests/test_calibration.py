@@ -3,17 +3,16 @@
 import numpy as np
 import pytest
 
-from brats.calibration import (
-    Decision,
+from brats.deploy.contract import Decision, sigmoid
+from brats.errors import BratsError
+from brats.evaluation.calibration import (
     brier,
     choose_threshold,
     ece,
     fit_calibration,
     parse_rule,
-    sigmoid,
     summarize_calibration,
 )
-from brats.errors import BratsError
 
 
 def overconfident(n: int, seed: int, temperature: float = 2.0, shift: float = 0.0):

@@ -10,7 +10,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 from support import TINY_SHAPE, write_nifti
 
-from brats.cam import (
+from brats.data.cohort import MODALITIES, Case, find_cases
+from brats.data.phantom import make_cohort, make_patient_with_lesion
+from brats.data.preprocess import CubeGrid, PreprocessConfig, preprocess_with_grid
+from brats.deploy.cam import (
     HGG_RGB,
     LGG_RGB,
     PLANE_PIXELS,
@@ -23,10 +26,7 @@ from brats.cam import (
     write_case_png,
     write_planes_png,
 )
-from brats.cohort import MODALITIES, Case, find_cases
 from brats.errors import BratsError
-from brats.preprocess import CubeGrid, PreprocessConfig, preprocess_with_grid
-from brats.synthetic import make_cohort, make_patient_with_lesion
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 20  # cube side
@@ -213,8 +213,8 @@ NO_TORCH = """
 import sys
 sys.modules["torch"] = sys.modules["matplotlib"] = None  # any import of either now fails
 import numpy as np, SimpleITK as sitk
-from brats.cam import cam_on_reference, write_case_png
-from brats.preprocess import CubeGrid
+from brats.deploy.cam import cam_on_reference, write_case_png
+from brats.data.preprocess import CubeGrid
 grid = CubeGrid((0.0, 0.0, 0.0), 2.0, 8)
 reference = sitk.Image(12, 10, 9, sitk.sitkFloat32)
 reference += 1.0

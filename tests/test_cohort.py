@@ -4,7 +4,7 @@ import shutil
 import pytest
 from support import case_dirs, make_brats20
 
-from brats.cohort import MODALITIES, check_trainable, find_cases, summarize
+from brats.data.cohort import MODALITIES, check_trainable, find_cases, summarize
 from brats.errors import BratsError
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from brats.data.preprocess import ORIENTATION, PREPROCESS_VERSION, PreprocessConfig
 from brats.errors import BratsError
-from brats.preprocess import ORIENTATION, PREPROCESS_VERSION, PreprocessConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,14 +73,15 @@ def test_differences_name_both_sides_channels_aside():
 
 def test_contract_key_defined_once():
     """The metadata key is defined in one module; the exporter and the reader share it."""
-    sources = [p.read_text() for p in (ROOT / "brats").glob("*.py")]
+    sources = [p.read_text() for p in (ROOT / "brats").rglob("*.py")]
     assert sum(s.count('"brats_contract"') for s in sources) == 1
     r = subprocess.run(
         [
             sys.executable,
             "-c",
             "import sys; sys.modules['torch'] = None; "
-            "from brats.inference import CONTRACT_KEY; from brats.preprocess import PreprocessConfig; "
+            "from brats.deploy.contract import CONTRACT_KEY; "
+            "from brats.data.preprocess import PreprocessConfig; "
             "print(CONTRACT_KEY)",
         ],
         capture_output=True,

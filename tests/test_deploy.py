@@ -16,14 +16,14 @@ import SimpleITK as sitk
 from clitools import deny_writes, disk_full, one_line_error, run_cli, temps
 from support import TINY_SHAPE, copy_run
 
-from brats.cache import open_cache
-from brats.cohort import find_cases
+from brats.data.cache_reader import open_cache
+from brats.data.cohort import find_cases
+from brats.data.phantom import make_cohort
+from brats.deploy.inference import Grader
 from brats.errors import BratsError
-from brats.evaluation import evaluate_run
-from brats.inference import Grader
-from brats.onnx_export import export
-from brats.runs import RunPaths
-from brats.synthetic import make_cohort
+from brats.evaluation.cross_validation import evaluate_run
+from brats.evaluation.export import export
+from brats.runs.paths import RunPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs a script with `import torch` failing, as on a machine without PyTorch.
@@ -73,8 +73,8 @@ def test_single_fold_export_contract_and_dynamic_batch(exported, cache20):
 def test_ensemble_export(exported, cache20, tmp_path):
     import torch
 
-    from brats.explain import class_activation_map
-    from brats.onnx_export import load_fold
+    from brats.evaluation.export import load_fold
+    from brats.models.explained import class_activation_map
 
     run, _ = exported
     out = export(run, tmp_path / "ens.onnx", ensemble=True)
@@ -104,7 +104,7 @@ def test_dynamo_exporter(exported, tmp_path):
 
 
 def test_failed_parity_writes_nothing(exported, tmp_path, monkeypatch):
-    import brats.onnx_export as onnx_export
+    import brats.evaluation.export as onnx_export
 
     run, _ = exported
     monkeypatch.setattr(onnx_export, "check_parity", lambda *a: {"probabilities": 0.5, "cam": 0.0})
@@ -117,7 +117,7 @@ def test_failed_cam_parity_writes_nothing(exported, tmp_path, monkeypatch):
     """A graph whose map drifts from torch's is refused like one whose probabilities do."""
     import torch
 
-    import brats.explain as explain
+    import brats.models.explained as explain
 
     run, _ = exported
     real = explain.upsample
@@ -175,8 +175,8 @@ def without_cam(model: Path, out: Path) -> Path:
 
 
 def test_predict_cam_without_torch_writes_each_patients_map_on_its_own_grid(exported, tmp_path):
-    from brats.cam import cam_on_reference
-    from brats.preprocess import PreprocessConfig, preprocess_with_grid
+    from brats.data.preprocess import PreprocessConfig, preprocess_with_grid
+    from brats.deploy.cam import cam_on_reference
 
     _, model = exported
     new = new_patients(tmp_path, 3)
@@ -318,9 +318,9 @@ def test_unknown_contract_is_refused(exported, tmp_path):
 
 def resized_cache(cache20: Path, tmp_path: Path, size: int) -> Path:
     """A copy of the run's cache, then prepared again in place at another --size."""
-    from brats.cache import prepare
-    from brats.cohort import find_cases
-    from brats.preprocess import PreprocessConfig
+    from brats.data.cache_builder import prepare
+    from brats.data.cohort import find_cases
+    from brats.data.preprocess import PreprocessConfig
 
     cache = tmp_path / "cache"
     shutil.copytree(cache20, cache)
@@ -355,10 +355,10 @@ def test_export_refuses_a_cache_prepared_again_at_another_size(exported, cache20
 
 
 def test_export_checks_the_graph_against_its_contract(exported, cache20, tmp_path):
-    from brats.explain import ExplainedModel
-    from brats.inference import CONTRACT_KEY
-    from brats.onnx_export import load_fold, write_onnx
-    from brats.preprocess import PreprocessConfig
+    from brats.data.preprocess import PreprocessConfig
+    from brats.deploy.inference import CONTRACT_KEY
+    from brats.evaluation.export import load_fold, write_onnx
+    from brats.models.explained import ExplainedModel
 
     run, _ = exported
     model, _ = load_fold(run, 0, json.loads((run / "config.json").read_text()), trust=False)
@@ -605,7 +605,7 @@ def test_calibrated_decision_travels_from_evaluation_to_predict(cv_run, cache20,
     """evaluate --calibrate temperature --threshold youden -> summary.json -> the exported model's
     contract and card -> predict.py, which calibrates, applies the threshold, shows it in the CSV,
     and lets --threshold override it."""
-    from brats.calibration import Decision
+    from brats.deploy.contract import Decision
 
     run = copy_run(cv_run, tmp_path / "run")
     summary = evaluate_run(run, calibrate="temperature", threshold="youden")
@@ -658,7 +658,7 @@ def test_calibrated_decision_travels_from_evaluation_to_predict(cv_run, cache20,
 
 def test_wilson_interval_of_a_small_check():
     sys.path.insert(0, str(ROOT))
-    from predict import wilson_interval
+    from brats.deploy.report import wilson_interval
 
     lo, hi = wilson_interval(5, 8)
     assert (round(lo, 4), round(hi, 4)) == (0.3057, 0.8632)
@@ -669,7 +669,7 @@ def test_new_patients_beside_the_out_of_fold_accuracy_say_why_they_differ():
     from types import SimpleNamespace
 
     sys.path.insert(0, str(ROOT))
-    from predict import compare_out_of_fold
+    from brats.deploy.report import compare_out_of_fold
 
     point = {"accuracy": 0.87, "sensitivity": 0.84, "specificity": 0.94}
     cv = {"calibration": {"operating_point": point}, "pooled": {"n": 60}, "optimistic": False}

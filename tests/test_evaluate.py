@@ -14,10 +14,11 @@ from clitools import Result, deny_writes, disk_full, one_line_error, run_cli, te
 from sklearn.metrics import roc_auc_score
 from support import resave, train_cv
 
-from brats.ablation import ablation_markdown
-from brats.checkpoint import BEST, BEST_EMA, STATE, load_checkpoint, select_checkpoint
 from brats.errors import BratsError
-from brats.evaluation import evaluate_run
+from brats.evaluation.ablation import ablation_markdown
+from brats.evaluation.cross_validation import evaluate_run
+from brats.runs.checkpoint import load_checkpoint, select_checkpoint
+from brats.runs.paths import BEST, BEST_EMA, STATE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,9 +189,9 @@ def test_ablation_table(cache20, cv_copy, tmp_path):
 
 
 def test_evaluate_refuses_a_cache_prepared_again_at_another_size(cv_copy, cache20, tmp_path, capsys):
-    from brats.cache import prepare
-    from brats.cohort import find_cases
-    from brats.preprocess import PreprocessConfig
+    from brats.data.cache_builder import prepare
+    from brats.data.cohort import find_cases
+    from brats.data.preprocess import PreprocessConfig
 
     cache = tmp_path / "cache"
     shutil.copytree(cache20, cache)
@@ -312,7 +313,7 @@ SEED_TABLE_1 = [
 def seed_fold_predictions(f1: float, acc: float) -> list[tuple[np.ndarray, np.ndarray]]:
     """Every (labels, p_hgg) of a 42 HGG / 15 LGG fold whose accuracy and macro-F1 round to the
     seed's: one per confusion matrix that fits."""
-    from brats.metrics import classification_metrics
+    from brats.evaluation.metrics import classification_metrics
 
     found = []
     for tp in range(43):
@@ -335,8 +336,9 @@ def test_seed_table_1_f1_is_macro_f1_and_the_report_reproduces_it():
     """The seed's F1 values cannot be the F1 of HGG at the seed's accuracies (that is >= 0.72 for
     every row), but each is the macro-F1 of exactly one confusion matrix; the report labels it
     F1 (macro) and reproduces the seed's 4.3 summary from Table 1."""
-    from brats.evaluation import FoldResult, report_markdown, summarize_folds
-    from brats.metrics import classification_metrics
+    from brats.evaluation.cross_validation import FoldResult, summarize_folds
+    from brats.evaluation.metrics import classification_metrics
+    from brats.evaluation.report import report_markdown
 
     results = []
     for fold, epoch, auc, f1, acc in SEED_TABLE_1:
@@ -381,7 +383,7 @@ def test_evaluate_compares_every_stored_patient_probability(cv_copy):
 
 
 def test_rescore_precision_and_cross_precision_tolerance():
-    from brats.evaluation import DP_TOLERANCE_CROSS, Verification, rescore_precision
+    from brats.evaluation.verification import DP_TOLERANCE_CROSS, Verification, rescore_precision
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert rescore_precision("bf16", cuda) == "bf16" and rescore_precision("fp16", cuda) == "fp16"

@@ -7,21 +7,20 @@ import pytest
 import torch
 from clitools import run_cli
 
+from brats.deploy.contract import DYNAMIC_AXES, OUTPUT_NAMES
 from brats.errors import BratsError
-from brats.explain import (
-    DYNAMIC_AXES,
+from brats.evaluation.cam_montage import confident_right_and_wrong
+from brats.evaluation.plots import write_cam_montage
+from brats.models.explained import (
     HGG,
     LGG,
-    OUTPUT_NAMES,
     ExplainedModel,
     class_activation_map,
-    confident_right_and_wrong,
     explain,
     grad_cam,
     hgg_evidence_weights,
-    write_cam_montage,
 )
-from brats.model import ResNet3D
+from brats.models.resnet import ResNet3D
 
 # (layout, cube side): the strided layout pools 24^3 down to one voxel, the dilated one to 3^3,
 # and 64^3 strided to 2^3, so the maps are not all constant.
@@ -126,8 +125,9 @@ def test_montage_png_and_the_models_keep_their_mode(tmp_path):
     folds[1].train()
     volumes = batch(24, n=2).numpy()
     volumes[:, :, :4] = 0.0  # background, as preprocessing leaves it
-    p_hgg = write_cam_montage(folds, volumes, ["P1 (HGG)", "P2 (LGG)"], tmp_path / "m" / "fold.png")
+    p_hgg, cams = explain(folds, volumes)
     assert [f.training for f in folds] == [False, True]
+    write_cam_montage(volumes[:, -1], cams, p_hgg, ["P1 (HGG)", "P2 (LGG)"], tmp_path / "m" / "fold.png")
     with torch.no_grad():
         expected = ExplainedModel(folds).eval()(torch.from_numpy(volumes))[0][:, HGG]
     np.testing.assert_allclose(p_hgg, expected.numpy(), atol=1e-6)
@@ -135,7 +135,7 @@ def test_montage_png_and_the_models_keep_their_mode(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in png.parent.iterdir()] == ["fold.png"]
     with pytest.raises(BratsError, match="one title per patient"):
-        write_cam_montage(folds, volumes, ["P1"], tmp_path / "x.png")
+        write_cam_montage(volumes[:, -1], cams, p_hgg, ["P1"], tmp_path / "x.png")
 
 
 def test_explain_batches_like_one_pass():
@@ -165,18 +165,17 @@ def test_confident_right_and_wrong_are_farthest_from_one_half_on_the_predicted_s
 def test_evaluate_cam_draws_each_folds_most_confident_right_and_wrong(cv_copy, cache20, capsys, monkeypatch):
     import csv
 
-    import brats.explain as explain
-    from brats.cache import open_cache
+    import brats.evaluation.cam_montage as montage
+    from brats.data.cache_reader import open_cache
 
     drawn = {}
-    real = explain.write_cam_montage
+    real = montage.write_cam_montage
 
-    def recording(models, volumes, titles, path, underlay_channel=-1):
-        p_hgg = real(models, volumes, titles, path, underlay_channel)
-        drawn[Path(path).parent.name] = (volumes, titles, p_hgg, underlay_channel)
-        return p_hgg
+    def recording(underlays, cams, p_hgg, titles, path):
+        real(underlays, cams, p_hgg, titles, path)
+        drawn[Path(path).parent.name] = (underlays, titles, p_hgg)
 
-    monkeypatch.setattr(explain, "write_cam_montage", recording)
+    monkeypatch.setattr(montage, "write_cam_montage", recording)
     r = run_cli(capsys, "evaluate.py", "--run", cv_copy, "--folds", "0,2", "--cam")
     assert r.code == 0, r.err[-3000:]
     assert "wrote 2 CAM montage(s)" in r.out
@@ -190,13 +189,12 @@ def test_evaluate_cam_draws_each_folds_most_confident_right_and_wrong(cv_copy, c
         png = evaluation / f"fold_{k}" / "cam_montage.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         picks = confident_right_and_wrong([row for row in rows if row["fold"] == str(k)])
-        volumes, titles, p_hgg, underlay = drawn[f"fold_{k}"]
-        assert underlay == 3  # the FLAIR channel
+        underlays, titles, p_hgg = drawn[f"fold_{k}"]
         assert len(titles) == len(picks) >= 1
-        for (kind, row), title, volume, p in zip(picks, titles, volumes, p_hgg):
+        for (kind, row), title, underlay, p in zip(picks, titles, underlays, p_hgg):
             assert f"most confident {kind}: {row['patient_id']}" in title
             stored = cached.volumes[cached.patient_ids.index(row["patient_id"])]
-            np.testing.assert_array_equal(volume, np.asarray(stored, dtype=np.float32))
+            np.testing.assert_array_equal(underlay, np.asarray(stored[3], dtype=np.float32))  # the FLAIR
             assert p == pytest.approx(float(row["p_hgg"]), abs=1e-4)  # the fold model evaluation scored
 
 
@@ -273,10 +271,10 @@ def cam_peaks_in_lesion(
     import SimpleITK as sitk
     from scipy import ndimage
 
-    from brats.cam import cam_on_reference, peak_index
-    from brats.cohort import MODALITIES, Case
-    from brats.preprocess import PreprocessConfig, preprocess_images
-    from brats.synthetic import class_counts, make_patient_with_lesion
+    from brats.data.cohort import MODALITIES, Case
+    from brats.data.phantom import class_counts, make_patient_with_lesion
+    from brats.data.preprocess import PreprocessConfig, preprocess_images
+    from brats.deploy.cam import cam_on_reference, peak_index
 
     n_hgg, n_lgg = class_counts(n_train + n_val)
     labels = np.array([1] * n_hgg + [0] * n_lgg)

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from brats.data.folds import cohort_fingerprint, load_or_make_splits, make_splits
 from brats.errors import BratsError
-from brats.folds import cohort_fingerprint, load_or_make_splits, make_splits
 
 
 def cohort(n_hgg=42, n_lgg=15):

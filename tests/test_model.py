@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from brats.errors import BratsError
-from brats.model import Conv3d, ResNet3D, load_pretrained, param_groups
+from brats.models.pretrained import load_pretrained
+from brats.models.resnet import Conv3d, ResNet3D, param_groups
 
 
 def bn(prefix, c):
@@ -152,7 +153,7 @@ def hub_cache(root, depth):
 
 
 def test_pretrained_medicalnet_comes_from_the_hub_cache(tmp_path):
-    from brats.model import resolve_pretrained
+    from brats.models.pretrained import resolve_pretrained
 
     cached = hub_cache(tmp_path / "hub", 10)
     path = resolve_pretrained("medicalnet", 10, cache_dir=tmp_path / "hub")
@@ -165,7 +166,7 @@ def test_pretrained_medicalnet_comes_from_the_hub_cache(tmp_path):
 
 
 def test_with_weights_the_default_layout_is_medicalnet():
-    from brats.config import make_config
+    from brats.training.config import make_config
 
     assert make_config(data="x").layout == "strided"
     assert make_config(data="x", pretrained="medicalnet").layout == "medicalnet"

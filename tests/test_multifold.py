@@ -14,8 +14,8 @@ import pytest
 import torch
 from support import FAST, reset_accelerate
 
-from brats.checkpoint import BEST, BEST_EMA, STATE
-from brats.config import make_config
+from brats.runs.paths import BEST, BEST_EMA, STATE
+from brats.training.config import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "accelerate_config.yaml"
@@ -55,7 +55,7 @@ def same_fold(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def two_folds(cache20, tmp_path_factory) -> Path:
     """Folds 0 then 1 of one run, trained in one call (in this process)."""
-    from brats.engine import train_folds
+    from brats.training.engine import train_folds
 
     run = tmp_path_factory.mktemp("multi") / "run"
     cfgs = [make_config(data=str(cache20), run=str(run), fold=k, **SETTINGS) for k in (0, 1)]

@@ -5,9 +5,9 @@ import pytest
 import SimpleITK as sitk
 from support import TINY_SIZE, write_nifti
 
-from brats.cohort import MODALITIES, Case, find_cases
+from brats.data.cohort import MODALITIES, Case, find_cases
+from brats.data.preprocess import PreprocessConfig, brain_mask, preprocess_case
 from brats.errors import CaseError
-from brats.preprocess import PreprocessConfig, brain_mask, preprocess_case
 
 CFG = PreprocessConfig(size=TINY_SIZE)
 
@@ -35,8 +35,8 @@ def test_output_contract(cohort18):
 
 def test_matches_sitk_resample(cohort18):
     """The separable fast path gives the values of sitk.Resample (linear, default 0)."""
-    from brats.preprocess import brain_mask as bm
-    from brats.preprocess import cube_grid, read_image, resample_any, resample_lps
+    from brats.data.preprocess import brain_mask as bm
+    from brats.data.preprocess import cube_grid, read_image, resample_any, resample_lps
 
     case = first_case(cohort18)
     images = [read_image(case, m) for m in MODALITIES]
@@ -141,7 +141,7 @@ def test_not_an_image_and_corrupt_gzip(cohort18, tmp_path):
 
 def test_plain_file_reads_as_simpleitk_reads_it(cohort18):
     """The verified reader gives SimpleITK's image for a plain file: same voxels, type and geometry."""
-    from brats.preprocess import read_image
+    from brats.data.preprocess import read_image
 
     case = first_case(cohort18)
     for mod in MODALITIES:
@@ -194,7 +194,7 @@ def test_inflate_checks_every_member(zlib_module):
     """Every member is decompressed and checked (CRC-32, length), with either library."""
     import gzip
 
-    from brats.preprocess import UnusableFile, inflate
+    from brats.io.compression import UnusableFile, inflate
 
     data = np.random.default_rng(0).integers(0, 50, 300_000, dtype=np.uint8).tobytes()
     one, two = gzip.compress(data[:1000]), gzip.compress(data[1000:])
@@ -216,7 +216,7 @@ def test_crc_error_in_a_real_size_file(tmp_path):
     """ITK reads a real-size file whose gzip CRC does not match without a word (one voxel differs)."""
     import gzip
 
-    from brats.preprocess import read_image
+    from brats.data.preprocess import read_image
 
     vol = np.random.default_rng(1).integers(0, 1000, (64, 128, 128)).astype(np.int16)
     write_nifti(tmp_path / "good.nii.gz", vol)

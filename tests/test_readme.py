@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from brats.config import make_config
+from brats.training.config import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -19,10 +19,10 @@ import pytest
 import SimpleITK as sitk
 from support import TINY_SIZE
 
-from brats.cache import prepare
-from brats.cohort import MODALITIES, Case, find_cases
+from brats.data.cache_builder import prepare
+from brats.data.cohort import MODALITIES, Case, find_cases
+from brats.data.preprocess import PreprocessConfig, preprocess_case, read_image
 from brats.errors import CaseError
-from brats.preprocess import PreprocessConfig, preprocess_case, read_image
 
 CFG = PreprocessConfig(size=TINY_SIZE)
 MOD = "t1ce"  # the modality each test rewrites

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from brats.errors import BratsError
-from brats.speed import configure_backends, memory_format, split_effective_batch
+from brats.training.speed import configure_backends, memory_format, split_effective_batch
 
 
 @pytest.mark.parametrize(

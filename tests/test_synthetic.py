@@ -4,8 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from brats.data.phantom import class_counts, make_cohort
 from brats.errors import BratsError
-from brats.synthetic import class_counts, make_cohort
 
 
 def digest(root):

@@ -15,10 +15,11 @@ import pytest
 import torch
 from support import FAST, reset_accelerate
 
-from brats.checkpoint import AUC_EPS, BEST, BEST_EMA, STATE
-from brats.config import make_config
-from brats.engine import TrainingError, train_fold
 from brats.errors import BratsError
+from brats.runs.keeper import AUC_EPS
+from brats.runs.paths import BEST, BEST_EMA, STATE
+from brats.training.config import make_config
+from brats.training.engine import TrainingError, train_fold
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -124,15 +125,15 @@ def test_baseline_policy_and_ema(cache20, tmp_path, fresh_accelerate):
 
 
 def test_state_every_writes_on_a_new_best_and_at_the_end(cache20, tmp_path, fresh_accelerate, monkeypatch):
-    import brats.engine
+    import brats.training.engine
 
-    written, save = [], brats.engine.save_resume_state
+    written, save = [], brats.training.engine.save_resume_state
 
     def spy(path, objects, extra):
         written.append(objects["fold_state"].epoch)
         save(path, objects, extra)
 
-    monkeypatch.setattr(brats.engine, "save_resume_state", spy)
+    monkeypatch.setattr(brats.training.engine, "save_resume_state", spy)
     run = str(tmp_path / "r")
     cfg = make_config(data=str(cache20), run=run, max_epochs=4, patience=10, state_every=3600, **FAST)
     train_fold(cfg)
@@ -156,16 +157,16 @@ def test_state_every_writes_on_a_new_best_and_at_the_end(cache20, tmp_path, fres
 def test_select_last_keeps_each_folds_last_epoch_and_the_report_is_not_optimistic(
     cache20, tmp_path, fresh_accelerate, monkeypatch
 ):
-    import brats.engine
-    from brats.evaluation import evaluate_run
+    import brats.training.engine
+    from brats.evaluation.cross_validation import evaluate_run
 
-    written, save = [], brats.engine.save_resume_state
+    written, save = [], brats.training.engine.save_resume_state
 
     def spy(path, objects, extra):
         written.append(objects["fold_state"].epoch)
         save(path, objects, extra)
 
-    monkeypatch.setattr(brats.engine, "save_resume_state", spy)
+    monkeypatch.setattr(brats.training.engine, "save_resume_state", spy)
     run = tmp_path / "r"
     cfg = make_config(
         data=str(cache20), run=str(run), max_epochs=3, patience=1, ema_decay=0.9, select="last", **FAST
@@ -386,16 +387,16 @@ def test_two_gloo_processes_train_a_fold(cache20, tmp_path):
 def test_a_state_written_by_older_code_still_resumes(cache20, tmp_path, fresh_accelerate, monkeypatch):
     """state.pt as older versions wrote it (bests inside fold_state, rng_cpu/rng_cuda, no keepers),
     after epoch 1 of 2: resumed, epoch 2 trains exactly as in the uninterrupted run."""
-    import brats.engine
+    import brats.training.engine
 
-    after_epoch_1, save = [], brats.engine.save_resume_state
+    after_epoch_1, save = [], brats.training.engine.save_resume_state
 
     def keep_first(path, objects, extra):
         save(path, objects, extra)
         if not after_epoch_1:
             after_epoch_1.append(torch.load(path, weights_only=True))
 
-    monkeypatch.setattr(brats.engine, "save_resume_state", keep_first)
+    monkeypatch.setattr(brats.training.engine, "save_resume_state", keep_first)
     settings = dict(data=str(cache20), run=str(tmp_path / "r"), fold=0, max_epochs=2, ema_decay=0.9, **FAST)
     first = train_fold(make_config(**settings))
     reset_accelerate()
@@ -479,8 +480,8 @@ def test_pretrained_medicalnet_offline_cached_and_missing(cache20, tmp_path):
 def test_resnet50_from_scratch_says_the_seed_starts_from_medicalnet(cache20, tmp_path, caplog):
     from support import FAST, reset_accelerate
 
-    from brats.config import make_config
-    from brats.engine import train_fold
+    from brats.training.config import make_config
+    from brats.training.engine import train_fold
 
     caplog.set_level(logging.INFO)
     settings = {**FAST, "depth": 50, "max_epochs": 1, "folds": 5}

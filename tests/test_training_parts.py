@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from brats.augment import AugmentConfig, augment_batch
-from brats.config import BASELINE, TrainConfig, make_config
-from brats.ema import ModelEma
-from brats.engine import warmup_cosine
 from brats.errors import BratsError
-from brats.losses import LDAMLoss, drw_weights
-from brats.metrics import classification_metrics, mean_std
-from brats.model import ResNet3D
+from brats.evaluation.metrics import classification_metrics, mean_std
+from brats.models.resnet import ResNet3D
+from brats.training.augment import AugmentConfig, augment_batch
+from brats.training.config import BASELINE, TrainConfig, make_config
+from brats.training.ema import ModelEma
+from brats.training.engine import warmup_cosine
+from brats.training.losses import LDAMLoss, drw_weights
 
 
 def test_final_policy_defaults_follow_seed_section_6():
@@ -159,7 +159,7 @@ def test_seed_table1_summary_arithmetic():
 def test_rank_auc_matches_sklearn_with_ties():
     from sklearn.metrics import roc_auc_score
 
-    from brats.metrics import rank_auc
+    from brats.evaluation.metrics import rank_auc
 
     rng = np.random.default_rng(0)
     y = np.array([1, 0] * 10)
@@ -169,7 +169,8 @@ def test_rank_auc_matches_sklearn_with_ties():
 
 
 def test_best_keeper_never_regresses_and_leaves_no_temp_files(tmp_path):
-    from brats.checkpoint import AUC_EPS, BestKeeper, Checkpoint
+    from brats.runs.checkpoint import Checkpoint
+    from brats.runs.keeper import AUC_EPS, BestKeeper
 
     keeper = BestKeeper(tmp_path / "best.pt", is_ema=False, title="fold 0")
     labels, p = np.array([0, 1, 1, 0]), np.array([0.2, 0.7, 0.9, 0.4])
@@ -194,7 +195,7 @@ def test_best_keeper_never_regresses_and_leaves_no_temp_files(tmp_path):
 
 
 def test_an_auc_tie_is_broken_by_the_lower_validation_loss(tmp_path):
-    from brats.checkpoint import BestKeeper
+    from brats.runs.keeper import BestKeeper
 
     keeper = BestKeeper(tmp_path / "best.pt", is_ema=False, title="fold 0")
     seen = [(1.0, 0.6), (1.0, 0.7), (1.0, 0.4), (0.95, 0.1), (1.0, 0.4)]  # (AUC, val loss) of epochs 1-5
@@ -216,7 +217,7 @@ def test_an_auc_tie_is_broken_by_the_lower_validation_loss(tmp_path):
 
 
 def test_checkpoint_schema_round_trips_and_fills_defaults_for_older_files(tmp_path):
-    from brats.checkpoint import Checkpoint
+    from brats.runs.checkpoint import Checkpoint
 
     full = Checkpoint({"w": torch.ones(2)}, {"auc": 0.75}, 3, True, {"depth": 10}, 1, "abc", "p", ["a"])
     again = Checkpoint.from_payload(full.to_payload(), tmp_path / "best.pt")
@@ -235,8 +236,8 @@ def test_ema_follows_only_real_optimizer_updates(tmp_path, monkeypatch, fresh_ac
     """A step the fp16 grad scaler skipped moves neither the EMA nor the scheduler."""
     from accelerate import Accelerator
 
-    from brats import engine
-    from brats.checkpoint import BestKeeper
+    from brats.runs.keeper import BestKeeper
+    from brats.training import engine
 
     accelerator = Accelerator(cpu=True)
     model = ResNet3D(depth=10, in_channels=1)
@@ -273,8 +274,8 @@ def test_learning_rates_that_cannot_train_are_refused_up_front(lr):
 def test_with_ema_patience_counts_only_the_evaluated_checkpoint(tmp_path):
     """Raw weights improving every epoch must not keep a run going whose EMA checkpoint (the one
     evaluated) stopped improving after epoch 2; without EMA the raw checkpoint is the judge."""
-    from brats.checkpoint import BestKeeper
-    from brats.engine import FoldState, policy_keeper
+    from brats.runs.keeper import BestKeeper
+    from brats.training.engine import FoldState, policy_keeper
 
     cfg = make_config(data="x", min_epochs=3, patience=2, max_epochs=20, ema_decay=0.9)
     keepers = {

@@ -8,12 +8,12 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from brats.cache import open_cache
-from brats.config import make_config
-from brats.data import CachedVolumes
-from brats.folds import make_splits
-from brats.model import build_model
-from brats.scoring import predict, score
+from brats.data.cache_reader import open_cache
+from brats.data.folds import make_splits
+from brats.evaluation.scoring import predict, score
+from brats.models.resnet import build_model
+from brats.training.config import make_config
+from brats.training.datasets import CachedVolumes
 
 cache, out = sys.argv[1], sys.argv[2]
 accelerator = Accelerator(cpu=True)

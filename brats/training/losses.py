@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from brats.config import TrainConfig
+    from brats.training.config import TrainConfig
 
 
 class LDAMLoss(nn.Module):

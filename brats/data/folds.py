@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from brats.atomic import write_json_atomic
 from brats.errors import BratsError
+from brats.io.atomic import write_json_atomic
 
 
 def cohort_fingerprint(patient_ids: list[str], labels: list[int]) -> str:

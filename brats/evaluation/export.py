@@ -20,25 +20,19 @@ import numpy as np
 import onnx
 import torch
 
-from brats.atomic import atomic_path, check_output_file, remove_stale_temps, write_json_atomic
-from brats.cache import open_data
-from brats.calibration import Decision
-from brats.cohort import CLASSES
-from brats.config import TrainConfig
+from brats.data.cache_reader import open_data
+from brats.data.cohort import CLASSES
+from brats.data.preprocess import PreprocessConfig
+from brats.deploy.contract import DYNAMIC_AXES, OUTPUT_NAMES, OUTPUTS, Decision, check_graph_input
+from brats.deploy.inference import CONTRACT_KEY, PROVENANCE_KEY
 from brats.errors import BratsError
-from brats.evaluation import (
-    check_preprocessing,
-    evaluate_run,
-    load_best_model,
-    load_summary,
-    model_config,
-    run_config,
-)
-from brats.explain import DYNAMIC_AXES, OUTPUT_NAMES, ExplainedModel
-from brats.inference import CONTRACT_KEY, PROVENANCE_KEY, check_graph_input
-from brats.model import ResNet3D
-from brats.preprocess import PreprocessConfig
-from brats.runs import BEST, BEST_EMA, RunPaths
+from brats.evaluation.cross_validation import evaluate_run
+from brats.io.atomic import atomic_path, check_output_file, remove_stale_temps, write_json_atomic
+from brats.models.explained import ExplainedModel
+from brats.models.resnet import ResNet3D
+from brats.runs.paths import BEST, BEST_EMA, RunPaths
+from brats.runs.reader import check_preprocessing, load_best_model, load_summary, model_config, run_config
+from brats.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +42,6 @@ PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch|
 # max |cam_onnx - cam_torch| / max(1, max |cam_torch|): the map is in logit units per voxel, whose
 # scale depends on the model, so it is compared relative to its largest value.
 CAM_PARITY_TOLERANCE = 1e-4
-# What each output of the graph is: in the provenance (ONNX metadata and model card).
-OUTPUTS = {
-    "probabilities": "(B, 2) [p_LGG, p_HGG]",
-    "logits": "(B, 2)",
-    "cam": (
-        "(B, S, S, S) class activation map on the input cube: HGG evidence (logit_HGG - logit_LGG) "
-        "per voxel, > 0 toward HGG; predict.py --cam maps it onto the patient's scan"
-    ),
-}
 
 
 def load_fold(run: Path, k: int, run_cfg: dict, trust: bool) -> tuple[ResNet3D, dict]:

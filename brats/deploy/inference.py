@@ -17,16 +17,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from brats.calibration import Decision
-from brats.cam import write_case_maps
-from brats.cohort import CLASSES, MODALITIES, Case
+from brats.data.cohort import CLASSES, MODALITIES, Case
+from brats.data.preprocess import CubeGrid, PreprocessConfig, preprocess_images, read_image
+from brats.deploy.cam import write_case_maps
+from brats.deploy.contract import CAM_OUTPUT, CONTRACT_KEY, PROVENANCE_KEY, Decision, check_graph_input
 from brats.errors import BratsError, CaseError
-from brats.preprocess import CubeGrid, PreprocessConfig, preprocess_images, read_image
-
-# ONNX metadata keys, written by brats.onnx_export: the preprocessing contract
-# (PreprocessConfig.to_contract()) and where the model came from.
-CONTRACT_KEY, PROVENANCE_KEY = "brats_contract", "brats_provenance"
-CAM_OUTPUT = "cam"  # the graph's class activation map, (B, S, S, S); absent from older models
 
 
 @dataclass(frozen=True)
@@ -44,19 +39,6 @@ class Prediction:
     @property
     def prediction(self) -> str:
         return "" if self.p_hgg is None else CLASSES[int(self.p_hgg >= self.threshold)]
-
-
-def check_graph_input(shape: list, cfg: PreprocessConfig, model: str | Path, fix: str) -> None:
-    """The graph's input must take what the contract's preprocessing produces: (B, C, S, S, S)
-    with C = len(modalities) and S = size; a dynamic axis (a name or None) takes any length."""
-    want = (len(cfg.modalities), cfg.size, cfg.size, cfg.size)
-    fits = len(shape) == 5 and all(not isinstance(g, int) or g == w for g, w in zip(shape[1:], want))
-    if not fits:
-        got = ", ".join(str(d) if isinstance(d, int) else "B" for d in shape)
-        raise BratsError(
-            f"{model}: its graph takes input ({got}) but its preprocessing contract gives "
-            f"(B, {', '.join(map(str, want))}) ({cfg.size}^3, {','.join(cfg.modalities)}): {fix}"
-        )
 
 
 class Grader:

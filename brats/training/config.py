@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from brats.cohort import MODALITIES
+from brats.data.cohort import MODALITIES
 from brats.errors import BratsError
 
 POLICIES = ("final", "baseline")
@@ -179,13 +179,3 @@ def validate(cfg: TrainConfig) -> None:
     check(bool(cfg.data), "--data is required: a prepared cache or a BraTS folder")
     if problems:
         raise BratsError("invalid configuration: " + "; ".join(problems))
-
-
-# Settings that may differ between the folds of one run without making them incomparable.
-# Speed settings change no result on the CPU and only float noise on a GPU.
-PER_PROCESS = ("fold", "resume", "workers", "progress", "cpu", "mixed_precision", "data", "extra")
-SPEED = ("cache_device", "val_batch_size", "channels_last", "compile", "deterministic")
-
-
-def comparable(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in PER_PROCESS + SPEED}

@@ -13,24 +13,16 @@ No torch here: predict.py runs without it.
 
 from __future__ import annotations
 
-import os
-import tempfile
-import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from types import ModuleType
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from brats.cohort import MODALITIES, Case
+from brats.data.cohort import MODALITIES, Case
 from brats.errors import BratsError, CaseError
-
-try:  # ISA-L inflates gzip about twice as fast as zlib, with the same checks (bench/RESULTS.md)
-    from isal import isal_zlib as ZLIB_MODULE
-except ImportError:
-    ZLIB_MODULE = zlib
+from brats.io.compression import UnusableFile
+from brats.io.nifti import read_nifti
 
 # Bump when the output of preprocess_case changes for the same input: it invalidates caches and
 # is checked by predict.py against the contract stored in an exported model.
@@ -38,23 +30,6 @@ PREPROCESS_VERSION = 1
 ORIENTATION = "LPS"  # axes of the output grid, SimpleITK/DICOM convention (identity direction)
 SPACING_RTOL = 1e-3  # modalities must agree on spacing to this relative tolerance
 DIRECTION_ATOL = 1e-3  # ... and on direction cosines to this absolute tolerance
-GZIP_MAGIC = b"\x1f\x8b"
-# Largest |voxel| accepted: resampling and z-scoring run in float32, and the sum of squares of up to
-# 2^31 centred voxels (|v| <= 2e12) stays far below float32's 3.4e38. MRI intensities are < 1e7.
-MAX_ABS_VALUE = 1e12
-# SimpleITK pixel types a scalar NIfTI is read as -> numpy dtype of the voxel array
-PIXEL_DTYPES = {
-    sitk.sitkUInt8: np.uint8,
-    sitk.sitkInt8: np.int8,
-    sitk.sitkUInt16: np.uint16,
-    sitk.sitkInt16: np.int16,
-    sitk.sitkUInt32: np.uint32,
-    sitk.sitkInt32: np.int32,
-    sitk.sitkUInt64: np.uint64,
-    sitk.sitkInt64: np.int64,
-    sitk.sitkFloat32: np.float32,
-    sitk.sitkFloat64: np.float64,
-}
 
 
 @dataclass(frozen=True)
@@ -129,196 +104,15 @@ class PreprocessConfig:
         return [(n, a.get(n), b.get(n)) for n in names if a.get(n) != b.get(n)]
 
 
-class UnusableFile(Exception):
-    """Why one NIfTI file cannot be used, ending in the fix; read_image adds patient and file."""
-
-
-def inflate(data: bytes, zlib_module: ModuleType | None = None) -> bytes:
-    """Decompress every member of a gzip stream, checking each member's CRC-32 and length.
-
-    ITK's NIfTI reader checks neither and fills a short stream with zeros, so a damaged file would
-    be graded on wrong voxels. Zero bytes after the last member (padding some tools write) are
-    allowed, as gzip allows them.
-    """
-    zlib_module = zlib_module or ZLIB_MODULE
-    parts = []
-    rest = data
-    while True:
-        if rest[:2] != GZIP_MAGIC:
-            raise UnusableFile(
-                f"corrupt gzip data ({len(rest)} bytes after the end of the stream are neither gzip "
-                "nor padding): the file was damaged or overwritten; re-copy or re-download it"
-            )
-        member = zlib_module.decompressobj(31)  # 16 + 15: gzip wrapper, 32 KB window
-        try:
-            parts.append(member.decompress(rest))
-        except zlib_module.error as e:
-            raise UnusableFile(
-                f"corrupt gzip data ({e}): the file was damaged on disk or in transfer; "
-                "re-copy or re-download it"
-            ) from e
-        if not member.eof:
-            raise UnusableFile(
-                "truncated: the gzip stream ends early (an interrupted copy or download?); "
-                "re-copy or re-download it"
-            )
-        rest = member.unused_data
-        if rest.count(0) == len(rest):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def parse_header(raw: bytes) -> nib.Nifti1Header:
-    """The NIfTI-1 or NIfTI-2 header (either byte order) at the start of an uncompressed file."""
-    not_nifti = "not a NIfTI image (no NIfTI-1/NIfTI-2 header at its start): re-export it as .nii or .nii.gz"
-    if len(raw) < 4:
-        raise UnusableFile(f"{not_nifti} (the file holds {len(raw)} bytes)")
-    kinds = {nib.Nifti1Header.sizeof_hdr: nib.Nifti1Header, nib.Nifti2Header.sizeof_hdr: nib.Nifti2Header}
-    kind = kinds.get(int.from_bytes(raw[:4], "little")) or kinds.get(int.from_bytes(raw[:4], "big"))
-    if kind is None or len(raw) < kind.sizeof_hdr:
-        raise UnusableFile(not_nifti)
-    header = kind(raw[: kind.sizeof_hdr], check=False)  # byte order guessed from sizeof_hdr
-    if header["magic"] not in (b"n+1", b"n+2"):
-        raise UnusableFile(
-            f"not a single-file NIfTI image (magic {bytes(header['magic'])!r}; an Analyze or "
-            ".hdr/.img pair?): convert it to .nii or .nii.gz"
-        )
-    return header
-
-
-def itk_header(header: nib.Nifti1Header, raw: bytes) -> bytes:
-    """A header-only single-file NIfTI-1 that ITK reads the geometry and pixel type from.
-
-    ITK (SimpleITK 2.5) cannot read NIfTI-2, so its fields are copied into a NIfTI-1 header; the
-    geometry then comes from ITK's own reading of qform/sform in every case.
-    """
-    if not isinstance(header, nib.Nifti2Header):
-        return raw[: header.sizeof_hdr] + bytes(4)  # no extensions: ITK needs the geometry only
-    if max(header["dim"]) > np.iinfo(np.int16).max:
-        raise UnusableFile(
-            f"NIfTI-2 image of {tuple(header.get_data_shape())} voxels: larger than this tool "
-            "reads (32767 a side); crop or resample it"
-        )
-    n1 = nib.Nifti1Header(endianness=header.endianness)
-    for name in n1.keys():
-        if name in header.keys() and name not in ("sizeof_hdr", "magic", "vox_offset"):
-            n1[name] = header[name]
-    n1["vox_offset"] = n1.single_vox_offset
-    return n1.binaryblock + bytes(4)
-
-
-def read_geometry(header_bytes: bytes, name: str) -> sitk.ImageFileReader:
-    """ITK's reading of a header (size, spacing, origin, direction, pixel type); ITK reads only
-    from files, so the header goes through a small temporary file named after the image `name`
-    (ITK's warnings quote it)."""
-    fd, name = tempfile.mkstemp(prefix=f"{name}.header-", suffix=".nii")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header_bytes)
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(name)
-        reader.ReadImageInformation()
-        return reader
-    except RuntimeError as e:
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable header"
-        raise UnusableFile(f"not a NIfTI image ITK can read ({last[:160]}): re-export it") from e
-    finally:
-        os.unlink(name)
-
-
 def read_image(case: Case, modality: str) -> sitk.Image:
-    """Read one modality, decompressing it once and verifying it whole (every gzip member's CRC
-    and length, and the voxel bytes the header needs); geometry and pixel type as SimpleITK reads
-    them, so orientation handling is ITK's (LPS). Any failure becomes a CaseError naming
-    patient, file and fix.
-    """
+    """Read one modality, verified whole (brats.io.nifti.read_nifti); any failure becomes a
+    CaseError naming the patient, the file and the fix."""
     path = case.path(modality)
-    pid = case.patient_id
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CaseError(pid, f"cannot read {modality} file {path}: {e.strerror}") from e
-    try:
-        raw = inflate(data) if data[:2] == GZIP_MAGIC else data
-        header = parse_header(raw)
-        try:
-            shape = tuple(int(n) for n in header.get_data_shape())
-            dtype = header.get_data_dtype()
-            # vox_offset may be stored as 0 (or any value inside the header): the data then start
-            # right after it (NIfTI-1: byte 352, NIfTI-2: 544); extensions before it are skipped.
-            offset = max(int(header["vox_offset"]), header.single_vox_offset)
-        except Exception as e:
-            raise UnusableFile(f"not a NIfTI image (corrupt header: {str(e)[:120]}): re-export it") from e
-        n_voxels = int(np.prod(shape))
-        need = offset + n_voxels * dtype.itemsize
-        if len(raw) < need:
-            packed = " after decompression" if raw is not data else ""
-            voxels = f"{'x'.join(map(str, shape))} {dtype.name} voxels from byte {offset}"
-            raise UnusableFile(
-                f"truncated (or its header is corrupt): the header needs {need} bytes ({voxels}), "
-                f"the file holds {len(raw)}{packed}; re-copy or re-download it"
-            )
-        info = read_geometry(itk_header(header, raw), path.name)
+        return read_nifti(path)
     except UnusableFile as e:
-        raise CaseError(pid, f"cannot read {modality} file {path}: {e}") from e
-
-    if info.GetDimension() != 3 or info.GetNumberOfComponents() != 1:
-        raise CaseError(
-            pid,
-            f"{modality} file {path} is {info.GetDimension()}D with "
-            f"{info.GetNumberOfComponents()} component(s): need one 3D scalar volume",
-        )
-    size = info.GetSize()  # x, y, z
-    out_dtype = PIXEL_DTYPES.get(info.GetPixelID())
-    if out_dtype is None:
-        raise CaseError(
-            pid,
-            f"{modality} file {path} holds {sitk.GetPixelIDValueAsString(info.GetPixelID())} voxels: "
-            "re-export it as a scalar image (e.g. int16 or float32)",
-        )
-    if int(np.prod(size)) != n_voxels:
-        raise CaseError(
-            pid,
-            f"cannot read {modality} file {path}: corrupt header (dims {shape} but ITK reads "
-            f"{size}): re-export it",
-        )
-    voxels = np.frombuffer(raw, dtype, count=n_voxels, offset=offset)
-    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
-    if np.isfinite(slope) and slope != 0 and (slope != 1 or (np.isfinite(inter) and inter != 0)):
-        # NIfTI scaling, in float64 as ITK computes it; a slope of 0 or NaN means "not scaled"
-        voxels = voxels * slope + (inter if np.isfinite(inter) else 0.0)
-    voxels = voxels.astype(np.dtype(out_dtype), copy=False).reshape(size[::-1])  # (z, y, x), native order
-    check_values(case, modality, voxels)
-    image = sitk.GetImageFromArray(voxels)
-    try:
-        image.SetOrigin(info.GetOrigin())
-        image.SetSpacing(info.GetSpacing())
-        image.SetDirection(info.GetDirection())
-    except RuntimeError as e:  # e.g. a spacing of 0 or a singular direction matrix
-        raise CaseError(
-            pid,
-            f"cannot read {modality} file {path}: invalid geometry in its header (spacing "
-            f"{info.GetSpacing()} mm, direction {info.GetDirection()}): fix or re-export it",
-        ) from e
-    return image
-
-
-def check_values(case: Case, modality: str, voxels: np.ndarray) -> None:
-    """NaN/Inf, and magnitudes that float32 preprocessing would overflow, are refused."""
-    if voxels.dtype.kind != "f" and voxels.dtype.itemsize < 8:
-        return  # 8-32 bit integers are always finite and below MAX_ABS_VALUE
-    lo, hi = float(voxels.min()), float(voxels.max())  # NaN propagates through min/max
-    path = case.path(modality)
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise CaseError(
-            case.patient_id, f"{modality} file {path} has NaN or Inf voxels: fix or re-export the image"
-        )
-    peak = max(-lo, hi)
-    if peak > MAX_ABS_VALUE:
-        raise CaseError(
-            case.patient_id,
-            f"{modality} file {path} has values up to {peak:.3g}, beyond the {MAX_ABS_VALUE:.0e} that "
-            "float32 preprocessing handles: rescale the image (e.g. re-export it as int16 or float32)",
-        )
+        where = f"cannot read {modality} file {path}: " if e.unreadable else f"{modality} file {path} "
+        raise CaseError(case.patient_id, where + e.reason) from e
 
 
 def check_same_grid(case: Case, images: list[sitk.Image]) -> None:

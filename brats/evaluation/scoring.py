@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from brats.metrics import classification_metrics
+from brats.errors import BratsError
+from brats.evaluation.metrics import classification_metrics
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # mixed-precision names -> dtypes
 
@@ -64,3 +65,16 @@ def score(logits: np.ndarray, labels: np.ndarray) -> tuple[dict, np.ndarray]:
     metrics = classification_metrics(labels, p_hgg)
     metrics["loss"] = float(F.cross_entropy(t, torch.from_numpy(labels).long()))
     return metrics, p_hgg
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """--device as a torch.device that can hold a tensor here; cuda when available by default."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except Exception as e:  # unknown names raise RuntimeError, absent backends other types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BratsError(f"--device {device!r}: not usable here ({first[:120]}): use cpu or cuda") from e
+    return dev

@@ -6,7 +6,6 @@ Everything is computed by scikit-learn on the full arrays of one validation set.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import (
@@ -18,8 +17,6 @@ from sklearn.metrics import (
     recall_score,
     roc_auc_score,
 )
-
-from brats.cohort import CLASSES
 
 METRICS = ("auc", "f1", "macro_f1", "accuracy", "balanced_accuracy", "precision", "recall")
 
@@ -74,55 +71,3 @@ def bootstrap_auc_ci(
     aucs = rank_auc(labels[idx], p_hgg[idx])
     lo, hi = np.percentile(aucs, [2.5, 97.5])
     return float(lo), float(hi)
-
-
-def save_plots(
-    folder: Path, labels: np.ndarray, p_hgg: np.ndarray, prefix: str = "", suffix: str = "", title: str = ""
-) -> list[Path]:
-    """`{prefix}{roc_curve,pr_curve,confusion_matrix}{suffix}.png` (scikit-learn displays)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
-
-    folder.mkdir(parents=True, exist_ok=True)
-    labels = np.asarray(labels).astype(int)
-    written = []
-    plots = []
-    if len(np.unique(labels)) == 2:
-        plots += [
-            (
-                "roc_curve",
-                lambda ax: RocCurveDisplay.from_predictions(labels, p_hgg, pos_label=1, name="HGG", ax=ax),
-            ),
-            (
-                "pr_curve",
-                lambda ax: PrecisionRecallDisplay.from_predictions(
-                    labels, p_hgg, pos_label=1, name="HGG", ax=ax
-                ),
-            ),
-        ]
-    plots.append(
-        (
-            "confusion_matrix",
-            lambda ax: ConfusionMatrixDisplay.from_predictions(
-                labels,
-                (p_hgg >= 0.5).astype(int),
-                labels=[0, 1],
-                display_labels=list(CLASSES),
-                ax=ax,
-                colorbar=False,
-            ),
-        )
-    )
-    for name, draw in plots:
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        draw(ax)
-        ax.set_title(f"{title} {name.replace('_', ' ')}".strip())
-        path = folder / f"{prefix}{name}{suffix}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from brats.errors import BratsError
+from brats.io.processes import pid_alive
 
 TMP_PREFIX, TMP_SUFFIX = ".tmp-", ".part"
 
@@ -104,20 +105,6 @@ def write_csv_atomic(path: str | Path, rows: list[dict], fieldnames: list[str] |
     write_text_atomic(path, buf.getvalue())
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` still runs (a zombie does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, never reaped: pid 1 of many containers reaps nothing) writes no more
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def remove_stale_temps(folder: str | Path) -> list[Path]:
     """Remove the temp files (or staging folders) a killed writer left in `folder` (not those of
     a live process)."""
@@ -163,3 +150,26 @@ def check_output_file(path: str | Path, what: str) -> Path:
         raise BratsError(f"{what} {path} is a folder: give a file name, e.g. {path / 'predictions.csv'}")
     check_output_dir(path.parent, what)
     return path
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A temp folder inside `out` to write every result into; on success each file is fsynced and
+    renamed to its place in `out`, so a full disk or an error leaves the previous results whole."""
+    stage = temp_path(out / "evaluation")
+    try:
+        stage.mkdir()
+        yield stage
+        files = sorted(p for p in stage.rglob("*") if p.is_file())
+        for f in files:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        for f in files:
+            target = out / f.relative_to(stage)
+            target.parent.mkdir(exist_ok=True)
+            os.replace(f, target)
+        fsync_dir(out)
+    except OSError as e:
+        raise write_error(out, e) from e
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -30,7 +30,6 @@ in ResNet-50) for statistics over a few more samples.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -50,11 +49,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from brats import __version__
-from brats.atomic import check_output_dir, remove_stale_temps, write_csv_atomic, write_json_atomic
-from brats.augment import augment_batch
-from brats.cache import open_data
-from brats.checkpoint import (
-    BestKeeper,
+from brats.data.cache_reader import open_data
+from brats.data.folds import load_or_make_splits, protocol
+from brats.errors import BratsError
+from brats.evaluation.metrics import METRICS
+from brats.evaluation.scoring import predict, score
+from brats.io.atomic import check_output_dir, remove_stale_temps, write_csv_atomic
+from brats.models.pretrained import load_pretrained, resolve_pretrained
+from brats.models.resnet import build_model, param_groups
+from brats.runs.checkpoint import (
     Checkpoint,
     RngState,
     Stateful,
@@ -62,18 +65,22 @@ from brats.checkpoint import (
     load_resume_state,
     save_resume_state,
 )
-from brats.config import TrainConfig, comparable
-from brats.data import CachedVolumes, make_sampler
-from brats.ema import ModelEma
-from brats.errors import BratsError
-from brats.folds import load_or_make_splits, protocol
-from brats.losses import apply_drw, make_criterion
-from brats.metrics import METRICS
-from brats.model import build_model, load_pretrained, param_groups, resolve_pretrained
-from brats.resident import ResidentVolumes, resident_loader, resolve_cache_device, volume_bytes
-from brats.runs import RunPaths
-from brats.scoring import predict, score
-from brats.speed import (
+from brats.runs.identity import check_one_run, write_run_config
+from brats.runs.keeper import BestKeeper
+from brats.runs.paths import RunPaths
+from brats.training.augment import augment_batch
+from brats.training.config import TrainConfig
+from brats.training.datasets import (
+    CachedVolumes,
+    ResidentVolumes,
+    make_sampler,
+    resident_loader,
+    resolve_cache_device,
+    volume_bytes,
+)
+from brats.training.ema import ModelEma
+from brats.training.losses import apply_drw, make_criterion
+from brats.training.speed import (
     FirstStepTimer,
     configure_backends,
     maybe_compile,
@@ -153,31 +160,6 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-# Settings that say where a run lies rather than what it is: a run copied or moved elsewhere, or
-# named by another path to the same folder, is the same run. The data's identity is its cohort,
-# which splits.json fingerprints (load_or_make_splits refuses another cohort).
-LOCATION = ("run", "data")
-
-
-def write_run_config(run: Path, cfg: TrainConfig) -> None:
-    """RUN/config.json: the resolved config; every fold of a run must share its settings."""
-    path = RunPaths(run).config
-    d = cfg.to_dict()
-    if path.exists():
-        # Fields added by a later brats version take their defaults, so an older run still matches.
-        old = TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
-        keys = (set(comparable(old)) | set(comparable(d))) - set(LOCATION)
-        diff = sorted(k for k in keys if old.get(k) != d.get(k))
-        if diff:
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {d.get(k)!r}" for k in diff[:4])
-            raise BratsError(
-                f"{path}: this run was started with other settings ({shown}); "
-                "use a new --run folder so that the folds of one run stay comparable"
-            )
-        return
-    write_json_atomic(path, d)
 
 
 @dataclass
@@ -370,18 +352,6 @@ def apply_effective_batch(cfg: TrainConfig) -> TrainConfig:
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch
     batch, accum = split_effective_batch(cfg.effective_batch, cfg.batch_size, processes)
     return dataclasses.replace(cfg, batch_size=batch, grad_accum=accum)
-
-
-def check_one_run(cfgs: list[TrainConfig]) -> None:
-    """Folds trained in one process share one Accelerator: their settings must be equal."""
-    if not cfgs:
-        raise BratsError("no fold to train: give --fold 1, --fold 0,2,4 or --fold all")
-    first = dataclasses.replace(cfgs[0], fold=0)
-    if any(dataclasses.replace(c, fold=0) != first for c in cfgs[1:]):
-        raise BratsError("folds trained in one process must share every setting but --fold")
-    folds = [c.fold for c in cfgs]
-    if len(set(folds)) != len(folds):
-        raise BratsError(f"--fold {','.join(map(str, folds))}: a fold is given twice")
 
 
 def release_fold(accelerator: Accelerator) -> None:

@@ -1,16 +1,15 @@
-"""A fold's cached volumes held resident: one float16 tensor, batches by index gather.
+"""What training reads: torch datasets and samplers over a prepared cache.
 
-The DataLoader path (`--cache-device off`) reads memory-mapped float16 files in worker
-processes, converts them to float32, passes them through shared and pinned memory and copies
-them to the GPU: on an H100 it feeds ResNet-50 4-6x slower than the model trains. Holding the
-fold (4x128^3 float16 = 16.8 MB a patient, 4.8 GB for all of BraTS 2018) as one tensor on the
-GPU turns a batch into an index gather and a cast on the device; on a CPU, or when the GPU is
-short of memory, the tensor lives in (pinned) host memory.
-
-The loader over it is still a torch DataLoader (no workers) over patient positions with the
-same seeded sampler as the DataLoader path, so both paths draw the same batches in the same
-order, Accelerate still shards them across processes, and on the CPU both give the same
-metrics for the same seed.
+Two paths draw the same batches from the same seeded sampler, so on the CPU they give the same
+metrics for the same seed:
+- `ResidentVolumes` (the default, `--cache-device auto`): the fold held as one float16 tensor, on
+  the GPU when it fits, else in host memory; a batch is an index gather and a cast on the device.
+  The DataLoader path fed ResNet-50 on an H100 4-6x slower than the model trains
+  (bench/RESULTS.md); holding the fold (16.8 MB a patient at 4x128^3, 4.8 GB for BraTS 2018)
+  removes the copy through workers, shared and pinned memory.
+- `CachedVolumes` (`--cache-device off`): memory-mapped float16 files read in DataLoader workers.
+The resident loader is still a torch DataLoader (no workers) over patient positions, so
+Accelerate still shards it across processes.
 """
 
 from __future__ import annotations
@@ -20,11 +19,58 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
-from brats.cache import CachedCohort, load_volume
-from brats.config import CACHE_DEVICES
+from brats.data.cache_reader import CachedCohort, channel_indices, load_volume, mapped_volume, verify_volumes
 from brats.errors import BratsError
+from brats.training.config import CACHE_DEVICES
+
+
+class CachedVolumes(Dataset):
+    """Patients `indices` of a cache -> (float32 (C, S, S, S), label) with the chosen channels."""
+
+    def __init__(self, cached: CachedCohort, indices: list[int], modalities: tuple[str, ...]):
+        self.cached, self.indices = cached, list(indices)
+        self.channels = channel_indices(cached, modalities)
+        self.all_channels = self.channels == list(range(len(cached.preprocess["modalities"])))
+        verify_volumes(cached, self.indices)  # a broken file stops the run here, in one line
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        vol = mapped_volume(self.cached, self.indices[i])  # memory-mapped float16 (C, S, S, S)
+        vol = vol if self.all_channels else vol[self.channels]
+        return torch.from_numpy(np.asarray(vol, dtype=np.float32)), int(self.cached.labels[self.indices[i]])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.cached.labels[self.indices]
+
+
+class EpochPermutation(Sampler[int]):
+    """A random permutation per epoch from our own generator (reseeded per epoch for exact resume)."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+
+def make_sampler(kind: str, labels: np.ndarray, generator: torch.Generator) -> Sampler[int]:
+    """inverse_freq: WeightedRandomSampler with weight 1/count(class) (seed 6.1), one epoch = N draws."""
+    if kind == "inverse_freq":
+        counts = np.bincount(labels, minlength=2)
+        weights = 1.0 / counts[labels]
+        return WeightedRandomSampler(
+            torch.as_tensor(weights, dtype=torch.double), len(labels), replacement=True, generator=generator
+        )
+    return EpochPermutation(len(labels), generator)
+
 
 GPU_SHARE = 0.4  # `auto` puts the cohort on the GPU only if it takes at most this share of free memory
 
@@ -62,11 +108,7 @@ class ResidentVolumes(Dataset):
         device: torch.device,
         pin: bool = False,
     ):
-        have = tuple(cached.preprocess["modalities"])
-        missing = [m for m in modalities if m not in have]
-        if missing:
-            raise BratsError(f"{cached.root}: cache has channels {have}, not {missing}: prepare it again")
-        channels = [have.index(m) for m in modalities]
+        channels = channel_indices(cached, modalities)
         first = load_volume(cached, indices[0]) if len(indices) else None
         shape = (len(indices), len(channels), *first.shape[1:]) if first is not None else (0,)
         host = torch.empty(shape, dtype=torch.float16, pin_memory=pin and device.type == "cpu")

@@ -20,28 +20,16 @@ maps a CAM back onto the patient's scan and draws it; `write_evaluation_montages
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brats.atomic import atomic_path
-from brats.cache import open_data
-from brats.cam import render_planes
-from brats.cohort import CLASSES
-from brats.config import TrainConfig
-from brats.data import CachedVolumes
+from brats.data.cohort import CLASSES
 from brats.errors import BratsError
-from brats.evaluation import check_preprocessing, load_best_model, model_config, resolve_device, run_config
-from brats.model import ResNet3D
-from brats.runs import RunPaths
+from brats.models.resnet import ResNet3D
 
 HGG, LGG = CLASSES.index("HGG"), CLASSES.index("LGG")
-OUTPUT_NAMES = ("probabilities", "logits", "cam")  # ExplainedModel's outputs, in order
-DYNAMIC_AXES = {"input": {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
 
 
 def hgg_evidence_weights(model: ResNet3D) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,106 +148,3 @@ def explain(models: list[ResNet3D], volumes: np.ndarray, batch: int = 2) -> tupl
         for model, mode in zip(models, modes):
             model.train(mode)
     return np.concatenate(p_hgg), np.concatenate(cams)
-
-
-def write_cam_montage(
-    models: list[ResNet3D],
-    volumes: np.ndarray,
-    titles: list[str],
-    path: str | Path,
-    underlay_channel: int = -1,
-) -> np.ndarray:
-    """A PNG with one row per preprocessed patient (N, C, S, S, S): three planes of channel
-    `underlay_channel` (default the last, FLAIR in the standard order) through the peak of the
-    evidence for the predicted grade, the (ensemble's) CAM over them, titled `titles[i]` and
-    its p(HGG); written atomically. Returns p(HGG) (N,). Models keep their mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: also on servers
-    import matplotlib.pyplot as plt
-
-    if len(titles) != len(volumes) or not len(volumes):
-        raise BratsError(f"{path}: give one title per patient ({len(titles)} for {len(volumes)})")
-    p_hgg, cams = explain(models, volumes)
-    pictures = [
-        render_planes(np.asarray(v[underlay_channel], dtype=np.float32), cam, toward_hgg=bool(p >= 0.5))
-        for v, cam, p in zip(volumes, cams, p_hgg)
-    ]
-    height, width = max(r.shape[0] for r, _ in pictures), max(r.shape[1] for r, _ in pictures)
-    fig, axes = plt.subplots(
-        len(pictures), 1, figsize=(width / 100, len(pictures) * (height / 100 + 0.35)), squeeze=False
-    )
-    for ax, (rgb, at), title, p in zip(axes[:, 0], pictures, titles, p_hgg):
-        ax.imshow(rgb, interpolation="nearest")
-        ax.set_title(
-            f"{title}  p(HGG) {p:.3f}  (axial, coronal, sagittal through z, y, x = {at}; R on the left; "
-            "red HGG, blue LGG evidence)",
-            fontsize=7,
-        )
-        ax.set_axis_off()
-    fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    return p_hgg
-
-
-def confident_right_and_wrong(rows: list[dict]) -> list[tuple[str, dict]]:
-    """Of one fold's scored patients (dicts with `patient_id`, `label` 0/1 and `p_hgg`), the
-    most confident right and the most confident wrong (farthest from p = 0.5 on the side of the
-    grade it predicted), as [("right", row), ("wrong", row)]; a kind no patient has is left out."""
-    picks = []
-    for kind, right in (("right", True), ("wrong", False)):
-        group = [r for r in rows if ((float(r["p_hgg"]) >= 0.5) == (int(r["label"]) == 1)) == right]
-        if group:
-            picks.append((kind, max(group, key=lambda r: abs(float(r["p_hgg"]) - 0.5))))
-    return picks
-
-
-def read_predictions(run: Path) -> list[dict]:
-    path = RunPaths(run).predictions
-    if not path.is_file():
-        raise BratsError(f"{run}: not evaluated yet (no {path}): run python evaluate.py --run {run}")
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_evaluation_montages(
-    run: str | Path,
-    folds: list[int] | None = None,
-    trust: bool = False,
-    data: str | None = None,
-    device: str | None = None,
-) -> list[Path]:
-    """For each evaluated fold (of `folds`, default all in RUN/evaluation/predictions.csv):
-    RUN/evaluation/fold_K/cam_montage.png, its most confident right and wrong validation
-    patients with the fold model's CAM over their FLAIR (the model chosen by evaluate.py's
-    policy, the patients' volumes from the cache it scored). Returns the files written."""
-    run = Path(run)
-    paths = RunPaths(run)
-    rows = read_predictions(run)
-    run_cfg = run_config(run)
-    cfg = TrainConfig.from_dict(run_cfg)
-    dev = resolve_device(device)
-    evaluated = sorted({int(r["fold"]) for r in rows})
-    wanted = [k for k in evaluated if folds is None or k in folds]
-    cached = open_data(data or cfg.data, cfg.size)
-    written = []
-    for k in wanted:
-        model, ckpt, path = load_best_model(run, k, run_cfg, trust)
-        check_preprocessing(cached, ckpt.preprocess, path)
-        modalities = tuple(model_config(ckpt, run_cfg)["modalities"])
-        picks = confident_right_and_wrong([r for r in rows if int(r["fold"]) == k])
-        ds = CachedVolumes(cached, cached.indices([r["patient_id"] for _, r in picks]), modalities)
-        volumes = np.stack([ds[i][0].numpy() for i in range(len(ds))])
-        titles = [
-            f"fold {k}, most confident {kind}: {r['patient_id']} ({CLASSES[int(r['label'])]})"
-            for kind, r in picks
-        ]
-        underlay = modalities.index("flair") if "flair" in modalities else -1
-        write_cam_montage([model.to(dev)], volumes, titles, paths.cam_montage(k), underlay)
-        written.append(paths.cam_montage(k))
-    return written

@@ -16,74 +16,14 @@ patients are calibrated and thresholded by a decision fitted on the other folds 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
+from brats.deploy.contract import CALIBRATIONS, Decision, logit
 from brats.errors import BratsError
 
-METHODS = ("none", "temperature", "platt")
+METHODS = CALIBRATIONS
 BINS = 10  # equal-width probability bins of the reliability diagram and the ECE
-_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before taking logits
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
-    return np.log(p) - np.log1p(-p)
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))  # no overflow for large |z|
-
-
-@dataclass(frozen=True)
-class Decision:
-    """How a model's p(HGG) becomes a grade: p' = sigmoid(slope * logit(p) + intercept) (identity
-    for calibration "none"), then HGG when p' >= threshold."""
-
-    calibration: str = "none"  # none | temperature | platt
-    slope: float = 1.0  # temperature: 1 / T
-    intercept: float = 0.0  # 0 for temperature
-    threshold: float = 0.5
-    rule: str = "0.5"  # how the threshold was chosen (see parse_rule)
-
-    def calibrate(self, p_hgg: np.ndarray) -> np.ndarray:
-        p_hgg = np.asarray(p_hgg, dtype=np.float64)
-        if self.calibration == "none":
-            return p_hgg
-        return sigmoid(self.slope * logit(p_hgg) + self.intercept)
-
-    def grade(self, p_calibrated: np.ndarray) -> np.ndarray:
-        """1 (HGG) where the calibrated probability reaches the threshold."""
-        return (np.asarray(p_calibrated) >= self.threshold).astype(int)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: object, source: str | Path) -> Decision:
-        """A stored decision, checked; `source` names the file in the one-line error."""
-        fix = "export the model again with python export.py"
-        if not isinstance(d, dict):
-            raise BratsError(f"{source}: its decision is a {type(d).__name__}, not a mapping: {fix}")
-        try:
-            dec = cls(
-                calibration=str(d.get("calibration", "none")),
-                slope=float(d.get("slope", 1.0)),
-                intercept=float(d.get("intercept", 0.0)),
-                threshold=float(d.get("threshold", 0.5)),
-                rule=str(d.get("rule", "0.5")),
-            )
-        except (TypeError, ValueError) as e:
-            raise BratsError(f"{source}: its decision holds a non-number ({e}): {fix}") from e
-        finite = all(math.isfinite(v) for v in (dec.slope, dec.intercept, dec.threshold))
-        if dec.calibration not in METHODS or not finite or not 0.0 <= dec.threshold <= 1.0:
-            raise BratsError(
-                f"{source}: unknown decision (calibration {dec.calibration!r}, "
-                f"threshold {dec.threshold}): {fix}"
-            )
-        return dec
 
 
 def parse_rule(rule: str) -> tuple[str, float]:
@@ -253,22 +193,3 @@ def summarize_calibration(
             "reliability": reliability(labels, p_cal),
         }
     return decision, figures
-
-
-def reliability_diagram(path: Path, curves: dict[str, list[dict]], title: str = "") -> None:
-    """Fraction HGG against mean p(HGG) per bin, one line per curve, with the diagonal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfectly calibrated")
-    for name, rows in curves.items():
-        ax.plot([r["mean_p"] for r in rows], [r["fraction_hgg"] for r in rows], "o-", label=name)
-    ax.set(xlabel="mean predicted p(HGG)", ylabel="fraction HGG", xlim=(0, 1), ylim=(0, 1))
-    ax.set_title(title or "Reliability, pooled out-of-fold")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

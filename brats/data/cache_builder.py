@@ -1,0 +1,249 @@
+"""Prepare a cache: preprocess each patient once, verified, atomic, in parallel (brats.data.cache_format
+describes what it writes).
+
+The next run redoes only what is missing or changed: a volume already there is reused only
+when it passes its checks (header, size, the checksum in the index); a broken one is redone.
+Workers die with prepare, even when it is killed (brats.io.processes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from brats.data.cache_format import (
+    DTYPE,
+    INDEX,
+    VOLUMES,
+    Broken,
+    all_finite,
+    read_index,
+    read_volume,
+    volume_name,
+    volume_owner,
+)
+from brats.data.cohort import Case
+from brats.data.preprocess import PreprocessConfig, preprocess_case
+from brats.errors import BratsError, CaseError
+from brats.io.atomic import check_output_dir, remove_stale_temps, write_atomic, write_json_atomic
+from brats.io.compression import checksum
+from brats.io.names import file_stem, hashed_stem
+from brats.io.processes import die_with_parent
+
+log = logging.getLogger(__name__)
+
+
+# Cube sides prepare accepts. ResNet3D (depth 10 and 50, strided) trains on any side from 1 voxel
+# in batches of 2 or more (measured); at 16 layers 3-4 already see 1^3 maps, and train.py asks
+# for at least 16 too. Above 512, one float16 volume is 1 GiB: no GPU trains a batch of those.
+SIZE_MIN, SIZE_MAX = 16, 512
+
+
+def check_size(size: int) -> None:
+    if not SIZE_MIN <= size <= SIZE_MAX:
+        raise BratsError(
+            f"--size {size}: choose a cube side from {SIZE_MIN} to {SIZE_MAX} voxels (seed 6.2: 128)"
+        )
+
+
+def check_cache_dir(out: str | Path) -> Path:
+    """Check, before any work, that a cache can be written at `out` (created if needed)."""
+    out = check_output_dir(out, "cache folder")
+    check_output_dir(out / VOLUMES, "cache folder")
+    if (out / INDEX).is_dir():
+        raise BratsError(f"cache folder {out}: {out / INDEX} is a folder: remove it or choose another --out")
+    return out
+
+
+def fingerprint(case: Case, cfg: PreprocessConfig) -> str:
+    """16 hex digits that change when the contract or any source file (size, mtime) changes."""
+    files = []
+    for p in case.paths:
+        st = os.stat(p)
+        files.append([Path(p).name, st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"preprocess": cfg.to_contract(), "files": files}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _old_volumes(vol_dir: Path, patient_id: str, keep: str) -> list[Path]:
+    """The volume files of this patient other than `keep`, found by exact name, never by a
+    pattern built from the id. Names given by earlier versions (the hashed stem of every id, or the
+    bare id) count too."""
+    stems = {file_stem(patient_id), hashed_stem(patient_id), patient_id}
+    old = []
+    for f in vol_dir.iterdir():
+        owner = volume_owner(f.name)
+        if f.name != keep and owner is not None and owner[0] in stems:
+            old.append(f)
+    return old
+
+
+def _init_worker(main_pid: int) -> None:
+    die_with_parent(main_pid)
+    # One process per core: each SimpleITK reader runs single-threaded.
+    import SimpleITK as sitk
+
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
+
+
+def _prepare_one(case: Case, cfg: PreprocessConfig, target: Path) -> tuple[str | None, int | None]:
+    """Preprocess and write one patient; returns (error line, None) instead of raising, or
+    (None, checksum of the volume's data)."""
+    try:
+        volume = preprocess_case(case, cfg).astype(DTYPE)
+    except CaseError as e:
+        return str(e), None
+    except Exception as e:  # an unexpected failure of one patient must not stop the others
+        return f"{case.patient_id}: preprocessing failed ({type(e).__name__}: {e})", None
+    if not all_finite(volume):  # never cache what would turn the losses into NaN
+        return f"{case.patient_id}: preprocessing gave NaN or infinite values (check its images)", None
+    write_atomic(target, lambda f: np.save(f, volume))
+    for old in _old_volumes(target.parent, case.patient_id, keep=target.name):
+        old.unlink(missing_ok=True)
+    return None, checksum(memoryview(volume).cast("B"))
+
+
+@dataclass
+class PrepareResult:
+    written: list[str]
+    reused: list[str]
+    failed: list[str]  # one line per patient: "<patient>: <reason>"
+    index_written: bool
+    repaired: list[str] = field(default_factory=list)  # "<patient>: cached volume ... was broken ..."
+    index_problem: str = ""  # why the previous index.json could not be used, if it could not
+
+
+def prepare(
+    cases: list[Case],
+    out: str | Path,
+    cfg: PreprocessConfig = PreprocessConfig(),
+    workers: int | None = None,
+    skip_bad: bool = False,
+    known_failures: Iterable[CaseError] = (),
+    source: str = "",
+    progress: bool = True,
+) -> PrepareResult:
+    """Bring the cache at `out` up to date with `cases`.
+
+    Every patient is attempted; failures (with `known_failures` from cohort discovery) are
+    collected. A volume already there is reused only when it passes its checks (header, size,
+    the checksum in the index); a broken one is redone and listed in `repaired`. The index is
+    (re)written only when every patient succeeded or `skip_bad` is set, and only when its
+    content changed, so an unchanged cohort writes nothing; an unreadable index is rebuilt.
+    """
+    check_size(cfg.size)
+    out = check_cache_dir(out)
+    vol_dir = out / VOLUMES
+    remove_stale_temps(vol_dir)  # left by a killed run
+    remove_stale_temps(out)
+
+    old_index, index_problem = None, ""
+    if (out / INDEX).exists():
+        try:
+            old_index = read_index(out / INDEX)
+        except Broken as e:
+            index_problem = f"{out / INDEX} {e}"
+    known_crc = {(e["patient_id"], e["file"]): e.get("crc32") for e in (old_index or {}).get("patients", [])}
+
+    entries, jobs, reused, repaired = _plan(cases, cfg, vol_dir, known_crc)
+    failed = [str(e) for e in known_failures]
+    written = _run_jobs(jobs, cfg, workers, progress, entries, failed)
+
+    failed_ids = {line.split(":", 1)[0] for line in failed}
+    index_written = False
+    if not failed or skip_bad:
+        index = {
+            "preprocess": cfg.to_contract(),
+            "source": source,
+            "patients": [e for pid, e in entries.items() if pid not in failed_ids],
+            "skipped": sorted(failed),
+        }
+        if old_index != index:
+            write_json_atomic(out / INDEX, index)
+            index_written = True
+    return PrepareResult(
+        sorted(written), sorted(reused), sorted(failed), index_written, repaired, index_problem
+    )
+
+
+def _plan(
+    cases: list[Case], cfg: PreprocessConfig, vol_dir: Path, known_crc: dict
+) -> tuple[dict[str, dict], list[tuple[Case, Path]], list[str], list[str]]:
+    """Index entries of every case, and which volumes must be (re)made: missing or broken ones."""
+    shape = (len(cfg.modalities), cfg.size, cfg.size, cfg.size)
+    entries: dict[str, dict] = {}
+    jobs, reused, repaired = [], [], []
+    for case in cases:
+        fp = fingerprint(case, cfg)
+        target = vol_dir / volume_name(case.patient_id, fp)
+        legacy = vol_dir / volume_name(case.patient_id, fp, legacy=True)
+        if not target.exists() and legacy.exists():
+            target = legacy  # prepared under the earlier naming: reused where it lies
+        entry = {
+            "patient_id": case.patient_id,
+            "label": case.label,
+            "file": f"{VOLUMES}/{target.name}",
+            "fingerprint": fp,
+        }
+        entries[case.patient_id] = entry
+        if not target.exists():
+            jobs.append((case, target))
+            continue
+        try:
+            # without a recorded checksum (the index of a killed run was never written) the
+            # file is complete by construction: adopt it once its values are finite
+            _, entry["crc32"] = read_volume(target, shape, known_crc.get((case.patient_id, entry["file"])))
+            reused.append(case.patient_id)
+        except Broken as e:
+            repaired.append(f"{case.patient_id}: cached volume {target} {e}; preprocessed again")
+            jobs.append((case, target))
+    return entries, jobs, reused, repaired
+
+
+def _run_jobs(
+    jobs: list[tuple[Case, Path]],
+    cfg: PreprocessConfig,
+    workers: int | None,
+    progress: bool,
+    entries: dict[str, dict],
+    failed: list[str],
+) -> list[str]:
+    """Preprocess `jobs` (in worker processes when there are several); records checksums in
+    `entries` and error lines in `failed`; returns the patients written."""
+    written: list[str] = []
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    bar = tqdm(total=len(jobs), desc="prepare", unit="patient", disable=not progress or not jobs)
+
+    def record(case: Case, err: str | None, crc: int | None) -> None:
+        if err:
+            failed.append(err)
+        else:
+            written.append(case.patient_id)
+            entries[case.patient_id]["crc32"] = crc
+        bar.update()
+
+    if workers == 1:
+        for case, target in jobs:
+            record(case, *_prepare_one(case, cfg, target))
+    else:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+            futures = {pool.submit(_prepare_one, case, cfg, target): case for case, target in jobs}
+            try:
+                for fut in as_completed(futures):
+                    record(futures[fut], *fut.result())
+            except BaseException:
+                # a write error (full disk) or Ctrl-C: the patients under way finish or fail
+                # atomically, the queued ones never start
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    bar.close()
+    return written

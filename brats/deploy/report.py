@@ -1,0 +1,154 @@
+"""What predict.py says: the patients it was given (each once), the CSV rows, the table, and the
+new patients' accuracy beside the model's out-of-fold figures.
+
+No torch here: predict.py runs without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+from brats.data.cohort import MODALITIES, Case, find_cases
+from brats.deploy.inference import Grader, Prediction
+from brats.errors import BratsError, CaseError
+
+CSV_FIELDS = ["patient_id", "p_hgg", "p_lgg", "prediction", "threshold", "error"]
+
+
+def gather_cases(
+    inputs: list[Path], explicit: dict[str, Path | None], patient_id: str
+) -> tuple[list[Case], list[CaseError], dict[str, int]]:
+    """Every patient given, once: the same files reached twice (a folder given twice, a patient
+    folder and its cohort root) are one patient. Returns (cases, problems, {patient: times given})
+    for the patients given more than once."""
+    cases, problems = [], []
+    given = {m: p for m, p in explicit.items() if p is not None}
+    if given:
+        missing = [m for m in MODALITIES if m not in given]
+        if missing:
+            raise BratsError(f"--{' --'.join(missing)} missing: give all four of --t1 --t1ce --t2 --flair")
+        cases.append(Case(patient_id, None, tuple(Path(given[m]) for m in MODALITIES)))
+    for root in inputs:
+        cohort = find_cases(root, labelled=False)
+        cases += cohort.cases
+        problems += cohort.problems
+    if not cases and not problems:
+        raise BratsError(
+            "no patients given: pass patient folders, a cohort root, or --t1/--t1ce/--t2/--flair"
+        )
+    unique: dict[tuple, Case] = {}
+    times: Counter[str] = Counter()
+    for case in cases:
+        key = tuple(p.resolve() for p in case.paths)
+        first = unique.setdefault(key, case)
+        times[first.patient_id] += 1
+        if first.label is None and case.label is not None:  # the grade found in a labelled layout
+            unique[key] = replace(first, label=case.label)
+    unique_problems = {(e.patient_id, e.reason): e for e in problems}
+    times.update(e.patient_id for e in problems)
+    repeated = {pid: n for pid, n in times.items() if n > 1}
+    return list(unique.values()), list(unique_problems.values()), repeated
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (sound for the few patients of a check)."""
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+
+
+def compare_out_of_fold(grader: Grader, override: float | None, lo: float, hi: float) -> str:
+    """One line setting the new patients' accuracy beside the model's out-of-fold accuracy at the
+    same decision, and whether the two agree within the new patients' CI."""
+    cv = grader.provenance.get("cv_summary") or {}
+    point = (cv.get("calibration") or {}).get("operating_point")
+    if not point:
+        return "out-of-fold accuracy: not in this model's metadata (export it again to compare)"
+    n = (cv.get("pooled") or {}).get("n", "?")
+    if override is not None and override != grader.decision.threshold:
+        return (
+            f"out-of-fold accuracy {point['accuracy']:.2f} over {n} patients was measured at threshold "
+            f"{grader.decision.threshold:.4g}, not at --threshold {override:g}"
+        )
+    acc, ensemble = point["accuracy"], bool(grader.provenance.get("ensemble"))
+    reasons = ["these patients differ from the cross-validation cohort"]
+    if cv.get("optimistic"):
+        reasons.append(
+            "the out-of-fold figure is optimistic (each fold's epoch was chosen on the patients scored)"
+        )
+    if ensemble:
+        reasons.append(
+            "the decision was fitted on each fold model's probabilities, and the ensemble averages them"
+        )
+    verdict = (
+        "inside the new patients' 95% CI: the two agree"
+        if lo <= acc <= hi
+        else "outside the new patients' 95% CI: more than chance separates the two (either "
+        + ", or ".join(reasons)
+        + ")"
+    )
+    who = "the fold models this ensemble averages" if ensemble else "the fold models"
+    return (
+        f"out-of-fold ({who}, each on patients it never trained on) at the same decision: "
+        f"accuracy {acc:.2f} (sensitivity {point['sensitivity']:.2f}, "
+        f"specificity {point['specificity']:.2f}) over {n} patients, {verdict}"
+    )
+
+
+def describe_decision(grader: Grader, override: float | None) -> str:
+    """One line: how p_hgg is calibrated and where the threshold came from."""
+    d = grader.decision
+    if d.calibration == "temperature":
+        cal = f"p_hgg calibrated by temperature {1 / d.slope:.4g}"
+    elif d.calibration == "platt":
+        cal = f"p_hgg calibrated by Platt scaling (a {d.slope:.4g}, b {d.intercept:.4g})"
+    else:
+        cal = "p_hgg as the model gives it (not calibrated)"
+    source = "--threshold" if override is not None else f"the model's, rule {d.rule}"
+    return f"{cal}; HGG when p_hgg >= {grader.threshold:.4g} ({source})"
+
+
+def csv_rows(results: list[Prediction]) -> list[dict]:
+    """One CSV row per patient (CSV_FIELDS), in the order graded."""
+    return [
+        {
+            "patient_id": r.patient_id,
+            "p_hgg": "" if r.p_hgg is None else f"{r.p_hgg:.6f}",
+            "p_lgg": "" if r.p_lgg is None else f"{r.p_lgg:.6f}",
+            "prediction": r.prediction,
+            "threshold": f"{r.threshold:.6g}",
+            "error": r.error,
+        }
+        for r in results
+    ]
+
+
+def table_lines(rows: list[dict], truth: dict[str, str]) -> list[str]:
+    """The printed table: patient, p_hgg, prediction, and the grade on disk when any is known."""
+    width = max([len(r["patient_id"]) for r in rows] + [10])
+    lines = [f"{'patient':<{width}}  {'p_hgg':>8}  prediction" + ("  grade on disk" if truth else "")]
+    for r in rows:
+        known = f"  {truth.get(r['patient_id'], '')}" if truth else ""
+        lines.append(
+            f"{r['patient_id']:<{width}}  {r['p_hgg'] or '-':>8}  {r['prediction'] or 'FAILED':<10}{known}"
+        )
+    return lines
+
+
+def accuracy_lines(
+    grader: Grader, results: list[Prediction], truth: dict[str, str], override: float | None
+) -> list[str]:
+    """The graded patients whose grade is on disk: how many match, with a 95% CI, and the
+    comparison with the out-of-fold accuracy; nothing when no grade is known."""
+    graded = [r for r in results if r.p_hgg is not None and r.patient_id in truth]
+    if not graded:
+        return []
+    right = sum(r.prediction == truth[r.patient_id] for r in graded)
+    lo, hi = wilson_interval(right, len(graded))
+    return [
+        f"{right}/{len(graded)} graded patients match the grade on disk (95% CI {lo:.0%}-{hi:.0%})",
+        compare_out_of_fold(grader, override, lo, hi),
+    ]

@@ -1,0 +1,235 @@
+"""Re-score every fold's checkpoint by the explicit policy, verify it, write the CV report.
+
+Each number in the report is traceable to one named checkpoint (seed 2.5 / 3.5 / 6.6): the file is
+chosen by the policy (best_ema.pt when the run used EMA, else best.pt, never the resume state),
+loaded weights-only, re-scored in fp32 on the fold's patients from splits.json, and its
+re-computed val AUC is checked against the AUC stored when it was saved.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader
+
+from brats.data.cache_reader import open_data
+from brats.data.folds import load_or_make_splits, optimistic, protocol
+from brats.errors import BratsError
+from brats.evaluation.calibration import METHODS, parse_rule, summarize_calibration
+from brats.evaluation.metrics import METRICS, bootstrap_auc_ci, mean_std
+from brats.evaluation.plots import reliability_diagram, roc_all_folds, save_plots
+from brats.evaluation.report import RELIABILITY, report_markdown
+from brats.evaluation.scoring import predict, resolve_device, score
+from brats.evaluation.verification import rescore_precision, verify
+from brats.io.atomic import check_output_dir, remove_stale_temps, staged
+from brats.runs.paths import RunPaths
+from brats.runs.reader import check_preprocessing, load_best_model, model_config, run_config
+from brats.training.config import TrainConfig
+from brats.training.datasets import CachedVolumes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    checkpoint: str
+    is_ema: bool
+    epoch: int
+    stored_auc: float
+    rescored_auc: float  # on the patients that chose the checkpoint (verification)
+    metrics: dict  # on the scored (outer) fold
+    patient_ids: list[str]
+    labels: np.ndarray
+    p_hgg: np.ndarray
+    verification: dict = field(default_factory=dict)  # Verification.row()
+
+
+def evaluate_fold(
+    run: Path,
+    k: int,
+    run_cfg: dict,
+    cached,
+    splits,
+    trust: bool,
+    strict: bool,
+    device: torch.device,
+    batch: int,
+) -> FoldResult:
+    model, ckpt, path = load_best_model(run, k, run_cfg, trust)
+    check_preprocessing(cached, ckpt.preprocess, path)
+    model.to(device)
+    stored, epoch, is_ema = ckpt.val_auc, ckpt.epoch, ckpt.is_ema
+    log.info(
+        f"fold {k}: {'EMA' if is_ema else 'regular'} best checkpoint {path} "
+        f"(epoch {epoch}, stored val AUC {stored:.4f})"
+    )
+
+    fp = ckpt.splits_fingerprint
+    if fp is None:
+        log.warning(f"{path}: no splits fingerprint stored; assuming {RunPaths(run).splits}")
+    elif fp != splits.fingerprint:
+        raise BratsError(
+            f"{path}: trained on splits {fp}, but {RunPaths(run).splits} is for cohort {splits.fingerprint}: "
+            "evaluate with the splits and cache the run was trained on"
+        )
+
+    fold = splits.fold(k, cached.patient_ids, cached.labels.tolist())
+    modalities = tuple(model_config(ckpt, run_cfg)["modalities"])
+    precision = rescore_precision(ckpt.mixed_precision, device)
+
+    def rescore(patients: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
+        ds = CachedVolumes(cached, cached.indices(patients), modalities)
+        logits, y = predict(model, DataLoader(ds, batch_size=batch, shuffle=False), precision=precision)
+        metrics, p_hgg = score(logits, y)
+        return metrics, y, p_hgg
+
+    scored, y, p_hgg = rescore(fold.test)
+    chosen, _, chosen_p = (scored, y, p_hgg) if fold.val == fold.test else rescore(fold.val)
+    check = verify(ckpt, dict(zip(fold.val, chosen_p)), chosen["auc"], precision)
+    msg = f"fold {k}: {check.text} ({path})"
+    if not check.ok:
+        if strict:
+            raise BratsError(msg + " (--strict)")
+        log.warning(msg)
+    else:
+        log.info(msg)
+    return FoldResult(
+        k, str(path), is_ema, epoch, stored, chosen["auc"], scored, fold.test, y, p_hgg, check.row()
+    )
+
+
+def summary_arrays(results: list[FoldResult]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and p(HGG) of every scored patient, pooled over the folds in fold order."""
+    return np.concatenate([r.labels for r in results]), np.concatenate([r.p_hgg for r in results])
+
+
+def summarize_folds(results: list[FoldResult], inner_val: float, seed: int = 0, select: str = "best") -> dict:
+    """Table 1 (per fold), mean +- sample std, pooled out-of-fold AUC with a bootstrap CI."""
+    table = [
+        {
+            "fold": r.fold,
+            "best_epoch": r.epoch,
+            "checkpoint": Path(r.checkpoint).name,
+            "is_ema": r.is_ema,
+            "stored_val_auc": r.stored_auc,
+            "rescored_val_auc": r.rescored_auc,
+            **r.verification,
+            **{m: r.metrics[m] for m in METRICS},
+            "n": len(r.labels),
+        }
+        for r in results
+    ]
+    summary = {m: dict(zip(("mean", "std"), mean_std([row[m] for row in table]))) for m in METRICS}
+    labels, p = summary_arrays(results)
+    pooled = {"n": int(len(labels)), "hgg": int(labels.sum()), "lgg": int(len(labels) - labels.sum())}
+    pooled["majority_class_accuracy"] = max(pooled["hgg"], pooled["lgg"]) / max(pooled["n"], 1)
+    if len(np.unique(labels)) == 2:
+        pooled["auc"] = float(roc_auc_score(labels, p))
+        lo, hi = bootstrap_auc_ci(labels, p, seed=seed)
+        pooled["auc_ci95"] = [lo, hi]
+    return {
+        "protocol": protocol(inner_val, select),
+        "optimistic": optimistic(inner_val, select),
+        "folds": table,
+        "mean_std": summary,
+        "pooled": pooled,
+    }
+
+
+def evaluate_run(
+    run: str | Path,
+    folds: list[int] | None = None,
+    strict: bool = False,
+    trust: bool = False,
+    data: str | None = None,
+    device: str | None = None,
+    batch: int = 4,
+    calibrate: str = "none",
+    threshold: str = "0.5",
+) -> dict:
+    """Evaluate `folds` (default: all K) of a run; writes RUN/evaluation/; returns the summary.
+    `calibrate` and `threshold` choose the decision fitted on the pooled out-of-fold predictions
+    (brats/calibration.py)."""
+    if calibrate not in METHODS:
+        raise BratsError(f"--calibrate {calibrate!r}: choose one of {', '.join(METHODS)}")
+    parse_rule(threshold)
+    run = Path(run)
+    paths = RunPaths(run)
+    run_cfg = run_config(run)
+    cfg = TrainConfig.from_dict(run_cfg)
+    k_all = list(range(cfg.folds))
+    wanted = k_all if folds is None else sorted(set(folds))
+    bad = [k for k in wanted if k not in k_all]
+    if bad:
+        raise BratsError(f"--folds {bad}: this run has folds 0..{cfg.folds - 1}")
+    missing = [k for k in wanted if not paths.fold(k).is_dir()]
+    if missing:
+        raise BratsError(
+            f"{run}: fold(s) {', '.join(map(str, missing))} not trained; "
+            "train them or leave them out with --folds"
+        )
+    dev = resolve_device(device)
+    out = check_outputs(paths, wanted)
+    cached = open_data(data or cfg.data, cfg.size)
+    splits = load_or_make_splits(
+        paths.splits, cached.patient_ids, cached.labels.tolist(), cfg.folds, cfg.split_seed, cfg.inner_val
+    )
+    results = [evaluate_fold(run, k, run_cfg, cached, splits, trust, strict, dev, batch) for k in wanted]
+
+    summary = summarize_folds(results, cfg.inner_val, select=cfg.select)
+    summary["run"] = str(run)
+    labels, p_oof = summary_arrays(results)
+    folds_of = np.concatenate([np.full(len(r.labels), r.fold) for r in results])
+    decision, summary["calibration"] = summarize_calibration(labels, p_oof, folds_of, calibrate, threshold)
+    summary["calibration"]["balanced_sampler"] = cfg.sampler == "inverse_freq"
+    summary["decision"] = decision.to_dict()
+    rows = [
+        {"patient_id": p, "fold": r.fold, "label": int(y), "p_hgg": float(prob)}
+        for r in results
+        for p, y, prob in zip(r.patient_ids, r.labels, r.p_hgg)
+    ]
+    for row, p_cal in zip(rows, decision.calibrate(p_oof)):
+        row["p_hgg_calibrated"] = float(p_cal)
+    with staged(out) as stage:
+        for r in results:
+            title = f"fold {r.fold} epoch {r.epoch}"
+            save_plots(stage / RunPaths.fold_name(r.fold), r.labels, r.p_hgg, title=title)
+        roc_all_folds({r.fold: (r.labels, r.p_hgg) for r in results}, stage / "roc_all_folds.png")
+        curves = {"raw": summary["calibration"]["raw"]["reliability"]}
+        if "calibrated" in summary["calibration"]:
+            curves[f"{calibrate} (cross-fitted)"] = summary["calibration"]["calibrated"]["reliability"]
+        reliability_diagram(stage / RELIABILITY, curves)
+        with open(stage / paths.predictions.name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        (stage / paths.summary.name).write_text(json.dumps(summary, indent=2) + "\n")
+        (stage / paths.report.name).write_text(report_markdown(summary, run))
+    return summary
+
+
+def check_outputs(paths: RunPaths, folds: list[int]) -> Path:
+    """RUN/evaluation can be written, before any scoring: a folder (created if missing) whose
+    files and plot folders are not in the way; temp files of a killed evaluation are removed."""
+    out = paths.evaluation
+    if out.exists() and not out.is_dir():
+        raise BratsError(f"{out} is a file, where the evaluation writes its results: move it away")
+    check_output_dir(out, "evaluation results")
+    remove_stale_temps(out)
+    for f in (paths.summary, paths.report, paths.predictions, out / "roc_all_folds.png", out / RELIABILITY):
+        if f.is_dir():
+            raise BratsError(f"{f} is a folder, where the evaluation writes a file: move it away")
+    for k in folds:
+        if (out / RunPaths.fold_name(k)).exists() and not (out / RunPaths.fold_name(k)).is_dir():
+            raise BratsError(
+                f"{out / f'fold_{k}'} is a file, where the evaluation writes plots: move it away"
+            )
+    return out

@@ -1,0 +1,109 @@
+"""Reading a run folder: its config, its evaluation summary, and each fold's model by the policy.
+
+Every command that reads a run (evaluate, export, the ablation table, CAM montages) goes through
+here, so that what makes a run readable is decided once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from brats.data.cache_reader import CachedCohort
+from brats.data.preprocess import PreprocessConfig
+from brats.errors import BratsError
+from brats.evaluation.metrics import METRICS
+from brats.models.resnet import build_model
+from brats.runs.checkpoint import Checkpoint, read_checkpoint, select_checkpoint
+from brats.runs.paths import RunPaths
+from brats.training.config import TrainConfig, validate
+
+log = logging.getLogger(__name__)
+
+
+def run_config(run: Path) -> dict:
+    """RUN/config.json as a dict, checked: it must describe a valid TrainConfig."""
+    path = RunPaths(run).config
+    if not path.is_file():
+        raise BratsError(f"{run}: no {path.name}: is this a run folder made by train.py?")
+    try:
+        cfg = json.loads(path.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError(f"a JSON {type(cfg).__name__}, not an object")
+        validate(TrainConfig.from_dict(cfg))
+    except (ValueError, TypeError, BratsError) as e:  # JSONDecodeError is a ValueError
+        raise BratsError(
+            f"{path} is corrupt ({str(e)[:160]}): restore it, or delete it and rerun train.py --resume "
+            "with the options the run was trained with (train.py writes it again)"
+        ) from e
+    return cfg
+
+
+def load_summary(run: Path) -> dict:
+    """RUN/evaluation/summary.json, checked for what export and the ablation table read."""
+    path = RunPaths(run).summary
+    if not path.is_file():
+        raise BratsError(f"{run}: not evaluated yet (no {path}): run python evaluate.py --run {run}")
+    try:
+        summary = json.loads(path.read_text())
+        rows = summary["folds"]
+        if not isinstance(rows, list) or not rows:
+            raise ValueError("no folds")
+        for row in rows:
+            if not isinstance(row["fold"], int):
+                raise ValueError(f"fold {row['fold']!r}")
+            for m in ("rescored_val_auc", *METRICS):
+                float(row[m])
+        for m in METRICS:
+            float(summary["mean_std"][m]["mean"]), float(summary["mean_std"][m]["std"])
+        if not isinstance(summary["pooled"], dict) or not isinstance(summary["protocol"], str):
+            raise ValueError("no pooled figures or protocol")
+    except (ValueError, TypeError, KeyError) as e:
+        raise BratsError(
+            f"{path} is corrupt ({type(e).__name__}: {str(e)[:120]}): "
+            f"rerun python evaluate.py --run {run} to write it again"
+        ) from e
+    return summary
+
+
+def check_preprocessing(cached: CachedCohort, stored: dict | None, path: Path) -> None:
+    """Refuse to use the checkpoint at `path` (trained on preprocessing `stored`) on a cache
+    preprocessed otherwise, e.g. prepared again at another --size after training: the model would
+    still run, and its numbers would be wrong."""
+    if not isinstance(stored, dict):
+        log.warning(f"{path}: no preprocessing stored; cannot check it against {cached.root}")
+        return
+    diffs = PreprocessConfig.differences(cached.preprocess, stored)
+    if diffs:
+        cache_side = ", ".join(f"{name} {a}" for name, a, _ in diffs)
+        ckpt_side = ", ".join(f"{name} {b}" for name, _, b in diffs)
+        size = stored.get("size")
+        raise BratsError(
+            f"{cached.root} is preprocessed with {cache_side} but {path} was trained on {ckpt_side}: "
+            f"give the cache it was trained on with --data, or prepare one with "
+            f"python -m brats.prepare RAW_DATA --out NEW_CACHE --size {size}"
+        )
+
+
+def model_config(ckpt: Checkpoint, run_cfg: dict) -> dict:
+    """The checkpoint's own config when it has one (a plain dict), else the run's."""
+    cfg = ckpt.config
+    return cfg if isinstance(cfg, dict) else run_cfg
+
+
+def load_best_model(
+    run: Path, k: int, run_cfg: dict, trust: bool
+) -> tuple[torch.nn.Module, Checkpoint, Path]:
+    """Fold k's checkpoint chosen by the policy, loaded into a freshly built fp32 model in eval
+    mode; returns (model, checkpoint, path)."""
+    path = select_checkpoint(RunPaths(run).fold(k), float(run_cfg.get("ema_decay", 0.0)) > 0)
+    ckpt = read_checkpoint(path, trust=trust)
+    model = build_model(model_config(ckpt, run_cfg))
+    try:
+        model.load_state_dict(ckpt.model_state_dict)
+    except RuntimeError as e:
+        raise BratsError(f"{path}: weights do not fit the configured model ({str(e).splitlines()[0]})") from e
+    return model.eval().float(), ckpt, path
