@@ -73,11 +73,11 @@ def main(
     )
     paths = RunPaths(run)
     print(paths.report.read_text())
-    print(f"wrote {paths.evaluation} ({len(summary['folds'])} folds)")
+    print(f"wrote {paths.evaluation} ({len(summary.folds)} folds)")
     if cam:
         from brats.evaluation.cam_montage import write_evaluation_montages
 
-        folds_done = [row["fold"] for row in summary["folds"]]
+        folds_done = [row.fold for row in summary.folds]
         montages = write_evaluation_montages(
             run, folds_done, trust=trust_checkpoints, data=data, device=device
         )

@@ -609,10 +609,10 @@ def test_calibrated_decision_travels_from_evaluation_to_predict(cv_run, cache20,
 
     run = copy_run(cv_run, tmp_path / "run")
     summary = evaluate_run(run, calibrate="temperature", threshold="youden")
-    decision = Decision.from_dict(summary["decision"], "summary")
+    decision = Decision.from_dict(summary.decision, "summary")
     assert decision.calibration == "temperature" and decision.rule == "youden"
     assert decision.slope > 0 and 0 < decision.threshold < 1 and decision.intercept == 0
-    cal = summary["calibration"]
+    cal = summary.calibration
     for part in ("raw", "calibrated"):
         assert 0 <= cal[part]["brier"] <= 1 and 0 <= cal[part]["ece"] <= 1 and cal[part]["reliability"]
     assert cal["how"].startswith("cross-fitted") and (run / "evaluation" / "reliability.png").stat().st_size
@@ -623,9 +623,9 @@ def test_calibrated_decision_travels_from_evaluation_to_predict(cv_run, cache20,
 
     model = export(run)
     card = json.loads(RunPaths.card(model).read_text())
-    assert card["contract"]["decision"] == summary["decision"]
+    assert card["contract"]["decision"] == summary.decision
     meta = {p.key: json.loads(p.value) for p in onnx.load(str(model)).metadata_props}
-    assert meta["brats_contract"]["decision"] == summary["decision"]
+    assert meta["brats_contract"]["decision"] == summary.decision
 
     k = card["sources"][0]["fold"]
     raw = {r["patient_id"]: float(r["p_hgg"]) for r in evaluated if r["fold"] == str(k)}
@@ -641,7 +641,7 @@ def test_calibrated_decision_travels_from_evaluation_to_predict(cv_run, cache20,
     assert f"HGG when p_hgg >= {decision.threshold:.4g} (the model's, rule youden)" in stdout
     # the grades on disk are known here: accuracy with its CI, beside the out-of-fold figure
     assert "graded patients match the grade on disk (95% CI " in stdout
-    oof = summary["calibration"]["operating_point"]["accuracy"]
+    oof = summary.calibration["operating_point"]["accuracy"]
     assert f"each on patients it never trained on) at the same decision: accuracy {oof:.2f}" in stdout
     for pid, p in raw.items():
         row = rows[pid]

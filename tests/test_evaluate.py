@@ -93,7 +93,7 @@ def test_policy_selection(cv_copy):
     cfg["ema_decay"] = 0.0
     (cv_copy / "config.json").write_text(json.dumps(cfg))
     summary = evaluate_run(cv_copy, folds=[1, 2])
-    assert [r["checkpoint"] for r in summary["folds"]] == [BEST, BEST]
+    assert [r.checkpoint for r in summary.folds] == [BEST, BEST]
 
 
 def test_legacy_pickled_checkpoint_needs_trust_flag(cv_copy):
@@ -116,9 +116,7 @@ def test_legacy_pickled_checkpoint_needs_trust_flag(cv_copy):
     )
     assert "Traceback" not in r.stderr
     summary = evaluate_run(cv_copy, folds=[0], trust=True)
-    assert summary["folds"][0]["rescored_val_auc"] == pytest.approx(
-        float(ckpt["val_metrics"]["auc"]), abs=1e-6
-    )
+    assert summary.folds[0].rescored_val_auc == pytest.approx(float(ckpt["val_metrics"]["auc"]), abs=1e-6)
 
 
 def test_checkpoint_must_hold_weights_and_metrics(cv_copy):
@@ -143,7 +141,7 @@ def test_missing_fold_listed_unless_left_out(cv_copy):
     shutil.rmtree(cv_copy / "fold_3")
     with pytest.raises(BratsError, match="fold\\(s\\) 3 not trained"):
         evaluate_run(cv_copy)
-    assert [r["fold"] for r in evaluate_run(cv_copy, folds=[0, 1, 2, 4])["folds"]] == [0, 1, 2, 4]
+    assert [r.fold for r in evaluate_run(cv_copy, folds=[0, 1, 2, 4]).folds] == [0, 1, 2, 4]
 
 
 def test_strict_turns_an_auc_mismatch_into_an_error(cv_copy):
@@ -165,8 +163,8 @@ def test_inner_validation_protocol(cache20, tmp_path):
     ckpt = torch.load(run / "fold_0" / BEST, weights_only=True)
     assert ckpt["val_patients"] == splits["folds"][0]["inner_val"]
     summary = evaluate_run(run)
-    assert summary["protocol"].startswith("inner-validation") and not summary["optimistic"]
-    assert summary["folds"][0]["n"] == len(splits["folds"][0]["val"])  # the outer fold is what is scored
+    assert summary.protocol.startswith("inner-validation") and not summary.optimistic
+    assert summary.folds[0].n == len(splits["folds"][0]["val"])  # the outer fold is what is scored
     assert "optimistic" not in (run / "evaluation" / "report.md").read_text()
 
 
@@ -205,7 +203,7 @@ def test_evaluate_refuses_a_cache_prepared_again_at_another_size(cv_copy, cache2
     assert list((cv_copy / "evaluation").iterdir()) == []
     with pytest.raises(BratsError, match="size 32"):
         evaluate_run(cv_copy, folds=[1], data=str(cache))
-    assert evaluate_run(cv_copy, folds=[1], data=str(cache20))["folds"][0]["fold"] == 1
+    assert evaluate_run(cv_copy, folds=[1], data=str(cache20)).folds[0].fold == 1
 
 
 # --- one line instead of a traceback
@@ -349,8 +347,21 @@ def test_seed_table_1_f1_is_macro_f1_and_the_report_reproduces_it():
         assert round(metrics["accuracy"], 4) == acc and round(metrics["f1"], 4) != f1
         assert metrics["f1"] > 0.72  # HGG F1 at these accuracies
         metrics["auc"] = auc  # not recoverable from a confusion matrix: the seed's value
-        results.append(FoldResult(fold, "best_ema.pt", True, epoch, auc, auc, metrics, [], labels, p))
-    summary = summarize_folds(results, inner_val=0.0)
+        results.append(
+            FoldResult(
+                fold=fold,
+                checkpoint="best_ema.pt",
+                is_ema=True,
+                epoch=epoch,
+                stored_auc=auc,
+                rescored_auc=auc,
+                metrics=metrics,
+                patient_ids=[],
+                labels=labels,
+                p_hgg=p,
+            )
+        )
+    summary = summarize_folds(results, Path("seed"), inner_val=0.0)
     report = report_markdown(summary, Path("seed"))
     assert "- **AUC**: 0.8793 +- 0.0436" in report  # the seed printed 0.8794 from unrounded values
     assert "- **F1 (macro)**: 0.7619 +- 0.0677" in report

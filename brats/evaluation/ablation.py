@@ -24,8 +24,8 @@ def load_run(run: Path) -> dict:
     summary = load_summary(run)
     config = run_config(run)
     stability = []
-    for row in summary["folds"]:
-        path = RunPaths(run).metrics(row["fold"])
+    for row in summary.folds:
+        path = RunPaths(run).metrics(row.fold)
         try:
             with open(path) as f:
                 epochs = list(csv.DictReader(f))
@@ -40,7 +40,7 @@ def load_run(run: Path) -> dict:
             ) from e
         stability.append(
             {
-                "fold": row["fold"],
+                "fold": row.fold,
                 "val_auc_std": float(np.nanstd(auc, ddof=1)) if len(auc) > 1 else 0.0,
                 "train_loss_min": float(loss.min()),
                 "train_loss_max": float(loss.max()),
@@ -79,20 +79,20 @@ def ablation_markdown(before: Path, after: Path) -> str:
         "| Fold | AUC before | AUC after | F1 (macro) before | F1 (macro) after | Acc. before | Acc. after |",
         "|------|-----------|-----------|-------------------|------------------|-------------|------------|",
     ]
-    fa = {r["fold"]: r for r in runs["before"]["summary"]["folds"]}
-    fb = {r["fold"]: r for r in runs["after"]["summary"]["folds"]}
+    fa = {r.fold: r.metrics for r in runs["before"]["summary"].folds}
+    fb = {r.fold: r.metrics for r in runs["after"]["summary"].folds}
     for k in sorted(set(fa) & set(fb)):
         a, b = fa[k], fb[k]
         lines.append(
             f"| {k} | {a['auc']:.4f} | {b['auc']:.4f} | {a['macro_f1']:.4f} | {b['macro_f1']:.4f} | "
             f"{a['accuracy']:.4f} | {b['accuracy']:.4f} |"
         )
-    ma, mb = runs["before"]["summary"]["mean_std"], runs["after"]["summary"]["mean_std"]
+    ma, mb = runs["before"]["summary"].mean_std, runs["after"]["summary"].mean_std
     cells = [
         f"{m[k]['mean']:.4f} +- {m[k]['std']:.4f}" for k in ("auc", "macro_f1", "accuracy") for m in (ma, mb)
     ]
     lines.append("| mean +- std | " + " | ".join(cells) + " |")
-    pooled = [runs[r]["summary"]["pooled"].get("auc", float("nan")) for r in ("before", "after")]
+    pooled = [runs[r]["summary"].pooled.get("auc", float("nan")) for r in ("before", "after")]
     lines += ["", f"Pooled out-of-fold AUC: before {pooled[0]:.4f}, after {pooled[1]:.4f}."]
     lines += [
         "",

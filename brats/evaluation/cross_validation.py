@@ -9,6 +9,7 @@ re-computed val AUC is checked against the AUC stored when it was saved.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -31,13 +32,14 @@ from brats.evaluation.verification import rescore_precision, verify
 from brats.io.atomic import check_output_dir, remove_stale_temps, staged
 from brats.runs.paths import RunPaths
 from brats.runs.reader import check_preprocessing, load_best_model, model_config, run_config
+from brats.runs.summary import FoldRow, Summary
 from brats.training.config import TrainConfig
 from brats.training.datasets import CachedVolumes
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class FoldResult:
     fold: int
     checkpoint: str
@@ -102,7 +104,17 @@ def evaluate_fold(
     else:
         log.info(msg)
     return FoldResult(
-        k, str(path), is_ema, epoch, stored, chosen["auc"], scored, fold.test, y, p_hgg, check.row()
+        fold=k,
+        checkpoint=str(path),
+        is_ema=is_ema,
+        epoch=epoch,
+        stored_auc=stored,
+        rescored_auc=chosen["auc"],
+        metrics=scored,
+        patient_ids=fold.test,
+        labels=y,
+        p_hgg=p_hgg,
+        verification=check.row(),
     )
 
 
@@ -111,23 +123,27 @@ def summary_arrays(results: list[FoldResult]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([r.labels for r in results]), np.concatenate([r.p_hgg for r in results])
 
 
-def summarize_folds(results: list[FoldResult], inner_val: float, seed: int = 0, select: str = "best") -> dict:
+def summarize_folds(
+    results: list[FoldResult], run: Path, inner_val: float, seed: int = 0, select: str = "best"
+) -> Summary:
     """Table 1 (per fold), mean +- sample std, pooled out-of-fold AUC with a bootstrap CI."""
     table = [
-        {
-            "fold": r.fold,
-            "best_epoch": r.epoch,
-            "checkpoint": Path(r.checkpoint).name,
-            "is_ema": r.is_ema,
-            "stored_val_auc": r.stored_auc,
-            "rescored_val_auc": r.rescored_auc,
+        FoldRow(
+            fold=r.fold,
+            best_epoch=r.epoch,
+            checkpoint=Path(r.checkpoint).name,
+            is_ema=r.is_ema,
+            stored_val_auc=r.stored_auc,
+            rescored_val_auc=r.rescored_auc,
+            metrics={m: r.metrics[m] for m in METRICS},
+            n=len(r.labels),
             **r.verification,
-            **{m: r.metrics[m] for m in METRICS},
-            "n": len(r.labels),
-        }
+        )
         for r in results
     ]
-    summary = {m: dict(zip(("mean", "std"), mean_std([row[m] for row in table]))) for m in METRICS}
+    mean_and_std = {
+        m: dict(zip(("mean", "std"), mean_std([row.metrics[m] for row in table]))) for m in METRICS
+    }
     labels, p = summary_arrays(results)
     pooled = {"n": int(len(labels)), "hgg": int(labels.sum()), "lgg": int(len(labels) - labels.sum())}
     pooled["majority_class_accuracy"] = max(pooled["hgg"], pooled["lgg"]) / max(pooled["n"], 1)
@@ -135,13 +151,14 @@ def summarize_folds(results: list[FoldResult], inner_val: float, seed: int = 0, 
         pooled["auc"] = float(roc_auc_score(labels, p))
         lo, hi = bootstrap_auc_ci(labels, p, seed=seed)
         pooled["auc_ci95"] = [lo, hi]
-    return {
-        "protocol": protocol(inner_val, select),
-        "optimistic": optimistic(inner_val, select),
-        "folds": table,
-        "mean_std": summary,
-        "pooled": pooled,
-    }
+    return Summary(
+        run=str(run),
+        protocol=protocol(inner_val, select),
+        optimistic=optimistic(inner_val, select),
+        folds=table,
+        mean_std=mean_and_std,
+        pooled=pooled,
+    )
 
 
 def evaluate_run(
@@ -154,7 +171,7 @@ def evaluate_run(
     batch: int = 4,
     calibrate: str = "none",
     threshold: str = "0.5",
-) -> dict:
+) -> Summary:
     """Evaluate `folds` (default: all K) of a run; writes RUN/evaluation/; returns the summary.
     `calibrate` and `threshold` choose the decision fitted on the pooled out-of-fold predictions
     (brats/calibration.py)."""
@@ -184,13 +201,15 @@ def evaluate_run(
     )
     results = [evaluate_fold(run, k, run_cfg, cached, splits, trust, strict, dev, batch) for k in wanted]
 
-    summary = summarize_folds(results, cfg.inner_val, select=cfg.select)
-    summary["run"] = str(run)
     labels, p_oof = summary_arrays(results)
     folds_of = np.concatenate([np.full(len(r.labels), r.fold) for r in results])
-    decision, summary["calibration"] = summarize_calibration(labels, p_oof, folds_of, calibrate, threshold)
-    summary["calibration"]["balanced_sampler"] = cfg.sampler == "inverse_freq"
-    summary["decision"] = decision.to_dict()
+    decision, calibration = summarize_calibration(labels, p_oof, folds_of, calibrate, threshold)
+    calibration["balanced_sampler"] = cfg.sampler == "inverse_freq"
+    summary = dataclasses.replace(
+        summarize_folds(results, run, cfg.inner_val, select=cfg.select),
+        calibration=calibration,
+        decision=decision.to_dict(),
+    )
     rows = [
         {"patient_id": p, "fold": r.fold, "label": int(y), "p_hgg": float(prob)}
         for r in results
@@ -203,15 +222,15 @@ def evaluate_run(
             title = f"fold {r.fold} epoch {r.epoch}"
             save_plots(stage / RunPaths.fold_name(r.fold), r.labels, r.p_hgg, title=title)
         roc_all_folds({r.fold: (r.labels, r.p_hgg) for r in results}, stage / "roc_all_folds.png")
-        curves = {"raw": summary["calibration"]["raw"]["reliability"]}
-        if "calibrated" in summary["calibration"]:
-            curves[f"{calibrate} (cross-fitted)"] = summary["calibration"]["calibrated"]["reliability"]
+        curves = {"raw": calibration["raw"]["reliability"]}
+        if "calibrated" in calibration:
+            curves[f"{calibrate} (cross-fitted)"] = calibration["calibrated"]["reliability"]
         reliability_diagram(stage / RELIABILITY, curves)
         with open(stage / paths.predictions.name, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        (stage / paths.summary.name).write_text(json.dumps(summary, indent=2) + "\n")
+        (stage / paths.summary.name).write_text(json.dumps(summary.to_json(), indent=2) + "\n")
         (stage / paths.report.name).write_text(report_markdown(summary, run))
     return summary
 

@@ -32,6 +32,7 @@ from brats.models.explained import ExplainedModel
 from brats.models.resnet import ResNet3D
 from brats.runs.paths import BEST, BEST_EMA, RunPaths
 from brats.runs.reader import check_preprocessing, load_best_model, load_summary, model_config, run_config
+from brats.runs.summary import FoldRow, Summary
 from brats.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,9 @@ def check_model_outputs(out: Path) -> None:
         log.info(f"removed {stale.name}, left by an export or write that was killed")
 
 
-def evaluated_folds(run: Path, needed: list[int], trained: list[int], trust: bool, data: str | None) -> dict:
+def evaluated_folds(
+    run: Path, needed: list[int], trained: list[int], trust: bool, data: str | None
+) -> Summary:
     """The summary of the run's evaluation, evaluating the trained folds first when it is
     missing, unreadable or lacks a fold in `needed`."""
     path = RunPaths(run).summary
@@ -193,7 +196,7 @@ def evaluated_folds(run: Path, needed: list[int], trained: list[int], trust: boo
     except BratsError as e:  # corrupt: evaluating writes it again
         log.warning(f"{e}; evaluating folds {trained} instead")
         return evaluate_run(run, trained, trust=trust, data=data)
-    missing = sorted(set(needed) - {row["fold"] for row in summary["folds"]})
+    missing = sorted(set(needed) - {row.fold for row in summary.folds})
     if missing:
         log.info(f"{path} lacks fold(s) {missing}: evaluating folds {trained} first")
         return evaluate_run(run, trained, trust=trust, data=data)
@@ -237,13 +240,13 @@ def export(
     data = str(data) if data is not None else None
 
     summary = evaluated_folds(run, [fold] if fold is not None else trained, trained, trust, data)
-    evaluated = {row["fold"]: row for row in summary["folds"] if row["fold"] in trained}
+    evaluated = {row.fold: row for row in summary.folds if row.fold in trained}
     if ensemble:
         folds = sorted(evaluated)
     elif fold is not None:
         folds = [fold]
     else:  # the fold whose re-scored validation AUC is best
-        folds = [max(evaluated.values(), key=lambda r: (r["rescored_val_auc"], -r["fold"]))["fold"]]
+        folds = [max(evaluated.values(), key=lambda r: (r.rescored_val_auc, -r.fold)).fold]
 
     models, sources = load_sources(run, folds, run_cfg, trust, evaluated)
     # Parity inputs: three real preprocessed patients from the cache, which must be preprocessed
@@ -256,7 +259,7 @@ def export(
         {**sources[0]["preprocess"], "modalities": list(modalities)}, sources[0]["checkpoint"]
     ).to_contract()
     # How p(HGG) becomes a grade: calibration and threshold chosen on the out-of-fold predictions
-    contract["decision"] = Decision.from_dict(summary.get("decision", {}), RunPaths(run).summary).to_dict()
+    contract["decision"] = Decision.from_dict(summary.decision, RunPaths(run).summary).to_dict()
     provenance = make_provenance(run, sources, summary)
     wrapper = ExplainedModel(models).eval()
     channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
@@ -279,14 +282,14 @@ def export(
 
 
 def load_sources(
-    run: Path, folds: list[int], run_cfg: dict, trust: bool, evaluated: dict[int, dict]
+    run: Path, folds: list[int], run_cfg: dict, trust: bool, evaluated: dict[int, FoldRow]
 ) -> tuple[list[ResNet3D], list[dict]]:
     """The folds' models by the policy and where each came from; they must agree on channels
     and preprocessing to be exported together."""
     models, sources = [], []
     for k in folds:
         model, info = load_fold(run, k, run_cfg, trust)
-        info["rescored_val_auc"] = evaluated[k]["rescored_val_auc"]
+        info["rescored_val_auc"] = evaluated[k].rescored_val_auc
         models.append(model)
         sources.append(info)
         log.info(
@@ -303,7 +306,7 @@ def load_sources(
     return models, sources
 
 
-def make_provenance(run: Path, sources: list[dict], summary: dict) -> dict:
+def make_provenance(run: Path, sources: list[dict], summary: Summary) -> dict:
     """What the exported model is and where it came from (ONNX metadata and model card)."""
     return {
         "classes": list(CLASSES),
@@ -313,11 +316,11 @@ def make_provenance(run: Path, sources: list[dict], summary: dict) -> dict:
         "sources": [{k: v for k, v in s.items() if k not in ("preprocess", "config")} for s in sources],
         "architecture": {k: sources[0]["config"][k] for k in ("depth", "layout", "dropout")},
         "cv_summary": {
-            "protocol": summary["protocol"],
-            "optimistic": summary.get("optimistic", True),
-            "mean_std": {m: summary["mean_std"][m] for m in ("auc", "macro_f1", "f1", "accuracy")},
-            "pooled": summary["pooled"],
-            "calibration": summary.get("calibration"),  # Brier, ECE, operating point (raw/calibrated)
+            "protocol": summary.protocol,
+            "optimistic": summary.optimistic,
+            "mean_std": {m: summary.mean_std[m] for m in ("auc", "macro_f1", "f1", "accuracy")},
+            "pooled": summary.pooled,
+            "calibration": summary.calibration,  # Brier, ECE, operating point (raw/calibrated)
         },
         "run": str(run),
     }

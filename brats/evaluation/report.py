@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from brats.evaluation.verification import precision_name
+from brats.runs.summary import Summary
 
 RELIABILITY = "reliability.png"  # in RUN/evaluation/
 
@@ -18,10 +19,10 @@ TABLE_1 = (  # (summary key, column name): the seed's Table 1 columns first; its
 )
 
 
-def report_markdown(summary: dict, run: Path) -> str:
+def report_markdown(summary: Summary, run: Path) -> str:
     """RUN/evaluation/report.md: what deserves trust first (the pooled out-of-fold AUC and the
     protocol that produced it), then Table 1 and its mean +- std, then the decision figures."""
-    pooled = summary["pooled"]
+    pooled = summary.pooled
     lines = [f"# Cross-validation report: {run}", ""]
     if "auc" in pooled:
         lo, hi = pooled["auc_ci95"]
@@ -29,8 +30,8 @@ def report_markdown(summary: dict, run: Path) -> str:
             f"**Pooled out-of-fold AUC: {pooled['auc']:.4f}** (bootstrap 95% CI {lo:.4f}-{hi:.4f}, "
             f"{pooled['n']} patients: {pooled['hgg']} HGG, {pooled['lgg']} LGG)."
         )
-    lines += ["", f"Protocol: {summary['protocol']}."]
-    if summary["optimistic"]:
+    lines += ["", f"Protocol: {summary.protocol}."]
+    if summary.optimistic:
         lines += [
             "",
             "Note: each fold's epoch was chosen on the same validation fold that is scored here, so these "
@@ -42,24 +43,20 @@ def report_markdown(summary: dict, run: Path) -> str:
         "| Fold | Best Epoch | Checkpoint | " + " | ".join(cols) + " | Stored val AUC |",
         "|" + "|".join("---" for _ in range(len(cols) + 4)) + "|",
     ]
-    for r in summary["folds"]:
-        cells = " | ".join(f"{r[key]:.4f}" for key, _ in TABLE_1)
-        lines.append(
-            f"| {r['fold']} | {r['best_epoch']} | {r['checkpoint']} | {cells} | {r['stored_val_auc']:.4f} |"
-        )
+    for r in summary.folds:
+        cells = " | ".join(f"{r.metrics[key]:.4f}" for key, _ in TABLE_1)
+        lines.append(f"| {r.fold} | {r.best_epoch} | {r.checkpoint} | {cells} | {r.stored_val_auc:.4f} |")
     lines += ["", "Verification (each checkpoint re-scored against what it stored):", ""]
-    for r in summary["folds"]:
-        dp = r.get("max_abs_dp")
-        per_patient = f", per-patient max |dp| {dp:.1e}" if dp is not None else ""
+    for r in summary.folds:
+        per_patient = f", per-patient max |dp| {r.max_abs_dp:.1e}" if r.max_abs_dp is not None else ""
         precisions = (
-            f" ({precision_name(r.get('validated_in'))} in training, "
-            f"{precision_name(r.get('rescored_in', 'no'))} here)"
+            f" ({precision_name(r.validated_in)} in training, {precision_name(r.rescored_in or 'no')} here)"
         )
         lines.append(
-            f"- fold {r['fold']}: val AUC stored {r['stored_val_auc']:.4f}, re-scored "
-            f"{r['rescored_val_auc']:.4f}{per_patient}{precisions}"
+            f"- fold {r.fold}: val AUC stored {r.stored_val_auc:.4f}, re-scored "
+            f"{r.rescored_val_auc:.4f}{per_patient}{precisions}"
         )
-    ms = summary["mean_std"]
+    ms = summary.mean_std
     lines += ["", "Mean +- sample std (ddof=1) across folds:", ""]
     for key, name in TABLE_1:
         lines.append(f"- **{name}**: {ms[key]['mean']:.4f} +- {ms[key]['std']:.4f}")
@@ -71,8 +68,8 @@ def report_markdown(summary: dict, run: Path) -> str:
         f"Majority-class accuracy (always {'HGG' if pooled['hgg'] >= pooled['lgg'] else 'LGG'}): "
         f"{pooled['majority_class_accuracy']:.4f}.",
     ]
-    if "calibration" in summary:
-        lines += ["", *calibration_markdown(summary["calibration"], summary["decision"])]
+    if summary.calibration:
+        lines += ["", *calibration_markdown(summary.calibration, summary.decision)]
     return "\n".join(lines) + "\n"
 
 

@@ -15,10 +15,10 @@ import torch
 from brats.data.cache_reader import CachedCohort
 from brats.data.preprocess import PreprocessConfig
 from brats.errors import BratsError
-from brats.evaluation.metrics import METRICS
 from brats.models.resnet import build_model
 from brats.runs.checkpoint import Checkpoint, read_checkpoint, select_checkpoint
 from brats.runs.paths import RunPaths
+from brats.runs.summary import Summary
 from brats.training.config import TrainConfig, validate
 
 log = logging.getLogger(__name__)
@@ -42,31 +42,9 @@ def run_config(run: Path) -> dict:
     return cfg
 
 
-def load_summary(run: Path) -> dict:
-    """RUN/evaluation/summary.json, checked for what export and the ablation table read."""
-    path = RunPaths(run).summary
-    if not path.is_file():
-        raise BratsError(f"{run}: not evaluated yet (no {path}): run python evaluate.py --run {run}")
-    try:
-        summary = json.loads(path.read_text())
-        rows = summary["folds"]
-        if not isinstance(rows, list) or not rows:
-            raise ValueError("no folds")
-        for row in rows:
-            if not isinstance(row["fold"], int):
-                raise ValueError(f"fold {row['fold']!r}")
-            for m in ("rescored_val_auc", *METRICS):
-                float(row[m])
-        for m in METRICS:
-            float(summary["mean_std"][m]["mean"]), float(summary["mean_std"][m]["std"])
-        if not isinstance(summary["pooled"], dict) or not isinstance(summary["protocol"], str):
-            raise ValueError("no pooled figures or protocol")
-    except (ValueError, TypeError, KeyError) as e:
-        raise BratsError(
-            f"{path} is corrupt ({type(e).__name__}: {str(e)[:120]}): "
-            f"rerun python evaluate.py --run {run} to write it again"
-        ) from e
-    return summary
+def load_summary(run: Path) -> Summary:
+    """RUN/evaluation/summary.json through its schema (missing or damaged: one line with the fix)."""
+    return Summary.read(RunPaths(run).summary, f"run python evaluate.py --run {run} to write it")
 
 
 def check_preprocessing(cached: CachedCohort, stored: dict | None, path: Path) -> None:
