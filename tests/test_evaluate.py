@@ -400,10 +400,20 @@ def test_rescore_precision_and_cross_precision_tolerance():
     assert rescore_precision("bf16", cuda) == "bf16" and rescore_precision("fp16", cuda) == "fp16"
     assert rescore_precision("bf16", cpu) == "no" and rescore_precision(None, cuda) == "no"
     # trained in bf16, re-scored in fp32 on a CPU: a few 0.01 per patient is expected, and said
-    v = Verification(0.90, 0.895, "bf16", "no", 0.03, "P7", 57)
+    base = dict(stored_auc=0.90, rescored_auc=0.895, max_abs_dp=0.03, worst="P7", compared=57)
+    v = Verification(**base, trained="bf16", rescored="no")
     assert v.ok and v.tolerance == DP_TOLERANCE_CROSS
     assert "validated in bf16 during training, re-scored in fp32 on the CPU" in v.text
-    assert not Verification(0.90, 0.895, "no", "no", 0.03, "P7", 57).ok  # same precision: 1e-3
-    assert not Verification(0.90, 0.88, "bf16", "bf16", 0.0, "P7", 57).ok  # the AUC still counts
-    older = Verification(0.90, 0.90, "unknown", "no", None, "", 0)  # a file without probabilities
+    assert not Verification(**base, trained="no", rescored="no").ok  # same precision: 1e-3
+    worse = dict(base, rescored_auc=0.88, max_abs_dp=0.0)
+    assert not Verification(**worse, trained="bf16", rescored="bf16").ok  # the AUC still counts
+    older = Verification(  # a file without probabilities
+        stored_auc=0.90,
+        rescored_auc=0.90,
+        trained="unknown",
+        rescored="no",
+        max_abs_dp=None,
+        worst="",
+        compared=0,
+    )
     assert older.ok and "per patient" not in older.text

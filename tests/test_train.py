@@ -177,7 +177,7 @@ def test_select_last_keeps_each_folds_last_epoch_and_the_report_is_not_optimisti
     for name in (BEST, BEST_EMA):
         assert torch.load(run / "fold_0" / name, weights_only=True)["epoch"] == 3
     report = evaluate_run(run, folds=[0])
-    assert report["optimistic"] is False and report["protocol"].startswith("last epoch of each fold")
+    assert report.optimistic is False and report.protocol.startswith("last epoch of each fold")
     assert "optimistic" not in (run / "evaluation" / "report.md").read_text()
 
     written.clear()

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,58 +169,114 @@ def test_rank_auc_matches_sklearn_with_ties():
     np.testing.assert_allclose(rank_auc(np.tile(y, (3, 1)), p), expected)
 
 
-def test_best_keeper_never_regresses_and_leaves_no_temp_files(tmp_path):
-    from brats.runs.checkpoint import Checkpoint
-    from brats.runs.keeper import AUC_EPS, BestKeeper
+def make_keeper(folder: Path, select: str = "best", ema: bool = False):
+    from brats.runs.keeper import CheckpointKeeper, FoldRecord
+    from brats.runs.paths import RunPaths
 
-    keeper = BestKeeper(tmp_path / "best.pt", is_ema=False, title="fold 0")
-    labels, p = np.array([0, 1, 1, 0]), np.array([0.2, 0.7, 0.9, 0.4])
+    ids = ["a", "b", "c", "d"]
+    record = FoldRecord(
+        config={"depth": 10},
+        fold=0,
+        splits_fingerprint="f",
+        protocol="p",
+        val_patients=ids,
+        preprocess={"size": 24},
+        mixed_precision="no",
+        val_ids=ids,
+        val_labels=np.array([0, 1, 1, 0]),
+    )
+    return CheckpointKeeper(paths=RunPaths(folder), record=record, select=select, ema=ema)
+
+
+def candidate(auc: float, loss: float = 1.0, ema: bool = False):
+    from brats.runs.keeper import Candidate
+
+    p = np.array([0.2, 0.7, 0.9, 0.4])
+    return Candidate(ema=ema, weights=torch.nn.Linear(1, 1), metrics={"auc": auc, "loss": loss}, p_hgg=p)
+
+
+def test_best_keeper_never_regresses_and_leaves_no_temp_files(tmp_path):
+    from brats.runs.keeper import AUC_EPS, Best
+
+    keeper = make_keeper(tmp_path)
+    path, folder = tmp_path / "fold_0" / "best.pt", tmp_path / "fold_0"
     saved = []
     for epoch, auc in enumerate([0.5, 0.8, 0.8 + AUC_EPS / 2, float("nan"), 0.7, 0.9], start=1):
-        if keeper.consider(auc, epoch):
-            keeper.save(Checkpoint({"w": torch.zeros(1)}, {"auc": auc}, epoch), labels, p)
+        if keeper.consider(epoch, [candidate(auc)]):
+            assert keeper.write(epoch, due=False) == [path]
             saved.append(epoch)
+        else:
+            assert keeper.write(epoch, due=True) == []
     assert saved == [1, 2, 6]  # float noise, NaN and a worse AUC never replace the best
-    assert (keeper.best_auc, keeper.best_epoch) == (0.9, 6)
-    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 6
-    assert not list(tmp_path.glob("*.png"))  # drawn once, for the best epoch, when the fold is done
+    best = keeper.bests["best"]
+    assert (best.best_auc, best.best_epoch) == (0.9, 6)
+    stored = torch.load(path, weights_only=True)
+    assert stored["epoch"] == 6 and stored["val_probabilities"] == {"a": 0.2, "b": 0.7, "c": 0.9, "d": 0.4}
+    assert stored["fold"] == 0 and stored["config"] == {"depth": 10}
+    assert not list(folder.glob("*.png"))  # drawn once, for the best epoch, when the fold is done
     keeper.plot()
-    assert {p.name for p in tmp_path.glob("*_epoch_*.png")} == {
+    assert {p.name for p in folder.glob("*_epoch_*.png")} == {
         f"{n}_epoch_6.png" for n in ("roc_curve", "pr_curve", "confusion_matrix")
     }
-    assert not list(tmp_path.glob(".tmp-*"))
-    restored = BestKeeper(tmp_path / "best.pt", is_ema=False, title="fold 0")
-    restored.load_state_dict(keeper.state_dict())
-    assert (restored.labels, restored.p_hgg) == (labels.tolist(), p.tolist())  # a resumed fold still plots
-    assert not restored.consider(0.9, 7) and restored.consider(0.95, 7)
+    assert not list(folder.glob(".tmp-*"))
+    restored = Best(path, is_ema=False, title="fold 0")
+    restored.load_state_dict(best.state_dict())
+    assert (restored.labels, restored.p_hgg) == ([0, 1, 1, 0], [0.2, 0.7, 0.9, 0.4])  # a resumed fold plots
+    assert not restored.beats(0.9, 1.0) and restored.beats(0.95, 1.0)
+
+
+def test_select_last_keeps_every_epoch_and_writes_it_with_the_resume_state(tmp_path):
+    keeper = make_keeper(tmp_path, select="last", ema=True)
+    for epoch, auc in enumerate([0.9, 0.5, 0.7], start=1):
+        assert keeper.consider(epoch, [candidate(auc), candidate(auc, ema=True)])  # never stops early
+        assert keeper.write(epoch, due=epoch == 3) == (
+            []
+            if epoch < 3
+            else [
+                tmp_path / "fold_0" / "best.pt",
+                tmp_path / "fold_0" / "best_ema.pt",
+            ]
+        )
+    assert keeper.outcome() == {"best_epoch": 3, "best_auc": 0.7, "best_ema_epoch": 3, "best_ema_auc": 0.7}
+    assert torch.load(tmp_path / "fold_0" / "best_ema.pt", weights_only=True)["is_ema"] is True
 
 
 def test_an_auc_tie_is_broken_by_the_lower_validation_loss(tmp_path):
-    from brats.runs.keeper import BestKeeper
+    from brats.runs.keeper import Best
 
-    keeper = BestKeeper(tmp_path / "best.pt", is_ema=False, title="fold 0")
+    keeper = make_keeper(tmp_path)
     seen = [(1.0, 0.6), (1.0, 0.7), (1.0, 0.4), (0.95, 0.1), (1.0, 0.4)]  # (AUC, val loss) of epochs 1-5
-    assert [keeper.consider(auc, epoch, loss) for epoch, (auc, loss) in enumerate(seen, 1)] == [
+    assert [keeper.consider(epoch, [candidate(auc, loss)]) for epoch, (auc, loss) in enumerate(seen, 1)] == [
         True,
         False,  # same AUC, higher loss
         True,  # same AUC, lower loss: the better-trained model of the two
         False,  # a lower AUC never wins on loss
         False,  # an exact repeat is no improvement
     ]
-    restored = BestKeeper(tmp_path / "best.pt", is_ema=False, title="fold 0")
-    restored.load_state_dict(keeper.state_dict())
+    restored = Best(tmp_path / "best.pt", is_ema=False, title="fold 0")
+    restored.load_state_dict(keeper.bests["best"].state_dict())
     assert (restored.best_epoch, restored.best_loss) == (3, 0.4)
-    assert not restored.consider(1.0, 6, 0.5) and restored.consider(1.0, 6, 0.3)
+    assert not restored.beats(1.0, 0.5) and restored.beats(1.0, 0.3)
     # a state written before the tie-break holds no loss: its best was kept on ties, and still is
-    older = BestKeeper(tmp_path / "best.pt", is_ema=False, title="fold 0")
+    older = Best(tmp_path / "best.pt", is_ema=False, title="fold 0")
     older.load_state_dict({"best_auc": 1.0, "best_epoch": 3})
-    assert not older.consider(1.0, 7, 0.01) and older.consider(1.0 + 0.01, 7, 0.9)
+    assert not older.beats(1.0, 0.01) and older.beats(1.0 + 0.01, 0.9)
 
 
 def test_checkpoint_schema_round_trips_and_fills_defaults_for_older_files(tmp_path):
     from brats.runs.checkpoint import Checkpoint
 
-    full = Checkpoint({"w": torch.ones(2)}, {"auc": 0.75}, 3, True, {"depth": 10}, 1, "abc", "p", ["a"])
+    full = Checkpoint(
+        model_state_dict={"w": torch.ones(2)},
+        val_metrics={"auc": 0.75},
+        epoch=3,
+        is_ema=True,
+        config={"depth": 10},
+        fold=1,
+        splits_fingerprint="abc",
+        protocol="p",
+        val_patients=["a"],
+    )
     again = Checkpoint.from_payload(full.to_payload(), tmp_path / "best.pt")
     assert again.to_payload().keys() == full.to_payload().keys() and again.is_ema and again.epoch == 3
     older = {"model_state_dict": {"w": torch.ones(2)}, "val_metrics": {}, "args_note": "ignored"}
@@ -236,7 +293,6 @@ def test_ema_follows_only_real_optimizer_updates(tmp_path, monkeypatch, fresh_ac
     """A step the fp16 grad scaler skipped moves neither the EMA nor the scheduler."""
     from accelerate import Accelerator
 
-    from brats.runs.keeper import BestKeeper
     from brats.training import engine
 
     accelerator = Accelerator(cpu=True)
@@ -248,19 +304,37 @@ def test_ema_follows_only_real_optimizer_updates(tmp_path, monkeypatch, fresh_ac
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda s: 1.0)
     ema = ModelEma(accelerator.unwrap_model(model), 0.5)
     cfg = make_config(data="x", augment=False, progress=False, grad_accum=1)
-    data = engine.FoldData(loader, loader, torch.Generator(), [4, 4], {}, [])
-    keepers = {"best": BestKeeper(tmp_path / "b.pt", False, "")}
-    parts = engine.TrainParts(
-        cfg, accelerator, engine.RunPaths(tmp_path), data, model, optimizer, scheduler,
-        torch.nn.CrossEntropyLoss(), torch.Generator(), ema, keepers,
-    )  # fmt: skip
+    data = engine.FoldData(
+        train_loader=loader,
+        val_loader=loader,
+        sample_gen=torch.Generator(),
+        class_counts=[4, 4],
+        splits_fingerprint="f",
+        val_patients=[],
+        preprocess={},
+        val_ids=[],
+        val_labels=np.array([]),
+    )
+    fold = engine.Fold(
+        cfg=cfg,
+        accelerator=accelerator,
+        paths=engine.RunPaths(tmp_path),
+        data=data,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        criterion=torch.nn.CrossEntropyLoss(),
+        augment_gen=torch.Generator(),
+        ema=ema,
+        keeper=make_keeper(tmp_path),
+    )
     before = {k: v.clone() for k, v in ema.state_dict().items()}
     monkeypatch.setattr(type(accelerator), "optimizer_step_was_skipped", property(lambda self: True))
-    engine.train_epoch(parts, 1)
+    engine.train_epoch(fold, 1)
     assert scheduler.last_epoch == 0
     assert all(torch.equal(before[k], v) for k, v in ema.state_dict().items())
     monkeypatch.undo()
-    engine.train_epoch(parts, 2)
+    engine.train_epoch(fold, 2)
     assert scheduler.last_epoch == 2
     assert not torch.equal(before["fc.weight"], ema.state_dict()["fc.weight"])
 
@@ -274,23 +348,18 @@ def test_learning_rates_that_cannot_train_are_refused_up_front(lr):
 def test_with_ema_patience_counts_only_the_evaluated_checkpoint(tmp_path):
     """Raw weights improving every epoch must not keep a run going whose EMA checkpoint (the one
     evaluated) stopped improving after epoch 2; without EMA the raw checkpoint is the judge."""
-    from brats.runs.keeper import BestKeeper
-    from brats.training.engine import FoldState, policy_keeper
+    from brats.training.engine import FoldState
 
     cfg = make_config(data="x", min_epochs=3, patience=2, max_epochs=20, ema_decay=0.9)
-    keepers = {
-        "best": BestKeeper(tmp_path / "best.pt", False, "raw"),
-        "best_ema": BestKeeper(tmp_path / "best_ema.pt", True, "ema"),
-    }
-    judge = policy_keeper(keepers)
-    assert judge is keepers["best_ema"]
+    keeper = make_keeper(tmp_path, ema=True)
+    assert keeper.policy is keeper.bests["best_ema"]
     state = FoldState()
     for epoch in range(1, 21):
         raw_auc, ema_auc = 0.5 + epoch / 100, min(0.6 + epoch / 100, 0.62)  # EMA flat after epoch 2
-        improved = [k for k, auc in ((keepers["best"], raw_auc), (judge, ema_auc)) if k.consider(auc, epoch)]
-        state.record(epoch, {"epoch": epoch}, judge in improved, cfg, judge.is_ema)
+        improved = keeper.consider(epoch, [candidate(raw_auc), candidate(ema_auc, ema=True)])
+        state.record(epoch, {"epoch": epoch}, improved, cfg, keeper.policy.is_ema)
         if state.finished:
             break
     assert state.epoch == 4 and state.stop_reason == "early stop: no new best EMA val AUC for 2 epochs"
-    assert keepers["best"].best_epoch == 4 and keepers["best_ema"].best_epoch == 2
-    assert policy_keeper({"best": keepers["best"]}) is keepers["best"]
+    assert keeper.bests["best"].best_epoch == 4 and keeper.bests["best_ema"].best_epoch == 2
+    assert make_keeper(tmp_path).policy.is_ema is False

@@ -53,8 +53,9 @@ class Splits:
             inner_val = set(self.inner[k])
         else:
             label_of = dict(zip(patient_ids, labels))
-            inner_val = inner_split(sorted(train), [label_of[p] for p in sorted(train)], self.inner_val,
-                                    self.seed + 1000 * (k + 1))  # fmt: skip
+            ordered = sorted(train)
+            seed = self.seed + 1000 * (k + 1)
+            inner_val = inner_split(ordered, [label_of[p] for p in ordered], self.inner_val, seed)
         inner_train = [p for p in train if p not in inner_val]
         return Fold(sorted(inner_train), sorted(inner_val), sorted(test))
 

@@ -93,11 +93,11 @@ def verify(
     dps = {p: abs(float(rescored_p[p]) - float(ckpt.val_probabilities[p])) for p in common}
     worst = max(dps, key=dps.__getitem__) if dps else ""
     return Verification(
-        ckpt.val_auc,
-        rescored_auc,
-        ckpt.mixed_precision or "unknown",
-        precision,
-        dps[worst] if dps else None,
-        worst,
-        len(dps),
+        stored_auc=ckpt.val_auc,
+        rescored_auc=rescored_auc,
+        trained=ckpt.mixed_precision or "unknown",
+        rescored=precision,
+        max_abs_dp=dps[worst] if dps else None,
+        worst=worst,
+        compared=len(dps),
     )

@@ -3,9 +3,9 @@
 A checkpoint holds tensors and plain Python values only (the config as a dict, never a pickled
 Namespace), so `torch.load(weights_only=True)` reads it. `Checkpoint` is its one schema: every
 writer builds one and every reader gets one, with the defaults for fields older files lack
-decided here once. `BestKeeper` owns one best file (best.pt or best_ema.pt) and the rule that
-replaces it. The resume state (state.pt) is a dict of objects with `state_dict()` /
-`load_state_dict()`, written and read by `save_resume_state` / `load_resume_state`.
+decided here once. `brats.runs.keeper` decides which epochs become best.pt / best_ema.pt. The
+resume state (state.pt) is a dict of objects with `state_dict()` / `load_state_dict()`, written
+and read by `save_resume_state` / `load_resume_state`.
 
 The selection policy (seed 3.5 / 6.6): best_ema.pt when the run used EMA and the file exists,
 else best.pt, else an error; never the resume state.
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 REQUIRED = ("model_state_dict", "val_metrics")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Checkpoint:
     """The contents of best.pt / best_ema.pt. Fields after the first two are optional in files
     written by older code; those take the defaults given here."""

@@ -1,20 +1,21 @@
 """Training of cross-validation folds on Hugging Face Accelerate.
 
 `train_fold` = `setup` (seed -> data -> model -> optimizer -> accelerator.prepare -> scheduler
-sized in optimizer updates -> EMA and best-checkpoint keepers) -> `resume_or_refuse` -> `fit`;
-`train_folds` does that for several folds in turn in one process, under one Accelerator.
-Each epoch (`run_epoch`): `train_epoch`, validate (raw and EMA), let each `BestKeeper` replace
-best.pt / best_ema.pt on a strict val-AUC improvement or an AUC tie at a lower val loss (with
-`--select last`: every epoch), then `write_epoch`: metrics.csv and, when due, the resume state.
+sized in optimizer updates -> EMA and the checkpoint keeper: a frozen `Fold`) ->
+`resume_or_refuse` (the `FoldState`, what changes while it trains) -> `fit`; `train_folds` does
+that for several folds in turn in one process, under one Accelerator. Each epoch (`run_epoch`):
+`train_epoch`, validate the model and its EMA copy, tell the `CheckpointKeeper` (brats.runs.keeper:
+it decides what becomes best.pt / best_ema.pt), then `write_epoch`: the kept checkpoints,
+metrics.csv and, when due, the resume state.
 
 Exact resume: every random stream is reseeded per epoch (`epoch_seed`), and the resume state
-(`TrainParts.stateful`) holds the model, optimizer, scheduler, grad scaler, EMA, the keepers'
-bests, the fold's progress and the RNG. A run killed at any moment and resumed repeats the
+(`resume_objects`) holds the model, optimizer, scheduler, grad scaler, EMA, the kept epochs,
+the fold's progress and the RNG. A run killed at any moment and resumed repeats the
 epochs since the state was last written (the one it was in, with `--state-every 0`), with the
 same numbers.
 
 Data: by default the fold's volumes are resident (`--cache-device auto`: one float16 tensor on
-the GPU when it fits, else in host memory; brats/resident.py) and a batch is an index gather on
+the GPU when it fits, else in host memory; brats.training.datasets) and a batch is an index gather on
 the device; `--cache-device off` is the DataLoader-with-workers path. Both draw the same batches
 from the same seeded sampler, so on the CPU they give the same metrics. No step reads a value
 back to the host except at optimizer-update boundaries (the non-finite-loss check).
@@ -34,7 +35,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from brats import __version__
 from brats.data.cache_reader import open_data
 from brats.data.folds import load_or_make_splits, protocol
 from brats.errors import BratsError
@@ -58,15 +58,13 @@ from brats.io.atomic import check_output_dir, remove_stale_temps, write_csv_atom
 from brats.models.pretrained import load_pretrained, resolve_pretrained
 from brats.models.resnet import build_model, param_groups
 from brats.runs.checkpoint import (
-    Checkpoint,
     RngState,
     Stateful,
-    cpu_state_dict,
     load_resume_state,
     save_resume_state,
 )
 from brats.runs.identity import check_one_run, write_run_config
-from brats.runs.keeper import BestKeeper
+from brats.runs.keeper import Candidate, CheckpointKeeper, FoldRecord
 from brats.runs.paths import RunPaths
 from brats.training.augment import augment_batch
 from brats.training.config import TrainConfig
@@ -97,15 +95,21 @@ class TrainingError(BratsError):
     pass
 
 
-@dataclass
+SAVED = ("epoch", "bad_epochs", "finished", "stop_reason", "history")  # FoldState's fields in state.pt
+
+
+@dataclass(kw_only=True)
 class FoldState:
-    """How far the fold got; saved in state.pt (the best AUCs belong to the keepers)."""
+    """What changes while a fold trains: how far it got (saved in state.pt; the kept epochs and
+    their AUCs belong to the CheckpointKeeper)."""
 
     epoch: int = 0  # completed epochs (1-based numbering of the last one)
     bad_epochs: int = 0  # epochs since the last new best of the checkpoint the policy evaluates
     finished: bool = False
     stop_reason: str = ""
     history: list[dict] = field(default_factory=list)  # metrics.csv rows
+    # when state.pt was last written (this process's clock; not saved)
+    state_written: float = field(default_factory=time.monotonic)
 
     def record(self, epoch: int, row: dict, improved: bool, cfg: TrainConfig, ema: bool) -> None:
         """Epoch `epoch` is done: `improved` says whether the checkpoint the policy evaluates
@@ -121,12 +125,12 @@ class FoldState:
             self.finished, self.stop_reason = True, f"reached --max-epochs {cfg.max_epochs}"
 
     def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in SAVED}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Fields a later version added keep their defaults; fields it dropped are ignored."""
         for f in fields(self):
-            if f.name in state:
+            if f.name in state and f.name in SAVED:
                 setattr(self, f.name, state[f.name])
 
 
@@ -162,7 +166,7 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class FoldData:
     """The fold's loaders and what the checkpoints record about its data."""
 
@@ -170,8 +174,11 @@ class FoldData:
     val_loader: DataLoader
     sample_gen: torch.Generator  # drives the training sampler; reseeded per epoch
     class_counts: list[int]  # training patients per class (LGG, HGG)
-    checkpoint_fields: dict[str, Any]  # splits fingerprint, protocol, val patients, preprocessing
+    splits_fingerprint: str  # of the cohort splits.json was made for
+    val_patients: list[str]  # the patients that choose the epoch (sorted)
+    preprocess: dict[str, Any]  # the cache's preprocessing contract
     val_ids: list[str]  # the validation patients in the validation loader's order
+    val_labels: np.ndarray  # (N,) their labels, same order
 
 
 def load_data(cfg: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> FoldData:
@@ -224,65 +231,60 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> Fo
         n = len(train_idx)
         train_loader = resident_loader(resident.part(0, n), cfg.batch_size, sampler, drop_last)
         val_loader = resident_loader(resident.part(n, len(resident)), val_batch)
-    recorded = {
-        "splits_fingerprint": splits.fingerprint,
-        "protocol": protocol(splits.inner_val, cfg.select),
-        "val_patients": fold.val,
-        "preprocess": cached.preprocess,
-    }
-    val_ids = [cached.patient_ids[i] for i in val_idx]
-    return FoldData(train_loader, val_loader, sample_gen, class_counts, recorded, val_ids)
+    return FoldData(
+        train_loader=train_loader,
+        val_loader=val_loader,
+        sample_gen=sample_gen,
+        class_counts=class_counts,
+        splits_fingerprint=splits.fingerprint,
+        val_patients=fold.val,
+        preprocess=cached.preprocess,
+        val_ids=[cached.patient_ids[i] for i in val_idx],
+        val_labels=cached.labels[val_idx],
+    )
 
 
-@dataclass
-class TrainParts:
-    """Everything one fold's training holds, built once by `setup`."""
+@dataclass(frozen=True, kw_only=True)
+class Fold:
+    """What `setup` builds for one fold; fixed while it trains (what changes is its FoldState)."""
 
     cfg: TrainConfig
     accelerator: Accelerator
     paths: RunPaths
-    data: FoldData
+    data: FoldData  # loaders prepared by the accelerator
     model: torch.nn.Module  # prepared (possibly DDP-wrapped)
     optimizer: AcceleratedOptimizer
     scheduler: LambdaLR  # stepped once per real optimizer update
     criterion: torch.nn.Module
     augment_gen: torch.Generator  # reseeded per epoch
     ema: ModelEma | None
-    keepers: dict[str, BestKeeper]  # "best" (raw weights) and, with EMA, "best_ema"
-    state: FoldState = field(default_factory=FoldState)
-    state_written: float = field(default_factory=time.monotonic)  # when state.pt was last written
+    keeper: CheckpointKeeper  # best.pt and, with EMA, best_ema.pt
 
     @property
-    def fold_dir(self) -> Path:
+    def folder(self) -> Path:
         return self.paths.fold(self.cfg.fold)
 
-    def stateful(self) -> dict[str, Stateful]:
-        """The resume state, under the names state.pt has always used for them. A finished fold
-        keeps only how it ended (epochs, metrics rows, the keepers' bests): no epoch will train
-        on, and its weights are in its checkpoints; the model, EMA and Adam's moments would be
-        ~4x the weights written for nothing."""
-        ended: dict[str, Stateful] = {"fold_state": self.state, **self.keepers}
-        if self.state.finished:
-            return ended
-        objects: dict[str, Stateful] = {
-            "model_state_dict": plain_module(self.accelerator, self.model),
-            "optimizer": self.optimizer,
-            "scheduler": self.scheduler,
-            "rng": RngState(),
-            **ended,
-        }
-        if self.accelerator.scaler is not None:
-            objects["scaler"] = self.accelerator.scaler
-        if self.ema is not None:
-            objects["ema_state_dict"] = self.ema
-        return objects
 
-
-def policy_keeper(keepers: dict[str, BestKeeper]) -> BestKeeper:
-    """The keeper of the checkpoint the selection policy evaluates (best_ema.pt when EMA is on,
-    else best.pt): patience counts its improvements only, so that training does not go on for
-    epochs in which only the other model improved, nor stop while the evaluated one still does."""
-    return keepers.get("best_ema") or keepers["best"]
+def resume_objects(fold: Fold, state: FoldState) -> dict[str, Stateful]:
+    """The resume state, under the names state.pt has always used for them. A finished fold keeps
+    only how it ended (epochs, metrics rows, the kept epochs): no epoch will train on, and its
+    weights are in its checkpoints; the model, EMA and Adam's moments would be ~4x the weights
+    written for nothing."""
+    ended: dict[str, Stateful] = {"fold_state": state, **fold.keeper.bests}
+    if state.finished:
+        return ended
+    objects: dict[str, Stateful] = {
+        "model_state_dict": plain_module(fold.accelerator, fold.model),
+        "optimizer": fold.optimizer,
+        "scheduler": fold.scheduler,
+        "rng": RngState(),
+        **ended,
+    }
+    if fold.accelerator.scaler is not None:
+        objects["scaler"] = fold.accelerator.scaler
+    if fold.ema is not None:
+        objects["ema_state_dict"] = fold.ema
+    return objects
 
 
 def plain_module(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
@@ -327,9 +329,9 @@ def train_folds(cfgs: list[TrainConfig]) -> list[dict]:
             if scaler is not None:  # fp16's loss scale as a new process starts with it
                 accelerator.scaler.load_state_dict(scaler)
             try:
-                parts = setup(cfg, accelerator)
-                resume_or_refuse(parts)
-                summaries.append(fit(parts))
+                fold = setup(cfg, accelerator)
+                state = resume_or_refuse(fold)
+                summaries.append(fit(fold, state))
             except BratsError as e:
                 if len(cfgs) == 1:
                     raise
@@ -338,7 +340,7 @@ def train_folds(cfgs: list[TrainConfig]) -> list[dict]:
                     f"fold {cfg.fold}: {e} (folds {', '.join(map(str, left))} not finished: "
                     "fix this, then rerun with --resume)"
                 ) from e
-            del parts
+            del fold, state
             release_fold(accelerator)
         return summaries
     finally:
@@ -371,7 +373,7 @@ def _has_tensorboard() -> bool:
     return True
 
 
-def setup(cfg: TrainConfig, accelerator: Accelerator) -> TrainParts:
+def setup(cfg: TrainConfig, accelerator: Accelerator) -> Fold:
     """Seed, data, model, optimizer, accelerator.prepare, scheduler, EMA, keepers, in that order."""
     set_seed(cfg.seed)
     if accelerator.device.type == "cpu":
@@ -407,9 +409,10 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> TrainParts:
     optimizer = torch.optim.Adam(groups, fused=fused)
     criterion = make_criterion(cfg, data.class_counts)
     model = maybe_compile(model, cfg.compile)  # shares the plain module's weights (unwrap_model)
-    model, optimizer, data.train_loader, data.val_loader = accelerator.prepare(
+    model, optimizer, train_loader, val_loader = accelerator.prepare(
         model, optimizer, data.train_loader, data.val_loader
     )
+    data = dataclasses.replace(data, train_loader=train_loader, val_loader=val_loader)
     # Sized in optimizer updates of this process (the prepared loader is per process). Stepped by
     # hand after each real update rather than through accelerator.prepare, whose wrapper would
     # step it once per process.
@@ -419,106 +422,113 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> TrainParts:
         optimizer.optimizer, warmup_cosine(round(cfg.warmup * updates_per_epoch), total_updates)
     )
     ema = ModelEma(plain_module(accelerator, model), cfg.ema_decay) if cfg.ema_decay > 0 else None
-    last = cfg.select == "last"
-    keepers = {"best": BestKeeper(paths.best(cfg.fold), False, f"fold {cfg.fold}", last)}
-    if ema is not None:
-        keepers["best_ema"] = BestKeeper(paths.best(cfg.fold, ema=True), True, f"fold {cfg.fold} EMA", last)
-    criterion = criterion.to(accelerator.device)
-    return TrainParts(
-        cfg, accelerator, paths, data, model, optimizer, scheduler, criterion, torch.Generator(), ema, keepers
+    record = FoldRecord(
+        config=cfg.to_dict(),
+        fold=cfg.fold,
+        splits_fingerprint=data.splits_fingerprint,
+        protocol=protocol(cfg.inner_val, cfg.select),
+        val_patients=data.val_patients,
+        preprocess=data.preprocess,
+        mixed_precision=accelerator.mixed_precision,
+        val_ids=data.val_ids,
+        val_labels=data.val_labels,
+    )
+    return Fold(
+        cfg=cfg,
+        accelerator=accelerator,
+        paths=paths,
+        data=data,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        criterion=criterion.to(accelerator.device),
+        augment_gen=torch.Generator(),
+        ema=ema,
+        keeper=CheckpointKeeper(paths=paths, record=record, select=cfg.select, ema=ema is not None),
     )
 
 
-def resume_or_refuse(parts: TrainParts) -> None:
+def resume_or_refuse(fold: Fold) -> FoldState:
     """With --resume, continue from state.pt when there is one; without it, refuse a fold
-    folder that already holds training results."""
-    cfg, paths = parts.cfg, parts.paths
+    folder that already holds training results. Returns where the fold starts."""
+    cfg, paths, state = fold.cfg, fold.paths, FoldState()
     state_path = paths.state(cfg.fold)
     if cfg.resume and state_path.exists():
-        load_resume_state(state_path, parts.stateful())
-        best = parts.keepers["best"]
+        load_resume_state(state_path, resume_objects(fold, state))
+        best = fold.keeper.bests["best"]
         log.info(
-            f"resumed {state_path} after epoch {parts.state.epoch} "
+            f"resumed {state_path} after epoch {state.epoch} "
             f"(best AUC {best.best_auc:.4f} at epoch {best.best_epoch})"
         )
     elif cfg.resume:
         log.info(f"--resume: no {state_path} yet, starting fold {cfg.fold} from scratch")
     elif any(p.exists() for p in (paths.best(cfg.fold), paths.best(cfg.fold, ema=True), state_path)):
         raise BratsError(
-            f"{parts.fold_dir} already holds a trained fold: "
+            f"{fold.folder} already holds a trained fold: "
             "pass --resume to continue it, or use a new --run folder"
         )
-    if parts.accelerator.is_main_process:
-        parts.fold_dir.mkdir(parents=True, exist_ok=True)
+    if fold.accelerator.is_main_process:
+        fold.folder.mkdir(parents=True, exist_ok=True)
+    return state
 
 
-def fit(parts: TrainParts) -> dict:
+def fit(fold: Fold, state: FoldState) -> dict:
     """The epoch loop, until early stopping or --max-epochs; returns the fold's summary."""
-    cfg, accelerator = parts.cfg, parts.accelerator
+    cfg, accelerator = fold.cfg, fold.accelerator
     if accelerator.log_with:
         accelerator.init_trackers(
-            parts.fold_dir.name,
+            fold.folder.name,
             config={k: v for k, v in cfg.to_dict().items() if isinstance(v, int | float | str | bool)},
         )
-    for epoch in range(parts.state.epoch + 1, cfg.max_epochs + 1):
-        if parts.state.finished:
+    for epoch in range(state.epoch + 1, cfg.max_epochs + 1):
+        if state.finished:
             break
-        run_epoch(parts, epoch)
+        run_epoch(fold, state, epoch)
         accelerator.wait_for_everyone()
 
-    state = parts.state
-    if accelerator.is_main_process and state.finished:  # the plots of the checkpoint evaluated
-        policy_keeper(parts.keepers).plot()
+    if accelerator.is_main_process and state.finished:
+        fold.keeper.plot()
     if state.stop_reason:
         log.info(f"fold {cfg.fold} finished after epoch {state.epoch}: {state.stop_reason}")
-    best, best_ema = parts.keepers["best"], parts.keepers.get("best_ema")
     return {
         "fold": cfg.fold,
         "epochs": state.epoch,
-        "best_epoch": best.best_epoch,
-        "best_auc": best.best_auc,
-        "best_ema_epoch": best_ema.best_epoch if best_ema else None,
-        "best_ema_auc": best_ema.best_auc if best_ema else None,
+        **fold.keeper.outcome(),
         "stop_reason": state.stop_reason,
     }
 
 
-def run_epoch(parts: TrainParts, epoch: int) -> None:
-    """Train, validate, keep the bests, decide on stopping, write metrics.csv and (when due) state.pt."""
-    cfg, accelerator, state = parts.cfg, parts.accelerator, parts.state
+def run_epoch(fold: Fold, state: FoldState, epoch: int) -> None:
+    """Train, validate, let the keeper keep, decide on stopping, write the epoch's files."""
+    cfg, accelerator = fold.cfg, fold.accelerator
     t0 = time.perf_counter()
     rank = accelerator.process_index
     torch.manual_seed(epoch_seed(cfg.seed, epoch, STREAM_DROPOUT, rank))
-    parts.data.sample_gen.manual_seed(epoch_seed(cfg.seed, epoch, STREAM_SAMPLER))
-    parts.augment_gen.manual_seed(epoch_seed(cfg.seed, epoch, STREAM_AUGMENT, rank))
-    drw = apply_drw(parts.criterion, cfg, epoch, parts.data.class_counts)
-    train_loss, samples_per_s = train_epoch(parts, epoch)
+    fold.data.sample_gen.manual_seed(epoch_seed(cfg.seed, epoch, STREAM_SAMPLER))
+    fold.augment_gen.manual_seed(epoch_seed(cfg.seed, epoch, STREAM_AUGMENT, rank))
+    drw = apply_drw(fold.criterion, cfg, epoch, fold.data.class_counts)
+    train_loss, samples_per_s = train_epoch(fold, epoch)
 
-    # (keeper, weights, metrics, p_hgg) for the raw model and, with EMA, for the EMA copy, both
-    # scored under the training precision (what the checkpoints record)
-    precision = accelerator.mixed_precision
-    logits, val_labels = predict(parts.model, parts.data.val_loader, accelerator, precision)
-    val, p_hgg = score(logits, val_labels)
-    judged = [(parts.keepers["best"], plain_module(accelerator, parts.model), val, p_hgg)]
+    # the raw model and, with EMA, its EMA copy, both scored under the training precision (what
+    # the checkpoints record)
+    candidates = [validate(fold, fold.model, ema=False)]
+    if fold.ema is not None:
+        candidates.append(validate(fold, fold.ema.module, ema=True))
+    val = candidates[0].metrics
     row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"]}
     row.update({f"val_{m}": val[m] for m in METRICS})
-    row["lr"] = parts.optimizer.param_groups[0]["lr"]
-    row["classifier_lr"] = parts.optimizer.param_groups[1]["lr"]
+    row["lr"] = fold.optimizer.param_groups[0]["lr"]
+    row["classifier_lr"] = fold.optimizer.param_groups[1]["lr"]
     row["drw"] = int(drw)
     row["train_samples_per_s"] = round(samples_per_s, 2)
-    if parts.ema is not None:
-        ema_logits = predict(parts.ema.module, parts.data.val_loader, accelerator, precision)[0]
-        ema_val, ema_p = score(ema_logits, val_labels)
-        row.update({f"ema_val_{m}": ema_val[m] for m in ("auc", "f1", "accuracy")})
-        judged.append((parts.keepers["best_ema"], parts.ema.module, ema_val, ema_p))
+    if fold.ema is not None:
+        row.update({f"ema_val_{m}": candidates[1].metrics[m] for m in ("auc", "f1", "accuracy")})
     row["seconds"] = round(time.perf_counter() - t0, 3)
 
-    improved = [(k, w, m, p) for k, w, m, p in judged if k.consider(m["auc"], epoch, m["loss"])]
-    judge = policy_keeper(parts.keepers)
-    state.record(epoch, row, any(k is judge for k, *_ in improved), cfg, judge.is_ema)
-
+    improved = fold.keeper.consider(epoch, candidates)
+    state.record(epoch, row, improved, cfg, fold.keeper.policy.is_ema)
     if accelerator.is_main_process:
-        write_epoch(parts, epoch, improved, val_labels, precision)
+        write_epoch(fold, state, epoch)
     accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
     log.info(
         f"epoch {epoch}/{cfg.max_epochs} train_loss {train_loss:.4f} val_loss {val['loss']:.4f} "
@@ -527,36 +537,31 @@ def run_epoch(parts: TrainParts, epoch: int) -> None:
     )
 
 
-def write_epoch(
-    parts: TrainParts, epoch: int, improved: list, val_labels: np.ndarray, precision: str
-) -> None:
-    """The main process's files after an epoch: each improved keeper's checkpoint, metrics.csv and,
+def validate(fold: Fold, model: torch.nn.Module, ema: bool) -> Candidate:
+    """`model` scored on the validation patients under the training precision."""
+    logits, labels = predict(model, fold.data.val_loader, fold.accelerator, fold.accelerator.mixed_precision)
+    metrics, p_hgg = score(logits, labels)
+    weights = model if ema else plain_module(fold.accelerator, model)
+    return Candidate(ema=ema, weights=weights, metrics=metrics, p_hgg=p_hgg)
+
+
+def write_epoch(fold: Fold, state: FoldState, epoch: int) -> None:
+    """The main process's files after an epoch: the checkpoints the keeper keeps, metrics.csv and,
     when due, state.pt (the model, its EMA and Adam's moments: ~4x the weights; once the fold has
-    finished, only how it ended). With --select best, state.pt is rewritten whenever a best is,
-    so that it always knows the checkpoints on disk. With --select last every epoch replaces the
-    last, so the checkpoints are written with state.pt only: every --state-every seconds and at
-    the fold's end."""
-    cfg, state, last = parts.cfg, parts.state, parts.cfg.select == "last"
-    due = state.finished or time.monotonic() - parts.state_written >= cfg.state_every
-    if last and not due:
-        improved = []
-    for keeper, weights, metrics, p in improved:
-        ckpt = Checkpoint(
-            cpu_state_dict(weights), metrics, epoch, keeper.is_ema, cfg.to_dict(), cfg.fold,
-            **parts.data.checkpoint_fields, brats_version=__version__, mixed_precision=precision,
-            val_probabilities=dict(zip(parts.data.val_ids, map(float, p), strict=True)),
-        )  # fmt: skip
-        keeper.save(ckpt, val_labels, p)
-        kind = "EMA val AUC" if keeper.is_ema else "val AUC"
-        what = "last epoch" if last else "new best"
-        log.info(f"epoch {epoch}: {what} {kind} {metrics['auc']:.4f} -> {keeper.path}")
-    write_csv_atomic(parts.paths.metrics(cfg.fold), state.history)
-    if improved or due:
-        save_resume_state(parts.paths.state(cfg.fold), parts.stateful(), {"config": cfg.to_dict()})
-        parts.state_written = time.monotonic()
+    finished, only how it ended). state.pt is written whenever a checkpoint is, so that it always
+    knows the checkpoints on disk, and otherwise every --state-every seconds and at the end."""
+    cfg = fold.cfg
+    due = state.finished or time.monotonic() - state.state_written >= cfg.state_every
+    written = fold.keeper.write(epoch, due)
+    for path in written:
+        log.info(f"epoch {epoch}: {'last epoch' if fold.keeper.last else 'new best'} -> {path}")
+    write_csv_atomic(fold.paths.metrics(cfg.fold), state.history)
+    if due or written:
+        save_resume_state(fold.paths.state(cfg.fold), resume_objects(fold, state), {"config": cfg.to_dict()})
+        state.state_written = time.monotonic()
 
 
-def train_epoch(parts: TrainParts, epoch: int) -> tuple[float, float]:
+def train_epoch(fold: Fold, epoch: int) -> tuple[float, float]:
     """One pass over the training loader; returns the mean loss over every process and the
     training samples per second (all processes, validation excluded).
 
@@ -566,7 +571,7 @@ def train_epoch(parts: TrainParts, epoch: int) -> tuple[float, float]:
     step). The scheduler and the EMA follow real optimizer updates only: not micro-batches that
     accumulate, nor steps the fp16 grad scaler skipped.
     """
-    cfg, accelerator, model = parts.cfg, parts.accelerator, parts.model
+    cfg, accelerator, model = fold.cfg, fold.accelerator, fold.model
     model.train()
     fmt = memory_format(accelerator.device, cfg.channels_last)
     total = torch.zeros((), device=accelerator.device)
@@ -575,7 +580,7 @@ def train_epoch(parts: TrainParts, epoch: int) -> tuple[float, float]:
     steps = samples = 0
     timer = FirstStepTimer(f"epoch {epoch}") if epoch == 1 else None
     bar = tqdm(
-        parts.data.train_loader,
+        fold.data.train_loader,
         desc=f"epoch {epoch}",
         leave=False,
         disable=not (cfg.progress and accelerator.is_local_main_process),
@@ -584,9 +589,9 @@ def train_epoch(parts: TrainParts, epoch: int) -> tuple[float, float]:
     for step, (x, y) in enumerate(bar, start=1):
         x = x.float().contiguous(memory_format=fmt)  # resident host batches arrive as float16
         if cfg.augment:
-            x = augment_batch(x, parts.augment_gen)  # (B, C, D, H, W), on the training device
+            x = augment_batch(x, fold.augment_gen)  # (B, C, D, H, W), on the training device
         with accelerator.accumulate(model):
-            loss = parts.criterion(model(x).float(), y)
+            loss = fold.criterion(model(x).float(), y)
             new_bad = (first_bad[0] == 0) & ~torch.isfinite(loss.detach())
             here = torch.stack([torch.full_like(loss.detach(), step), loss.detach()])
             first_bad = torch.where(new_bad, here, first_bad)
@@ -595,13 +600,13 @@ def train_epoch(parts: TrainParts, epoch: int) -> tuple[float, float]:
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            parts.optimizer.step()
+            fold.optimizer.step()
             updated = accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped
             if updated:
-                parts.scheduler.step()
-            parts.optimizer.zero_grad(set_to_none=True)
-        if updated and parts.ema is not None:
-            parts.ema.update(plain_module(accelerator, model))
+                fold.scheduler.step()
+            fold.optimizer.zero_grad(set_to_none=True)
+        if updated and fold.ema is not None:
+            fold.ema.update(plain_module(accelerator, model))
         if timer is not None:
             timer.step()
         total += loss.detach()
