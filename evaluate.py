@@ -3,7 +3,7 @@
     python evaluate.py --run runs/cv [--folds 0,1] [--strict] [--trust-checkpoints] [--cam]
     python evaluate.py --run runs/cv --calibrate platt --threshold youden
 
-Policy (seed 6.6): best_ema.pt if the run used EMA and it exists, else best.pt, else an error;
+Policy (RECIPE.md 6.6): best_ema.pt if the run used EMA and it exists, else best.pt, else an error;
 never the resume state. Outputs in RUN/evaluation/: summary.json, report.md, predictions.csv,
 fold_K/*.png, roc_all_folds.png, reliability.png; with --cam also fold_K/cam_montage.png: the
 fold's most confident right and wrong validation patients with the fold model's class activation

@@ -2,11 +2,11 @@
 
     accelerate launch train.py --fold 1 --data CACHE_OR_BRATS_ROOT --run runs/cv
     accelerate launch train.py --fold all --data ... --run runs/cv --resume    # every fold, restartable
-    python train.py --fold 0 --data ... --policy baseline      # the seed's first setup (section 1)
+    python train.py --fold 0 --data ... --policy baseline      # the report's first setup (RECIPE.md 1)
 
 Several folds (--fold 0,2,4 or all) train one after the other in this one process. With
 --resume a finished fold is skipped and a killed one continues where it stopped.
-Defaults are the seed's final policy (section 6). Options left unset take the policy's value.
+Defaults are the training report's final policy (RECIPE.md 6). Options left unset take the policy's value.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main(
     run: Annotated[Path, typer.Option(help="run folder (splits.json, config.json, fold_K/)")] = Path(
         "runs/cv"
     ),
-    policy: Annotated[str, typer.Option(help="final (seed 6) or baseline (seed 1)")] = "final",
+    policy: Annotated[str, typer.Option(help="final (RECIPE.md 6) or baseline (RECIPE.md 1)")] = "final",
     folds: Annotated[int | None, typer.Option(help="K of the K-fold [5]")] = None,
     split_seed: Annotated[int | None, typer.Option(help="fold assignment seed [42]")] = None,
     inner_val: Annotated[

@@ -41,8 +41,8 @@ def exit_on_error(fn: F) -> F:
 
 def run_cli(app: Callable[[], object]) -> None:
     """Run a command's app as the program, and spare the interpreter's exit the garbage
-    collector's sweep of every object alive (torch, dynamo, sympy, scipy...: ~1 s for training or
-    export on 2 CPU cores). The freeze is an exit handler, so it happens only when the process
+    collector's sweep of every object alive (torch, dynamo, sympy, scipy...; bench/RESULTS.md,
+    "Exit"). The freeze is an exit handler, so it happens only when the process
     ends (not after an in-process call, as in tests), after the handlers registered since; only
     reference cycles alive at exit go uncollected."""
     atexit.register(gc.freeze)

@@ -1,9 +1,9 @@
 """Byte-compile what the commands import, once, at install time: `python -m brats.precompile`.
 
 `make install` runs pip with --no-compile: pip would compile every file it installs, one after
-the other (~1 min on 2 cores for torch, scipy, sympy...), of which the commands import a
-fraction. Python compiles a module when it first imports it and keeps the .pyc; left alone, that
-happens inside the first generation, training launch, export and predict (~10 s on 2 cores).
+the other (torch, scipy, sympy...), of which the commands import a fraction. Python compiles a
+module when it first imports it and keeps the .pyc; left alone, that happens inside the first
+generation, training launch, export and predict (bench/RESULTS.md, "second round").
 Importing here the modules they load compiles the same files as part of the install. A module
 missing from this torch or library version, or failing to import here, is skipped (the install
 goes on; the command that needs it reports the problem): what is not compiled here is compiled

@@ -28,7 +28,7 @@ app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=F
 def main(
     root: Annotated[Path, typer.Argument(help="cohort: BraTS folder or CSV manifest")],
     out: Annotated[Path, typer.Option(help="cache folder to create or update")],
-    size: Annotated[int, typer.Option(help="output cube side S in voxels (seed 6.2: 128)")] = 128,
+    size: Annotated[int, typer.Option(help="output cube side S in voxels (RECIPE.md 6.2: 128)")] = 128,
     workers: Annotated[int, typer.Option(help="parallel processes (0 = all cores)")] = 0,
     skip_bad: Annotated[bool, typer.Option(help="index the cache without the patients that failed")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,

@@ -51,7 +51,7 @@ SIZE_MIN, SIZE_MAX = 16, 512
 def check_size(size: int) -> None:
     if not SIZE_MIN <= size <= SIZE_MAX:
         raise BratsError(
-            f"--size {size}: choose a cube side from {SIZE_MIN} to {SIZE_MAX} voxels (seed 6.2: 128)"
+            f"--size {size}: choose a cube side from {SIZE_MIN} to {SIZE_MAX} voxels (RECIPE.md 6.2: 128)"
         )
 
 

@@ -53,8 +53,8 @@ class Broken(Exception):
 
 
 def all_finite(volume: np.ndarray) -> bool:
-    """No NaN or infinity in a float16 array: exponent bits all set means not finite (3x faster
-    than np.isfinite on float16)."""
+    """No NaN or infinity in a float16 array: exponent bits all set means not finite (one pass
+    over the bits, cheaper than np.isfinite on float16)."""
     return not bool(((volume.view(np.uint16) & 0x7C00) == 0x7C00).any())
 
 

@@ -89,9 +89,9 @@ def load_volume(cached: CachedCohort, i: int) -> np.ndarray:
 
 
 def verify_volumes(cached: CachedCohort, indices: Iterable[int]) -> None:
-    """Read each of these volumes whole and check it (`load_volume`) before training on any:
-    ~13 ms a 4x128^3 volume on 2 slow cores, once per run, against ~25 ms more per sample and
-    epoch for checking every read."""
+    """Read each of these volumes whole and check it (`load_volume`) before training on any: once
+    per run, rather than on every read of every epoch (bench/RESULTS.md, "Figures the code
+    relies on")."""
     for i in indices:
         load_volume(cached, i)
 

@@ -36,7 +36,7 @@ class Fold:
 class Splits:
     k: int
     seed: int
-    inner_val: float  # 0 = early stopping on the outer fold (the seed's protocol)
+    inner_val: float  # 0 = early stopping on the outer fold (the training report's protocol)
     fingerprint: str  # of the cohort the splits were made for
     outer: list[list[str]]  # validation patients of each fold
     inner: list[list[str]] | None = None  # inner validation patients as stored in splits.json

@@ -1,6 +1,6 @@
 """Four NIfTI volumes -> one float32 (4, S, S, S) array; the same code at training and prediction.
 
-Steps (seed 3.2 / 6.2 input): read each file once and verify it whole (every gzip member's CRC
+Steps (RECIPE.md 3.2 / 6.2 input): read each file once and verify it whole (every gzip member's CRC
 and length, the voxel bytes its header needs; geometry and pixel type as SimpleITK reads them),
 check that the modalities share shape, spacing and orientation, brain mask = voxels non-zero in
 any modality, then ONE linear resampling per modality onto a canonical LPS grid that covers the
@@ -38,8 +38,8 @@ class PreprocessConfig:
     models (as `to_contract()`), and read back with `from_contract()`, the one place that decides
     what this code can honour."""
 
-    size: int = 128  # S: output cube side in voxels (seed 6.2: 128^3)
-    modalities: tuple[str, ...] = MODALITIES  # channel order (seed 3.2: T1, T1ce, T2, FLAIR)
+    size: int = 128  # S: output cube side in voxels (RECIPE.md 6.2: 128^3)
+    modalities: tuple[str, ...] = MODALITIES  # channel order (RECIPE.md 3.2: T1, T1ce, T2, FLAIR)
     orientation: str = ORIENTATION
     normalization: str = "zscore-brain"  # per patient, per modality, over brain voxels
     version: int = PREPROCESS_VERSION

@@ -8,7 +8,7 @@ resample it, linearly, onto the original image's grid (any orientation, an obliq
 with 0 outside the cube. The result `<patient>_cam.nii.gz` has the geometry of the patient's
 FLAIR and overlays it in ITK-SNAP or 3D Slicer (written by brats.io.nifti).
 
-The map is HGG evidence (`brats.explain`): positive where the model found evidence for HGG,
+The map is HGG evidence (`brats.models.explained`): positive where the model found evidence for HGG,
 negative for LGG, in logit units per voxel.
 
 No torch and no matplotlib here: predict.py runs without them (SimpleITK writes the PNG).

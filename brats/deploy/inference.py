@@ -3,7 +3,7 @@
 No torch here. The preprocessing is driven by the contract stored in the model; a contract this
 code does not know (another preprocessing version) is refused rather than silently approximated.
 With a CAM folder, each patient's class activation map (the graph's `cam` output) is mapped back
-onto the patient's own FLAIR grid and written beside a picture of it (brats.cam).
+onto the patient's own FLAIR grid and written beside a picture of it (brats.deploy.cam).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class Grader:
     ) -> list[Prediction]:
         """Preprocess and grade each patient, in input order; a patient that fails is reported
         with its reason and the others go on. With `cam_dir`, each graded patient's CAM is
-        written there as <id>_cam.nii.gz on the FLAIR's grid and <id>_cam.png (brats.cam); a map
+        written there as <id>_cam.nii.gz on the FLAIR's grid and <id>_cam.png (brats.deploy.cam); a map
         that cannot be written is reported in `cam_error` and the others go on."""
         if batch_size < 1:
             raise BratsError(f"batch size {batch_size}: give at least 1 patient per onnxruntime call")

@@ -1,9 +1,9 @@
-"""Before/after table of two evaluated runs on the same folds (seed section 5, measured).
+"""Before/after table of two evaluated runs on the same folds (RECIPE.md 2, measured).
 
 `python -m brats.ablation RUN_BEFORE RUN_AFTER` is its command line.
 
-Per fold: AUC, macro F1 (the seed's F1), accuracy of each run; mean +- sample std; and the
-stability figures of seed 5.1 from each fold's metrics.csv: std of val AUC over epochs, min/max
+Per fold: AUC, macro F1 (the report's F1, RECIPE.md 4), accuracy of each run; mean +- sample std; and the
+stability figures of RECIPE.md 2 from each fold's metrics.csv: std of val AUC over epochs, min/max
 training loss, epochs run.
 """
 
@@ -71,7 +71,8 @@ def ablation_markdown(before: Path, after: Path) -> str:
     check_same_folds(before, after)
     runs = {"before": load_run(before), "after": load_run(after)}
     lines = [
-        "# Ablation: before (seed section 1) vs after (seed section 6), same folds",
+        "# Ablation: before (--policy baseline, RECIPE.md 1) vs after (--policy final, RECIPE.md 6), "
+        "same folds",
         "",
         f"- before: `{before}` (policy {runs['before']['config']['policy']})",
         f"- after: `{after}` (policy {runs['after']['config']['policy']})",
@@ -96,7 +97,7 @@ def ablation_markdown(before: Path, after: Path) -> str:
     lines += ["", f"Pooled out-of-fold AUC: before {pooled[0]:.4f}, after {pooled[1]:.4f}."]
     lines += [
         "",
-        "Training stability (seed 5.1), per fold: std of val AUC over epochs; "
+        "Training stability (RECIPE.md 2), per fold: std of val AUC over epochs; "
         "min / max training loss (each policy's own loss: LDAM's is scaled by s, so compare its spread "
         "within a policy); epochs run.",
         "",

@@ -5,7 +5,7 @@ p(HGG) reflects a 50/50 prior, not the cohort's ~74% HGG: raw probabilities are 
 `--calibrate platt` (p' = sigmoid(a z + b), z the logit of p(HGG)) refits both the prior (b) and
 the confidence (a); `temperature` (p' = sigmoid(z / T)) the confidence only. Both are fitted on the
 out-of-fold predictions, where every patient was scored by a model that
-never trained on them. The threshold is chosen there too: 0.5 (the seed's), a fixed value,
+never trained on them. The threshold is chosen there too: 0.5 (the report's), a fixed value,
 Youden's J (max sensitivity + specificity - 1) or a target sensitivity.
 
 `Decision` holds both and travels in the exported model's contract; applying it needs numpy only

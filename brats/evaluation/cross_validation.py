@@ -1,6 +1,6 @@
 """Re-score every fold's checkpoint by the explicit policy, verify it, write the CV report.
 
-Each number in the report is traceable to one named checkpoint (seed 2.5 / 3.5 / 6.6): the file is
+Each number in the report is traceable to one named checkpoint (RECIPE.md 2.5 / 3.5 / 6.6): the file is
 chosen by the policy (best_ema.pt when the run used EMA, else best.pt, never the resume state),
 loaded weights-only, re-scored in fp32 on the fold's patients from splits.json, and its
 re-computed val AUC is checked against the AUC stored when it was saved.

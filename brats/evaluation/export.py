@@ -3,7 +3,7 @@
 The checkpoint is chosen with evaluate.py's policy (best EMA first) and loaded into a freshly
 built model (never a prepared/compiled module). The graph takes float32 (B, C, S, S, S) with a
 dynamic batch axis and returns `probabilities` (B, 2) [p(LGG), p(HGG)], `logits` (B, 2) and
-`cam` (B, S, S, S), the class activation map of HGG evidence on the input cube (brats.explain);
+`cam` (B, S, S, S), the class activation map of HGG evidence on the input cube (brats.models.explained);
 an ensemble averages the folds' softmax probabilities, logits and maps. The preprocessing
 contract and the provenance (which names the outputs) travel in the ONNX metadata and in
 model_card.json beside the model. Export fails, leaving nothing behind, unless onnxruntime
@@ -97,9 +97,9 @@ def write_onnx(
     (`check_parity`). `card` (with the parity added) is written beside the model just before the
     model itself, so a failure leaves neither.
 
-    `torchscript` (default) is ~3x faster to export here; `dynamo` is the exporter PyTorch
-    develops further. Both are traced with a batch of 2 and a dynamic batch axis, since the
-    dynamo exporter would fix a batch of 1 traced with 1.
+    `torchscript` (default) exports faster (bench/RESULTS.md, "Figures the code relies on");
+    `dynamo` is the exporter PyTorch develops further. Both are traced with a batch of 2 and a
+    dynamic batch axis, since the dynamo exporter would fix a batch of 1 traced with 1.
     """
     if exporter not in EXPORTERS:
         raise BratsError(f"--exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")

@@ -1,4 +1,5 @@
-"""Classification metrics (HGG = 1 is the positive class) and the plots the seed reports.
+"""Classification metrics (HGG = 1 is the positive class), as the training report gives them
+(RECIPE.md 4).
 
 Everything is computed by scikit-learn on the full arrays of one validation set.
 """
@@ -44,7 +45,7 @@ def classification_metrics(labels: np.ndarray, p_hgg: np.ndarray, threshold: flo
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1), as the seed's 'mean +- std' across folds."""
+    """Mean and sample standard deviation (ddof=1) across folds: the report's 'mean +- std'."""
     a = np.asarray(values, dtype=np.float64)
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 

@@ -10,7 +10,8 @@ from brats.runs.summary import Summary
 RELIABILITY = "reliability.png"  # in RUN/evaluation/
 
 
-TABLE_1 = (  # (summary key, column name): the seed's Table 1 columns first; its F1 is macro-F1
+# (summary key, column name): the training report's Table 1 columns first; its F1 is macro-F1 (RECIPE.md 4)
+TABLE_1 = (
     ("auc", "AUC"),
     ("macro_f1", "F1 (macro)"),
     ("f1", "F1 (HGG)"),
@@ -62,7 +63,8 @@ def report_markdown(summary: Summary, run: Path) -> str:
         lines.append(f"- **{name}**: {ms[key]['mean']:.4f} +- {ms[key]['std']:.4f}")
     lines += [
         "",
-        "F1 (macro) is the mean of the HGG and LGG F1 scores (the seed's Table 1 F1); F1 (HGG) is the "
+        "F1 (macro) is the mean of the HGG and LGG F1 scores (the F1 of the training report's Table 1, "
+        "RECIPE.md 4); F1 (HGG) is the "
         "F1 of the HGG class alone, which the HGG majority keeps high.",
         "",
         f"Majority-class accuracy (always {'HGG' if pooled['hgg'] >= pooled['lgg'] else 'LGG'}): "

@@ -10,7 +10,7 @@ import torch
 from brats.evaluation.scoring import AUTOCAST
 from brats.runs.checkpoint import Checkpoint
 
-AUC_TOLERANCE = 0.01  # seed 3.5: warn when re-scored and stored AUC differ by more
+AUC_TOLERANCE = 0.01  # RECIPE.md 3.5: warn when re-scored and stored AUC differ by more
 
 
 DP_TOLERANCE = 1e-3  # per-patient |p(HGG) stored - re-scored|, same precision

@@ -13,9 +13,9 @@ That side bounds what the map can show: one cell per 32 input voxels in the stri
 S <= 32 the map is a constant), one per 8 in the dilated one.
 
 Grad-CAM (`grad_cam`) reaches the layers before the last, for research; the deployed map is the
-CAM of `ExplainedModel`, which exports to ONNX beside the probabilities. `brats.cam` (no torch)
-maps a CAM back onto the patient's scan and draws it; `write_evaluation_montages` (evaluate.py
---cam) draws each fold's most confident right and wrong validation patients.
+CAM of `ExplainedModel`, which exports to ONNX beside the probabilities. `brats.deploy.cam` (no
+torch) maps a CAM back onto the patient's scan and draws it; `brats.evaluation.cam_montage`
+(evaluate.py --cam) draws each fold's most confident right and wrong validation patients.
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ class Conv3d(nn.Conv3d):
     On small inputs the last layers of a strided ResNet see maps of a voxel or two (32^3 input:
     layer4 is 1^3), where the output voxel meets only the kernel taps that overlap the input; the
     rest multiply padding. oneDNN still runs a full 3-D convolution there, and its backward pass is
-    slow: on 2 CPU cores a 512->512 3x3x3 convolution on a 1^3 map took ~60 ms per step of 4, which
-    is a 4x512 by 512x512 product. Same weights, keys and result (forward and gradients) as
+    slow for what is a (B x 512) by (512 x 512) product (bench/RESULTS.md, "one-voxel
+    convolution"). Same weights, keys and result (forward and gradients) as
     nn.Conv3d; any other shape (or an unbatched input) goes to nn.Conv3d, and so does a TorchScript
     trace (the default ONNX exporter keeps the plain Conv node; the dynamo exporter records the
     product, and export checks parity either way).
@@ -228,7 +228,7 @@ def build_model(cfg: TrainConfig | dict[str, Any]) -> ResNet3D:
 
 
 def param_groups(model: nn.Module, lr: float, classifier_lr_mult: float, weight_decay: float) -> list[dict]:
-    """Backbone at `lr`, classifier (`fc`) at `lr * classifier_lr_mult` (seed 6.3)."""
+    """Backbone at `lr`, classifier (`fc`) at `lr * classifier_lr_mult` (RECIPE.md 6.3)."""
     backbone = [p for n, p in model.named_parameters() if not n.startswith(CLASSIFIER_PREFIX)]
     head = [p for n, p in model.named_parameters() if n.startswith(CLASSIFIER_PREFIX)]
     return [

@@ -7,7 +7,7 @@ decided here once. `brats.runs.keeper` decides which epochs become best.pt / bes
 resume state (state.pt) is a dict of objects with `state_dict()` / `load_state_dict()`, written
 and read by `save_resume_state` / `load_resume_state`.
 
-The selection policy (seed 3.5 / 6.6): best_ema.pt when the run used EMA and the file exists,
+The selection policy (RECIPE.md 3.5 / 6.6): best_ema.pt when the run used EMA and the file exists,
 else best.pt, else an error; never the resume state.
 """
 
@@ -91,7 +91,7 @@ def load_checkpoint(path: str | Path, trust: bool = False, map_location: str = "
     """Load with weights_only=True; a checkpoint that needs unpickling loads only with `trust`.
 
     Older training code saved argparse.Namespace or numpy scalars; since PyTorch 2.6 those fail
-    under weights_only=True (seed 3.6). `trust` (the --trust-checkpoints flag) allows the full
+    under weights_only=True (RECIPE.md 3.6). `trust` (the --trust-checkpoints flag) allows the full
     unpickler for files the user made themselves.
     """
     path = Path(path)
@@ -120,7 +120,7 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
 
 
 def select_checkpoint(fold_dir: str | Path, ema_enabled: bool) -> Path:
-    """The seed's explicit policy: best_ema.pt (EMA on and present), else best.pt, else error."""
+    """The explicit policy (RECIPE.md 6.6): best_ema.pt (EMA on and present), else best.pt, else error."""
     fold_dir = Path(fold_dir)
     if ema_enabled and (fold_dir / BEST_EMA).exists():
         return fold_dir / BEST_EMA

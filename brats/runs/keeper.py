@@ -163,7 +163,7 @@ class CheckpointKeeper:
 
     def plot(self) -> None:
         """The ROC, PR and confusion plots of the checkpoint evaluation uses (main process, at the
-        fold's end: drawing them at every new best cost ~0.5 s each, for plots the next replaced)."""
+        fold's end, not at every new best: each drawing costs more than a small fold's epoch)."""
         self.policy.plot()
 
     def outcome(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""Training configuration: one frozen dataclass, two policies from the seed report.
+"""Training configuration: one frozen dataclass, the two policies of RECIPE.md.
 
-`final` (the default) is the seed's section 6 policy; `baseline` is its section 1 setup, kept
-reproducible so that the two can be compared on the same folds (`make ablation`).
-Every default quotes where it comes from ("seed 6.3" = training_journey_summary.md, section 6.3).
+`final` (the default) is the training report's final policy (RECIPE.md 6); `baseline` is its
+first setup (RECIPE.md 1), kept reproducible so that the two can be compared on the same folds
+(`make ablation`).
+Every default cites where it comes from ("RECIPE.md 6.3": section 6.3 of RECIPE.md).
 """
 
 from __future__ import annotations
@@ -33,37 +34,37 @@ class TrainConfig:
     folds: int = 5  # K of the stratified K-fold (seed: 5-fold CV)
     split_seed: int = 42  # seed of the fold assignment, shared by every policy
     inner_val: float = 0.0  # >0: this fraction of the training patients chooses the epoch (unbiased)
-    select: str = "best"  # best: the epoch of the best val AUC (seed 6.4); last: each fold's last epoch
-    size: int = 128  # cube side when `data` is raw (seed 6.2: 128^3)
+    select: str = "best"  # best: the epoch of the best val AUC (RECIPE.md 6.6); last: each fold's last epoch
+    size: int = 128  # cube side when `data` is raw (RECIPE.md 6.2: 128^3)
     # --- model
     depth: int = 50  # ResNet depth (seed: ResNet50-3D)
     layout: str = "strided"  # strided: stride 2 in layers 2-4 (~116 GFLOP); medicalnet: dilated (~450)
-    modalities: tuple[str, ...] = MODALITIES  # channels (seed 6.2: T1, T1ce, T2, FLAIR early fusion)
-    dropout: float = 0.4  # before the classifier (seed 6.4)
+    modalities: tuple[str, ...] = MODALITIES  # channels (RECIPE.md 6.2: T1, T1ce, T2, FLAIR early fusion)
+    dropout: float = 0.4  # before the classifier (RECIPE.md 6.4)
     pretrained: str | None = None  # MedicalNet .pth or "medicalnet" (seed: MedicalNet-pretrained)
     sync_bn: bool = False  # SyncBatchNorm under DDP (off: see engine.py)
     # --- optimisation
     policy: str = "final"  # preset these defaults come from
-    max_epochs: int = 60  # upper bound; early stopping ends most runs (seed 2.3: ~20-40 epochs)
-    min_epochs: int = 15  # no early stop before this epoch (seed 6.4)
-    patience: int = 10  # epochs without a new best val AUC before stopping (seed 6.4)
-    batch_size: int = 4  # per process (seed 6.3)
-    grad_accum: int = 2  # micro-batches per optimizer update (seed 6.3: effective batch 8)
-    lr: float = 1e-4  # backbone learning rate, Adam (seed 6.3)
-    classifier_lr_mult: float = 2.0  # classifier lr = lr x this (seed 3.4.1: 10x -> 2x)
-    weight_decay: float = 1e-4  # Adam L2 penalty (seed 6.4)
-    warmup_epochs: float = 3.0  # linear warm-up then cosine, sized in optimizer updates (seed 6.3: 3-5)
-    warmup_fraction: float = 0.0  # >0: warm-up = this fraction of --max-epochs instead (seed 1.3: 10%)
-    max_grad_norm: float = 0.0  # gradient clipping; 0 = off (the seed does not clip)
-    loss: str = "ce"  # ce = nn.CrossEntropyLoss (seed 6.1); ldam (seed 1.2)
-    ldam_max_m: float = 0.2  # LDAM largest margin (seed 1.2)
-    ldam_s: float = 15.0  # LDAM logit scale (seed 1.2)
-    drw_start_epoch: int = 0  # deferred re-weighting from this epoch (1-based); 0 = off (seed 6.1)
-    sampler: str = "inverse_freq"  # WeightedRandomSampler, inverse class frequency (seed 6.1)
-    augment: bool = True  # shared spatial + per-channel intensity augmentation (seed 6.2)
-    ema_decay: float = 0.0  # 0 = off (seed 6.5 default); 0.995 when enabled (seed 3.4.4)
+    max_epochs: int = 60  # upper bound; early stopping ends most runs (RECIPE.md, choices)
+    min_epochs: int = 15  # no early stop before this epoch (RECIPE.md 6.4)
+    patience: int = 10  # epochs without a new best val AUC before stopping (RECIPE.md 6.4)
+    batch_size: int = 4  # per process (RECIPE.md 6.3)
+    grad_accum: int = 2  # micro-batches per optimizer update (RECIPE.md 6.3: effective batch 8)
+    lr: float = 1e-4  # backbone learning rate, Adam (RECIPE.md 6.3)
+    classifier_lr_mult: float = 2.0  # classifier lr = lr x this (RECIPE.md 3.4.1: 10x -> 2x)
+    weight_decay: float = 1e-4  # Adam L2 penalty (RECIPE.md 6.4)
+    warmup_epochs: float = 3.0  # linear warm-up then cosine, sized in optimizer updates (RECIPE.md 6.3: 3-5)
+    warmup_fraction: float = 0.0  # >0: warm-up = this fraction of --max-epochs instead (RECIPE.md 1.3: 10%)
+    max_grad_norm: float = 0.0  # gradient clipping; 0 = off (the report does not clip)
+    loss: str = "ce"  # ce = nn.CrossEntropyLoss (RECIPE.md 6.1); ldam (RECIPE.md 1.2)
+    ldam_max_m: float = 0.2  # LDAM largest margin (RECIPE.md 1.2)
+    ldam_s: float = 15.0  # LDAM logit scale (RECIPE.md 1.2)
+    drw_start_epoch: int = 0  # deferred re-weighting from this epoch (1-based); 0 = off (RECIPE.md 6.1)
+    sampler: str = "inverse_freq"  # WeightedRandomSampler, inverse class frequency (RECIPE.md 6.1)
+    augment: bool = True  # shared spatial + per-channel intensity augmentation (RECIPE.md 6.2)
+    ema_decay: float = 0.0  # 0 = off (RECIPE.md 6.5 default); 0.995 when enabled (RECIPE.md 3.4.4)
     mixed_precision: str | None = (
-        None  # None = from accelerate config; CPU falls back to fp32 (seed 6.3: AMP)
+        None  # None = from accelerate config; CPU falls back to fp32 (RECIPE.md 6.3: AMP)
     )
     # --- run control
     seed: int = 42  # torch seed for init, sampling, augmentation and dropout
@@ -71,10 +72,10 @@ class TrainConfig:
     workers: int = 2  # DataLoader worker processes (--cache-device off only)
     cache_device: str = "auto"  # fold volumes resident: auto (GPU if they fit, else host), cuda, cpu, off
     val_batch_size: int = 0  # validation batch; 0 = 2 x batch_size (no gradients: larger fits)
-    channels_last: bool = True  # channels_last_3d on a GPU (measured faster with cuDNN on an H100)
-    compile: bool = False  # torch.compile (one-off ~45 s on ResNet-50 at 128^3, then ~1.5x faster)
+    channels_last: bool = True  # channels_last_3d on a GPU (faster cuDNN kernels: bench/RESULTS.md, GPU)
+    compile: bool = False  # torch.compile: a one-off compile, then faster steps (bench/RESULTS.md, GPU)
     deterministic: bool = False  # cuDNN deterministic kernels on a GPU (the CPU always is)
-    effective_batch: int = 0  # >0: batch x accumulation x processes kept at this (seed 6.3: 8)
+    effective_batch: int = 0  # >0: batch x accumulation x processes kept at this (RECIPE.md 6.3: 8)
     cpu: bool = False  # force the CPU (also for `accelerate launch --multi_gpu` gloo tests)
     resume: bool = False  # continue after the last completed epoch of RUN/fold_K/state.pt
     progress: bool = True  # progress bar on the main process
@@ -99,7 +100,7 @@ class TrainConfig:
         return cls(**kwargs)
 
 
-# Seed section 1: FLAIR only, LDAM (max_m 0.2, s 15) + DRW from epoch 25 + the sampler kept,
+# RECIPE.md 1: FLAIR only, LDAM (max_m 0.2, s 15) + DRW from epoch 25 + the sampler kept,
 # classifier lr 10x, batch 2 (effective 4), warm-up 10% of the epochs, patience 7 after 10.
 BASELINE = {
     "modalities": ("flair",),
@@ -162,7 +163,7 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: at least 1")
     check(cfg.grad_accum >= 1, f"--grad-accum {cfg.grad_accum}: at least 1")
     # above ~1e38 Adam's float32 state overflows with a traceback; NaN and inf fail here too
-    check(0 < cfg.lr <= 1e30, f"--lr {cfg.lr}: must be > 0 and at most 1e30 (the seed uses 1e-4)")
+    check(0 < cfg.lr <= 1e30, f"--lr {cfg.lr}: must be > 0 and at most 1e30 (the recipe uses 1e-4)")
     check(cfg.classifier_lr_mult > 0, f"--classifier-lr-mult {cfg.classifier_lr_mult}: must be > 0")
     check(cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: must be >= 0")
     check(cfg.warmup_epochs >= 0, f"--warmup-epochs {cfg.warmup_epochs}: must be >= 0")

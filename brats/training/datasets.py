@@ -4,9 +4,9 @@ Two paths draw the same batches from the same seeded sampler, so on the CPU they
 metrics for the same seed:
 - `ResidentVolumes` (the default, `--cache-device auto`): the fold held as one float16 tensor, on
   the GPU when it fits, else in host memory; a batch is an index gather and a cast on the device.
-  The DataLoader path fed ResNet-50 on an H100 4-6x slower than the model trains
-  (bench/RESULTS.md); holding the fold (16.8 MB a patient at 4x128^3, 4.8 GB for BraTS 2018)
-  removes the copy through workers, shared and pinned memory.
+  On a GPU the DataLoader path cannot feed ResNet-50 as fast as it trains (bench/RESULTS.md,
+  "GPU"); holding the fold (16.8 MB a patient at 4x128^3, 4.8 GB for BraTS 2018) removes the
+  copy through workers, shared and pinned memory.
 - `CachedVolumes` (`--cache-device off`): memory-mapped float16 files read in DataLoader workers.
 The resident loader is still a torch DataLoader (no workers) over patient positions, so
 Accelerate still shards it across processes.
@@ -62,7 +62,7 @@ class EpochPermutation(Sampler[int]):
 
 
 def make_sampler(kind: str, labels: np.ndarray, generator: torch.Generator) -> Sampler[int]:
-    """inverse_freq: WeightedRandomSampler with weight 1/count(class) (seed 6.1), one epoch = N draws."""
+    """inverse_freq: WeightedRandomSampler with weight 1/count(class) (RECIPE.md 6.1), one epoch = N draws."""
     if kind == "inverse_freq":
         counts = np.bincount(labels, minlength=2)
         weights = 1.0 / counts[labels]

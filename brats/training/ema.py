@@ -1,4 +1,4 @@
-"""Exponential moving average of model weights (seed 3.4.4: decay 0.995, after each optimizer step)."""
+"""Exponential moving average of model weights (RECIPE.md 3.4.4: decay 0.995, after each optimizer step)."""
 
 from __future__ import annotations
 

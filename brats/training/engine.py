@@ -21,7 +21,7 @@ from the same seeded sampler, so on the CPU they give the same metrics. No step 
 back to the host except at optimizer-update boundaries (the non-finite-loss check).
 
 Several processes: the effective batch is batch x accumulation x processes, so N GPUs at the
-seed's batch 4 x 2 train with an effective batch of 8N, not the single-GPU recipe;
+recipe's batch 4 x 2 train with an effective batch of 8N, not the single-GPU recipe;
 `--effective-batch 8` keeps the recipe's 8 by lowering accumulation, then the per-process batch.
 BatchNorm stays per process (`--sync-bn` converts to SyncBatchNorm): each GPU normalises over
 its own batch as a single-GPU run does; SyncBatchNorm would add a collective per BN layer (53
@@ -396,7 +396,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Fold:
         load_pretrained(model, weights)
     elif cfg.depth == 50:
         log.info(
-            "ResNet-50 from scratch: the seed's policy starts from MedicalNet weights "
+            "ResNet-50 from scratch: the recipe starts from MedicalNet weights (RECIPE.md 1.4) "
             "(--pretrained medicalnet, or --pretrained PATH/resnet_50_23dataset.pth)"
         )
     if cfg.sync_bn and accelerator.num_processes > 1:

@@ -1,4 +1,4 @@
-"""Losses: the final policy's CrossEntropy (seed 6.1) and the baseline's LDAM + DRW (seed 1.2)."""
+"""Losses: the final policy's CrossEntropy (RECIPE.md 6.1) and the baseline's LDAM + DRW (RECIPE.md 1.2)."""
 
 from __future__ import annotations
 

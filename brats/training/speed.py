@@ -1,8 +1,7 @@
 """What makes training fast on a GPU, decided in one place: cuDNN flags, memory format, compile,
 and how the recipe's effective batch is kept across processes.
 
-Measured on one H100 (ResNet-50 strided, 4x128^3, bf16): cudnn.benchmark 143 -> 156 samples/s;
-channels_last_3d at batch 8 178-183; with torch.compile 270 (its first step takes ~45 s).
+What each buys on a GPU is in bench/RESULTS.md ("GPU"), where bench/gpu.sh records it.
 """
 
 from __future__ import annotations
