@@ -477,7 +477,7 @@ def test_pretrained_medicalnet_offline_cached_and_missing(cache20, tmp_path):
     assert cfg["pretrained"] == "medicalnet" and cfg["layout"] == "medicalnet"
 
 
-def test_resnet50_from_scratch_says_the_seed_starts_from_medicalnet(cache20, tmp_path, caplog):
+def test_resnet50_from_scratch_says_the_recipe_starts_from_medicalnet(cache20, tmp_path, caplog):
     from support import FAST, reset_accelerate
 
     from brats.training.config import make_config
@@ -491,6 +491,6 @@ def test_resnet50_from_scratch_says_the_seed_starts_from_medicalnet(cache20, tmp
         r.getMessage().removeprefix("[RANK 0] ") for r in caplog.records if "from scratch:" in r.getMessage()
     ]
     assert said == [
-        "ResNet-50 from scratch: the seed's policy starts from MedicalNet weights "
+        "ResNet-50 from scratch: the recipe starts from MedicalNet weights (RECIPE.md 1.4) "
         "(--pretrained medicalnet, or --pretrained PATH/resnet_50_23dataset.pth)"
     ]
