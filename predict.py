@@ -34,10 +34,18 @@ from brats.deploy.report import (
     csv_rows,
     describe_decision,
     gather_cases,
+    is_predictions_csv,
+    protected_paths,
     table_lines,
 )
 from brats.errors import BratsError, exit_on_error, run_cli
-from brats.io.atomic import check_output_dir, check_output_file, write_csv_atomic
+from brats.io.atomic import (
+    check_output_dir,
+    check_output_file,
+    refuse_inputs,
+    refuse_other_kind,
+    write_csv_atomic,
+)
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
@@ -76,9 +84,14 @@ def main(
     if cam is not None:
         grader.check_cam()
         check_output_dir(cam, "--cam")
-    cases, problems, repeated = gather_cases(
-        inputs or [], {"t1": t1, "t1ce": t1ce, "t2": t2, "flair": flair}, patient_id
-    )
+    explicit = {"t1": t1, "t1ce": t1ce, "t2": t2, "flair": flair}
+    cases, problems, repeated = gather_cases(inputs or [], explicit, patient_id)
+    # Still before any patient is read: no output may replace what this command reads.
+    protected = protected_paths(model, inputs or [], cases)
+    refuse_inputs(out, protected, "--out")
+    refuse_other_kind(out, is_predictions_csv, "a predictions CSV", "--out")
+    if cam is not None:
+        refuse_inputs(cam, protected, "--cam")
     for pid, n in sorted(repeated.items()):
         print(f"{pid}: given {n} times, graded once")
     print(

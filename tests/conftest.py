@@ -61,3 +61,15 @@ def cv_run(cache20, tmp_path_factory) -> Path:
 @pytest.fixture
 def cv_copy(cv_run, tmp_path) -> Path:
     return copy_run(cv_run, tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def exported(cv_run, tmp_path_factory):
+    """cv_run evaluated and its best fold exported: (run folder, model.onnx); read-only."""
+    from brats.evaluation.cross_validation import evaluate_run
+    from brats.evaluation.export import export
+
+    run = tmp_path_factory.mktemp("deploy") / "run"
+    copy_run(cv_run, run)
+    evaluate_run(run)
+    return run, export(run)

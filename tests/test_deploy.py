@@ -33,14 +33,6 @@ NO_TORCH = (
 )
 
 
-@pytest.fixture(scope="module")
-def exported(cv_run, tmp_path_factory):
-    run = tmp_path_factory.mktemp("deploy") / "run"
-    copy_run(cv_run, run)
-    evaluate_run(run)
-    return run, export(run)
-
-
 def read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -438,12 +430,12 @@ def test_predict_bad_out_is_one_line_before_grading(exported, tmp_path, capsys, 
 def test_predict_on_a_full_disk_keeps_the_previous_csv(exported, tmp_path, capsys, monkeypatch):
     _, model = exported
     out = tmp_path / "pred.csv"
-    out.write_text("previous results\n")
+    out.write_text("patient_id,p_hgg\nprevious results\n")
     new = new_patients(tmp_path)
     disk_full(monkeypatch)
     err = one_line_error(run_cli(capsys, "predict.py", model, new, "--out", out))
     assert "disk is full" in err and str(out) in err
-    assert out.read_text() == "previous results\n" and temps(tmp_path) == []
+    assert out.read_text() == "patient_id,p_hgg\nprevious results\n" and temps(tmp_path) == []
 
 
 def test_predict_replaces_an_existing_csv_and_says_so(exported, tmp_path, capsys):
@@ -452,7 +444,7 @@ def test_predict_replaces_an_existing_csv_and_says_so(exported, tmp_path, capsys
     out = tmp_path / "pred.csv"
     r = run_cli(capsys, "predict.py", model, new, "--out", out)
     assert r.code == 0 and "replaced" not in r.out
-    out.write_text("old\n")
+    out.write_text("patient_id,p_hgg\nold\n")  # a predictions CSV: the only kind --out replaces
     r = run_cli(capsys, "predict.py", model, new, "--out", out)
     assert r.code == 0, r.err
     assert f"wrote {out} (replaced the previous file): 2 graded, 0 failed" in r.out

@@ -53,6 +53,22 @@ def gather_cases(
     return list(unique.values()), list(unique_problems.values()), repeated
 
 
+def protected_paths(model: Path, inputs: list[Path], cases: list[Case]) -> dict[Path, str]:
+    """What predict reads, which its outputs must never replace: the model, every input given,
+    and each patient's scans and folder."""
+    protected = {Path(model): "the model", **{Path(p): "an input of this command" for p in inputs}}
+    for case in cases:
+        for mod, path in zip(MODALITIES, case.paths):
+            protected[path] = f"{case.patient_id}'s {mod} scan"
+            protected.setdefault(path.parent, f"{case.patient_id}'s folder")
+    return protected
+
+
+def is_predictions_csv(head: bytes) -> bool:
+    """The first bytes of a CSV predict writes."""
+    return head.startswith(f"{CSV_FIELDS[0]},".encode())
+
+
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion k/n (sound for the few patients of a check)."""
     p = k / n

@@ -29,7 +29,7 @@ from brats.evaluation.plots import reliability_diagram, roc_all_folds, save_plot
 from brats.evaluation.report import RELIABILITY, report_markdown
 from brats.evaluation.scoring import predict, resolve_device, score
 from brats.evaluation.verification import rescore_precision, verify
-from brats.io.atomic import check_output_dir, remove_stale_temps, staged
+from brats.io.atomic import check_output_dir, refuse_inputs, remove_stale_temps, staged
 from brats.runs.paths import RunPaths
 from brats.runs.reader import check_preprocessing, load_best_model, model_config, run_config
 from brats.runs.summary import FoldRow, Summary
@@ -194,7 +194,7 @@ def evaluate_run(
             "train them or leave them out with --folds"
         )
     dev = resolve_device(device)
-    out = check_outputs(paths, wanted)
+    out = check_outputs(paths, wanted, Path(data or cfg.data))
     cached = open_data(data or cfg.data, cfg.size)
     splits = load_or_make_splits(
         paths.splits, cached.patient_ids, cached.labels.tolist(), cfg.folds, cfg.split_seed, cfg.inner_val
@@ -235,12 +235,19 @@ def evaluate_run(
     return summary
 
 
-def check_outputs(paths: RunPaths, folds: list[int]) -> Path:
-    """RUN/evaluation can be written, before any scoring: a folder (created if missing) whose
-    files and plot folders are not in the way; temp files of a killed evaluation are removed."""
+def check_outputs(paths: RunPaths, folds: list[int], cache: Path) -> Path:
+    """RUN/evaluation can be written, before any scoring: a folder (created if missing) that is
+    not (through a link) the run, one of its folds or the cache, and whose files and plot folders
+    are not in the way; temp files of a killed evaluation are removed."""
     out = paths.evaluation
     if out.exists() and not out.is_dir():
         raise BratsError(f"{out} is a file, where the evaluation writes its results: move it away")
+    protected = {
+        paths.root: "the run folder",
+        cache: "the cache",
+        **{paths.fold(k): f"fold {k}" for k in paths.folds()},
+    }
+    refuse_inputs(out, protected, "the evaluation folder")
     check_output_dir(out, "evaluation results")
     remove_stale_temps(out)
     for f in (paths.summary, paths.report, paths.predictions, out / "roc_all_folds.png", out / RELIABILITY):

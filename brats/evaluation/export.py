@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import torch
 
+from brats.data.cache_format import INDEX
 from brats.data.cache_reader import open_data
 from brats.data.cohort import CLASSES
 from brats.data.preprocess import PreprocessConfig
@@ -27,7 +28,14 @@ from brats.deploy.contract import DYNAMIC_AXES, OUTPUT_NAMES, OUTPUTS, Decision,
 from brats.deploy.inference import CONTRACT_KEY, PROVENANCE_KEY
 from brats.errors import BratsError
 from brats.evaluation.cross_validation import evaluate_run
-from brats.io.atomic import atomic_path, check_output_file, remove_stale_temps, write_json_atomic
+from brats.io.atomic import (
+    atomic_path,
+    check_output_file,
+    refuse_inputs,
+    refuse_other_kind,
+    remove_stale_temps,
+    write_json_atomic,
+)
 from brats.models.explained import ExplainedModel
 from brats.models.resnet import ResNet3D
 from brats.runs.paths import BEST, BEST_EMA, RunPaths
@@ -168,18 +176,42 @@ def trained_folds(run: Path, k_total: int) -> list[int]:
     ]
 
 
-def check_model_outputs(out: Path) -> None:
-    """Before any work: the model and its card can be written (the folder is created if missing);
-    temp files of a killed export there are removed."""
+def check_model_outputs(out: Path, run: Path, cache: Path) -> None:
+    """Before any work: the model and its card can be written (the folder is created if missing)
+    without replacing a run's or a cache's file, or any file that is not a model (card) this
+    command wrote; temp files of a killed export there are removed."""
     card = RunPaths.card(out)
     for path in (out, card):
         if path.is_dir():
             raise BratsError(
                 f"{path} is a folder: give the model a file name with --out, e.g. {path / 'model.onnx'}"
             )
+    if out.suffix != ".onnx":
+        raise BratsError(
+            f"--out {out}: an exported model's file name ends in .onnx, e.g. {out.with_suffix('.onnx')}"
+        )
+    protected = run_files(run) | {cache: "the cache", cache / INDEX: "the cache's index"}
+    refuse_inputs(out, protected, "--out")
+    refuse_inputs(card, protected, "the model card of --out")
+    refuse_other_kind(
+        out, lambda head: head[:1] == b"\x08", "an ONNX model", "--out"
+    )  # ModelProto.ir_version
+    refuse_other_kind(
+        card, lambda head: head.lstrip().startswith(b'{\n  "model"'), "a model card", "--out's card"
+    )
     check_output_file(out, "the model (--out)")
     for stale in remove_stale_temps(out.parent):
         log.info(f"removed {stale.name}, left by an export or write that was killed")
+
+
+def run_files(run: Path) -> dict[Path, str]:
+    """Every file a run holds that an output must never replace."""
+    paths = RunPaths(run)
+    files = {paths.config: "the run's config", paths.splits: "the run's splits", paths.summary: "its summary"}
+    for k in paths.folds():
+        for f in (paths.best(k), paths.best(k, ema=True), paths.state(k), paths.metrics(k), paths.log(k)):
+            files[f] = f"fold {k}'s {f.name}"
+    return {**files, paths.report: "its report", paths.predictions: "its out-of-fold predictions"}
 
 
 def evaluated_folds(
@@ -236,7 +268,7 @@ def export(
             f"trained folds: {', '.join(map(str, trained))}"
         )
     out = Path(out) if out else RunPaths(run).model(ensemble=ensemble and len(trained) > 1)
-    check_model_outputs(out)
+    check_model_outputs(out, run, Path(data or run_cfg["data"]))
     data = str(data) if data is not None else None
 
     summary = evaluated_folds(run, [fold] if fold is not None else trained, trained, trust, data)

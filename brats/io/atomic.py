@@ -173,3 +173,44 @@ def staged(out: Path) -> Iterator[Path]:
         raise write_error(out, e) from e
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """`a` and `b` name the same file or folder: after following symlinks, or as hard links."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def refuse_inputs(out: str | Path, protected: dict[Path, str], what: str) -> None:
+    """Refuse to write `what` at `out` when it is (symlinks and hard links followed) one of the
+    files or folders the command reads or must keep: `protected` maps each to what it is
+    ("the model", "patient X's t1 scan")."""
+    out = Path(out)
+    for path, name in protected.items():
+        if _same_file(out, Path(path)):
+            raise BratsError(
+                f"{what} {out} is {name} ({path}): writing there would destroy it; choose another path"
+            )
+
+
+def refuse_other_kind(out: str | Path, looks_right: Callable[[bytes], bool], kind: str, what: str) -> None:
+    """An existing file at `out` is replaced only when it is the kind of file the command writes
+    (`looks_right` judges its first bytes): a path given by mistake never replaces a scan, a
+    model or a checkpoint."""
+    out = Path(out)
+    if not out.is_file():
+        return
+    try:
+        with open(out, "rb") as f:
+            head = f.read(256)
+    except OSError as e:
+        raise BratsError(f"{what} {out} exists and cannot be read ({e.strerror}): choose another path") from e
+    if head and not looks_right(head):
+        raise BratsError(
+            f"{what} {out} exists and is not {kind}: choose another file name (or remove the file "
+            "yourself if it may go)"
+        )

@@ -1,0 +1,110 @@
+"""Never destroy a user's file, never score the wrong model: every case is a file a user has, and
+the command refuses it in one line before doing any work, leaving every file as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from clitools import one_line_error, run_cli
+from support import TINY_SHAPE, copy_run
+
+from brats.data.phantom import make_cohort
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def new_patients(tmp_path: Path, n: int = 2) -> Path:
+    new = tmp_path / "new"
+    make_cohort(new, n, seed=5, shape=TINY_SHAPE, prefix="NEW", workers=1)
+    return new
+
+
+def first_case(cohort: Path) -> Path:
+    return sorted(p for g in ("HGG", "LGG") if (cohort / g).is_dir() for p in (cohort / g).iterdir())[0]
+
+
+# --- 1. outputs never destroy inputs
+
+
+@pytest.fixture
+def model_copy(exported, tmp_path) -> Path:
+    model = tmp_path / "m.onnx"
+    shutil.copy(exported[1], model)
+    return model
+
+
+def test_predict_out_never_replaces_the_model_or_a_scan(model_copy, tmp_path, capsys):
+    new = new_patients(tmp_path)
+    t1 = next(first_case(new).glob("*_t1.nii.gz"))
+    link = tmp_path / "link.csv"
+    link.symlink_to(model_copy)
+    hard = tmp_path / "hard.csv"
+    os.link(t1, hard)
+    before = {p: digest(p) for p in (model_copy, t1)}
+    for out, what in (
+        (model_copy, "the model"),
+        (link, "the model"),
+        (t1, "'s t1 scan"),
+        (hard, "'s t1 scan"),
+    ):
+        r = run_cli(capsys, "predict.py", model_copy, new, "--out", out)
+        err = one_line_error(r)
+        assert what in err and "choose another path" in err, err
+        assert "patient(s)" not in r.out  # refused before any patient was read
+    assert {p: digest(p) for p in before} == before
+
+
+def test_predict_out_replaces_only_a_predictions_csv(model_copy, tmp_path, capsys):
+    new = new_patients(tmp_path)
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my notes, not predictions\n")
+    err = one_line_error(run_cli(capsys, "predict.py", model_copy, new, "--out", notes))
+    assert "is not a predictions CSV" in err and str(notes) in err
+    assert notes.read_text() == "my notes, not predictions\n"
+
+
+def test_predict_cam_folder_is_never_a_patients_folder(model_copy, tmp_path, capsys):
+    new = new_patients(tmp_path)
+    case = first_case(new)
+    files = sorted(p.name for p in case.iterdir())
+    err = one_line_error(
+        run_cli(capsys, "predict.py", model_copy, new, "--cam", case, "--out", tmp_path / "p.csv")
+    )
+    assert "--cam" in err and "folder" in err
+    assert sorted(p.name for p in case.iterdir()) == files
+
+
+def test_export_out_never_replaces_a_checkpoint_or_another_file(exported, tmp_path, capsys):
+    run = copy_run(exported[0], tmp_path / "run")
+    best = run / "fold_0" / "best_ema.pt"
+    before = digest(best)
+    link = tmp_path / "x.onnx"
+    link.symlink_to(best)
+    other = tmp_path / "y.onnx"
+    other.write_text("not a model")
+    card = tmp_path / "z_card.json"
+    card.write_text('{"mine": 1}')
+    for out, said in (
+        (best, "ends in .onnx"),
+        (link, "fold 0's best_ema.pt"),
+        (other, "is not an ONNX model"),
+        (tmp_path / "z.onnx", "is not a model card"),
+    ):
+        r = run_cli(capsys, "export.py", "--run", run, "--fold", "1", "--out", out)
+        assert said in one_line_error(r), r.err
+    assert digest(best) == before and other.read_text() == "not a model" and card.read_text() == '{"mine": 1}'
+
+
+def test_evaluate_never_writes_into_the_cache_through_a_link(cv_run, cache20, tmp_path, capsys):
+    run = copy_run(cv_run, tmp_path / "run")
+    (run / "evaluation").symlink_to(cache20, target_is_directory=True)
+    listing = sorted(p.name for p in cache20.iterdir())
+    err = one_line_error(run_cli(capsys, "evaluate.py", "--run", run, "--folds", "0"))
+    assert "the cache" in err and "evaluation folder" in err
+    assert sorted(p.name for p in cache20.iterdir()) == listing
