@@ -31,6 +31,9 @@ def main(
     size: Annotated[int, typer.Option(help="output cube side S in voxels (RECIPE.md 6.2: 128)")] = 128,
     workers: Annotated[int, typer.Option(help="parallel processes (0 = all cores)")] = 0,
     skip_bad: Annotated[bool, typer.Option(help="index the cache without the patients that failed")] = False,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="prepare again a cache made with other settings (e.g. --size)")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     check_size(size)
@@ -46,6 +49,7 @@ def main(
         PreprocessConfig(size=size),
         workers or None,
         skip_bad=skip_bad,
+        replace=replace,
         known_failures=cohort.problems,
         source=str(root),
         progress=progress,

@@ -13,6 +13,7 @@ from brats.data.cache_builder import prepare
 from brats.data.cache_reader import open_cache
 from brats.data.cohort import find_cases
 from brats.data.preprocess import PreprocessConfig, preprocess_case
+from brats.errors import BratsError
 from brats.io.names import file_stem
 
 CFG = PreprocessConfig(size=TINY_SIZE)
@@ -39,9 +40,14 @@ def test_prepare_is_idempotent_and_incremental(cohort_copy, tmp_path):
     assert third.written == [changed.patient_id]
     assert len(list((cache / "volumes").glob(f"{file_stem(changed.patient_id)}.*.npy"))) == 1
 
-    # a changed parameter redoes everyone
-    fourth = prepare(cases, cache, PreprocessConfig(size=TINY_SIZE + 4), workers=2, progress=False)
-    assert len(fourth.written) == 14
+    # a changed parameter is refused unless asked, then redoes everyone, and only their volumes stay
+    with pytest.raises(BratsError, match="size 24 -> 28.*--replace"):
+        prepare(cases, cache, PreprocessConfig(size=TINY_SIZE + 4), workers=2, progress=False)
+    assert open_cache(cache).preprocess["size"] == TINY_SIZE  # nothing changed
+    fourth = prepare(
+        cases, cache, PreprocessConfig(size=TINY_SIZE + 4), workers=2, progress=False, replace=True
+    )
+    assert len(fourth.written) == 14 and len(list((cache / "volumes").iterdir())) == 14
 
 
 def test_cache_contents_and_memmap(cohort18, tmp_path):

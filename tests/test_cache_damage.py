@@ -398,7 +398,9 @@ def test_a_full_disk_stops_prepare_with_one_line_and_loses_nothing(prepared, tmp
 
     monkeypatch.setattr(np, "save", disk_full)  # forked workers inherit it
     with pytest.raises(BratsError) as e:
-        prepare(cases, cache, PreprocessConfig(size=TINY_SIZE + 2), workers=workers, progress=False)
+        prepare(
+            cases, cache, PreprocessConfig(size=TINY_SIZE + 2), workers=workers, progress=False, replace=True
+        )
     assert "\n" not in str(e.value) and "the disk is full" in str(e.value)
     after = {f: f.read_bytes() for f in cache.rglob("*") if f.is_file()}
     assert after == before  # no temp file, no new volume, the old volumes and index intact

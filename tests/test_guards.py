@@ -108,3 +108,109 @@ def test_evaluate_never_writes_into_the_cache_through_a_link(cv_run, cache20, tm
     err = one_line_error(run_cli(capsys, "evaluate.py", "--run", run, "--folds", "0"))
     assert "the cache" in err and "evaluation folder" in err
     assert sorted(p.name for p in cache20.iterdir()) == listing
+
+
+# --- 2. a transactional cache
+
+
+def cohort_and_cache(tmp_path: Path, n: int = 6) -> tuple[Path, Path]:
+    from support import TINY_SIZE
+
+    from brats.data.cache_builder import prepare
+    from brats.data.cohort import find_cases
+    from brats.data.preprocess import PreprocessConfig
+
+    cohort = tmp_path / "cohort"
+    make_cohort(cohort, n, seed=4, shape=TINY_SHAPE, workers=1)
+    prepare(
+        find_cases(cohort).cases,
+        tmp_path / "cache",
+        PreprocessConfig(size=TINY_SIZE),
+        workers=1,
+        progress=False,
+    )
+    return cohort, tmp_path / "cache"
+
+
+def test_a_failed_prepare_leaves_the_previous_index_and_every_volume_it_lists(tmp_path):
+    from support import TINY_SIZE
+
+    from brats.data.cache_builder import prepare
+    from brats.data.cache_reader import open_cache, verify_volumes
+    from brats.data.cohort import find_cases
+    from brats.data.preprocess import PreprocessConfig
+
+    cohort, cache = cohort_and_cache(tmp_path)
+    cases = find_cases(cohort).cases
+    for i, case in enumerate(cases):  # every patient changed: each gets a new volume
+        os.utime(case.paths[0], ns=(10**18 + i, 10**18 + i))
+    cases[2].paths[1].write_bytes(b"\x1f\x8b broken")  # and one of them now fails
+    result = prepare(cases, cache, PreprocessConfig(size=TINY_SIZE), workers=1, progress=False)
+    assert len(result.failed) == 1 and len(result.written) == 5 and not result.index_written
+    cached = open_cache(cache)  # the previous index: every volume it lists is there, whole
+    verify_volumes(cached, range(len(cached)))
+    assert len(cached) == 6
+
+
+def test_a_failing_patient_whose_id_holds_a_colon_is_left_out_of_the_index(tmp_path):
+    from support import TINY_SIZE
+
+    from brats.data.cache_builder import prepare
+    from brats.data.cache_reader import open_cache
+    from brats.data.cohort import find_cases
+    from brats.data.preprocess import PreprocessConfig
+
+    cohort, _ = cohort_and_cache(tmp_path, 4)
+    cases = find_cases(cohort).cases
+    cases[0] = cases[0].__class__("site:A: case 1", cases[0].label, cases[0].paths)
+    bad = tmp_path / "bad_t1.nii.gz"
+    bad.write_bytes(b"not a scan")
+    cases[0] = cases[0].__class__(cases[0].patient_id, cases[0].label, (bad, *cases[0].paths[1:]))
+    out = tmp_path / "colon"
+    result = prepare(cases, out, PreprocessConfig(size=TINY_SIZE), workers=1, progress=False, skip_bad=True)
+    assert [line.startswith("site:A: case 1: cannot read t1") for line in result.failed] == [True]
+    cached = open_cache(out)  # opens: no listed patient lacks its volume
+    assert "site:A: case 1" not in cached.patient_ids and len(cached) == 3
+
+
+def test_two_prepares_of_one_cache_at_once_are_refused(tmp_path):
+    from support import TINY_SIZE
+
+    from brats.data.cache_builder import prepare
+    from brats.data.cohort import find_cases
+    from brats.data.preprocess import PreprocessConfig
+    from brats.errors import BratsError
+    from brats.io.processes import exclusive_lock
+
+    cohort, cache = cohort_and_cache(tmp_path, 4)
+    with exclusive_lock(cache, "cache", "wait"):  # as another prepare would hold it
+        with pytest.raises(BratsError, match=f"cache {cache} is in use by process {os.getpid()}: wait for"):
+            prepare(
+                find_cases(cohort).cases, cache, PreprocessConfig(size=TINY_SIZE), workers=1, progress=False
+            )
+    prepare(find_cases(cohort).cases, cache, PreprocessConfig(size=TINY_SIZE), workers=1, progress=False)
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no lock file left behind
+
+
+def test_prepare_at_another_size_into_an_existing_cache_is_refused_unless_replace(tmp_path):
+    import subprocess
+    import sys
+
+    cohort, cache = cohort_and_cache(tmp_path, 4)
+    before = {p: digest(p) for p in cache.rglob("*") if p.is_file()}
+    cmd = [
+        sys.executable,
+        "-m",
+        "brats.prepare",
+        str(cohort),
+        "--out",
+        str(cache),
+        "--size",
+        "32",
+        "--no-progress",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 1 and "size 24 -> 32" in r.stderr and "--replace" in r.stderr, r.stderr
+    assert {p: digest(p) for p in cache.rglob("*") if p.is_file()} == before
+    r = subprocess.run([*cmd, "--replace"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -36,8 +36,7 @@ from brats.data.preprocess import PreprocessConfig, preprocess_case
 from brats.errors import BratsError, CaseError
 from brats.io.atomic import check_output_dir, remove_stale_temps, write_atomic, write_json_atomic
 from brats.io.compression import checksum
-from brats.io.names import file_stem, hashed_stem
-from brats.io.processes import die_with_parent
+from brats.io.processes import die_with_parent, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +73,6 @@ def fingerprint(case: Case, cfg: PreprocessConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _old_volumes(vol_dir: Path, patient_id: str, keep: str) -> list[Path]:
-    """The volume files of this patient other than `keep`, found by exact name, never by a
-    pattern built from the id. Names given by earlier versions (the hashed stem of every id, or the
-    bare id) count too."""
-    stems = {file_stem(patient_id), hashed_stem(patient_id), patient_id}
-    old = []
-    for f in vol_dir.iterdir():
-        owner = volume_owner(f.name)
-        if f.name != keep and owner is not None and owner[0] in stems:
-            old.append(f)
-    return old
-
-
 def _init_worker(main_pid: int) -> None:
     die_with_parent(main_pid)
     # One process per core: each SimpleITK reader runs single-threaded.
@@ -106,9 +92,8 @@ def _prepare_one(case: Case, cfg: PreprocessConfig, target: Path) -> tuple[str |
         return f"{case.patient_id}: preprocessing failed ({type(e).__name__}: {e})", None
     if not all_finite(volume):  # never cache what would turn the losses into NaN
         return f"{case.patient_id}: preprocessing gave NaN or infinite values (check its images)", None
+    # Superseded volumes stay until the index that no longer lists them is written (`_sweep`).
     write_atomic(target, lambda f: np.save(f, volume))
-    for old in _old_volumes(target.parent, case.patient_id, keep=target.name):
-        old.unlink(missing_ok=True)
     return None, checksum(memoryview(volume).cast("B"))
 
 
@@ -131,48 +116,71 @@ def prepare(
     known_failures: Iterable[CaseError] = (),
     source: str = "",
     progress: bool = True,
+    replace: bool = False,
 ) -> PrepareResult:
-    """Bring the cache at `out` up to date with `cases`.
+    """Bring the cache at `out` up to date with `cases`, as one transaction.
 
     Every patient is attempted; failures (with `known_failures` from cohort discovery) are
-    collected. A volume already there is reused only when it passes its checks (header, size,
-    the checksum in the index); a broken one is redone and listed in `repaired`. The index is
-    (re)written only when every patient succeeded or `skip_bad` is set, and only when its
-    content changed, so an unchanged cohort writes nothing; an unreadable index is rebuilt.
+    collected by patient. A volume already there is reused only when it passes its checks
+    (header, size, the checksum in the index); a broken one is redone and listed in `repaired`.
+    The index is (re)written only when every patient succeeded or `skip_bad` is set, and only
+    when its content changed; volumes it no longer lists are deleted only after it is written,
+    so a failed run leaves the previous index and every volume it lists whole. A cache prepared
+    with other settings (another size) is refused unless `replace`; one prepare at a time.
     """
     check_size(cfg.size)
     out = check_cache_dir(out)
-    vol_dir = out / VOLUMES
-    remove_stale_temps(vol_dir)  # left by a killed run
-    remove_stale_temps(out)
-
-    old_index, index_problem = None, ""
-    if (out / INDEX).exists():
-        try:
-            old_index = read_index(out / INDEX)
-        except Broken as e:
-            index_problem = f"{out / INDEX} {e}"
-    known_crc = {(e["patient_id"], e["file"]): e.get("crc32") for e in (old_index or {}).get("patients", [])}
-
-    entries, jobs, reused, repaired = _plan(cases, cfg, vol_dir, known_crc)
-    failed = [str(e) for e in known_failures]
-    written = _run_jobs(jobs, cfg, workers, progress, entries, failed)
-
-    failed_ids = {line.split(":", 1)[0] for line in failed}
-    index_written = False
-    if not failed or skip_bad:
-        index = {
-            "preprocess": cfg.to_contract(),
-            "source": source,
-            "patients": [e for pid, e in entries.items() if pid not in failed_ids],
-            "skipped": sorted(failed),
+    with exclusive_lock(out, f"cache {out}", "wait for the other prepare to finish"):
+        remove_stale_temps(out / VOLUMES)  # left by a killed run
+        remove_stale_temps(out)
+        old_index, index_problem = None, ""
+        if (out / INDEX).exists():
+            try:
+                old_index = read_index(out / INDEX)
+            except Broken as e:
+                index_problem = f"{out / INDEX} {e}"
+        if old_index is not None and not replace:
+            check_same_settings(out, old_index["preprocess"], cfg)
+        known_crc = {
+            (e["patient_id"], e["file"]): e.get("crc32") for e in (old_index or {}).get("patients", [])
         }
-        if old_index != index:
-            write_json_atomic(out / INDEX, index)
-            index_written = True
-    return PrepareResult(
-        sorted(written), sorted(reused), sorted(failed), index_written, repaired, index_problem
-    )
+        entries, jobs, reused, repaired = _plan(cases, cfg, out / VOLUMES, known_crc)
+        failures = {e.patient_id: str(e) for e in known_failures}
+        written = _run_jobs(jobs, cfg, workers, progress, entries, failures)
+        index_written = False
+        if not failures or skip_bad:
+            index = {
+                "preprocess": cfg.to_contract(),
+                "source": source,
+                "patients": [e for pid, e in entries.items() if pid not in failures],
+                "skipped": sorted(failures.values()),
+            }
+            if old_index != index:
+                write_json_atomic(out / INDEX, index)
+                index_written = True
+            _sweep(out / VOLUMES, {Path(e["file"]).name for e in index["patients"]})
+    failed = sorted(failures.values())
+    return PrepareResult(sorted(written), sorted(reused), failed, index_written, repaired, index_problem)
+
+
+def check_same_settings(out: Path, stored: dict, cfg: PreprocessConfig) -> None:
+    """A cache holds one preprocessing: another one is refused (a run trained on the cache could no
+    longer be evaluated), naming both, unless prepare is told to replace it."""
+    wanted = cfg.to_contract()
+    diffs = [k for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+    if diffs:
+        shown = ", ".join(f"{k} {stored.get(k)} -> {wanted.get(k)}" for k in diffs)
+        raise BratsError(
+            f"cache {out} was prepared with other settings ({shown}): give another --out (one cache per "
+            "setting), or --replace to prepare it again (runs trained on it can then no longer be evaluated)"
+        )
+
+
+def _sweep(vol_dir: Path, keep: set[str]) -> None:
+    """Delete the volume files the written index does not list (superseded or skipped patients)."""
+    for f in vol_dir.iterdir():
+        if volume_owner(f.name) is not None and f.name not in keep:
+            f.unlink(missing_ok=True)
 
 
 def _plan(
@@ -215,17 +223,17 @@ def _run_jobs(
     workers: int | None,
     progress: bool,
     entries: dict[str, dict],
-    failed: list[str],
+    failures: dict[str, str],
 ) -> list[str]:
     """Preprocess `jobs` (in worker processes when there are several); records checksums in
-    `entries` and error lines in `failed`; returns the patients written."""
+    `entries` and each failed patient's error line in `failures`; returns the patients written."""
     written: list[str] = []
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     bar = tqdm(total=len(jobs), desc="prepare", unit="patient", disable=not progress or not jobs)
 
     def record(case: Case, err: str | None, crc: int | None) -> None:
         if err:
-            failed.append(err)
+            failures[case.patient_id] = err
         else:
             written.append(case.patient_id)
             entries[case.patient_id]["crc32"] = crc

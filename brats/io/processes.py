@@ -1,4 +1,5 @@
-"""Processes that end with their parent: worker pools and launched trainings.
+"""Processes that end with their parent, and one writer at a time: worker pools, launched
+trainings, and the locks a cache or a fold folder is written under.
 
 A child blocked on a queue, or a training launched by a scheduler, never notices that its
 parent was killed (kill -9 runs no handler) and would live on, writing files nobody reads. On
@@ -11,12 +12,17 @@ No torch here.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from brats.errors import BratsError
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 PARENT_POLL_S = 0.5  # how often a child without PR_SET_PDEATHSIG checks that its parent lives
@@ -63,3 +69,37 @@ def die_with_parent(main_pid: int | None = None, sig: int = signal.SIGKILL) -> N
         os._exit(1)  # the parent died before the signal was armed
     if not armed:
         threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+
+
+def lock_holder(fd: int) -> str:
+    """The pid holding a lock on the file behind `fd`, read from /proc/locks ("?" elsewhere)."""
+    st = os.fstat(fd)
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "?"
+    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 12345 08:01:1234 0 EOF"
+        parts = line.split()
+        if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(st.st_ino):
+            return parts[4]
+    return "?"
+
+
+@contextmanager
+def exclusive_lock(folder: Path, what: str, fix: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` itself (no lock file is left behind) while the block
+    runs; another process holding it is refused in one line naming it and ending in `fix`. The
+    kernel releases the lock when its holder dies, even by kill -9: a stale lock never blocks a
+    rerun."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as e:
+        raise BratsError(f"cannot lock {what} ({folder}: {e.strerror})") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BratsError(f"{what} is in use by process {lock_holder(fd)}: {fix}") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
