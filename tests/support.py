@@ -17,10 +17,12 @@ TINY_SIZE = 24  # preprocessed cube side
 FAST = dict(depth=10, workers=0, progress=False, min_epochs=1, warmup_epochs=1.0)
 
 
-def write_nifti(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), direction=None) -> None:
-    """Write a (z, y, x) array as NIfTI with LPS identity direction unless given."""
+def write_nifti(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), direction=None, origin=None) -> None:
+    """Write a (z, y, x) array as NIfTI with LPS identity direction and origin 0 unless given."""
     img = sitk.GetImageFromArray(array)
     img.SetSpacing(spacing)
+    if origin is not None:
+        img.SetOrigin(origin)
     if direction is not None:
         img.SetDirection(direction)
     sitk.WriteImage(img, str(path))

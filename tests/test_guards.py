@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from clitools import one_line_error, run_cli
 from support import TINY_SHAPE, copy_run
@@ -214,3 +215,83 @@ def test_prepare_at_another_size_into_an_existing_cache_is_refused_unless_replac
     assert {p: digest(p) for p in cache.rglob("*") if p.is_file()} == before
     r = subprocess.run([*cmd, "--replace"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# --- 3. every modality on the same grid, really
+
+
+@pytest.fixture
+def one_case(tmp_path):
+    from brats.data.cohort import find_cases
+
+    make_cohort(tmp_path / "c", 2, seed=8, shape=TINY_SHAPE, workers=1)
+    return find_cases(tmp_path / "c").cases[0]
+
+
+def edit_header(path: Path, change) -> None:
+    """Change fields of a .nii.gz header in place, bytes as they are (nibabel's save would
+    rewrite the sform and qform from the image's affine)."""
+    import gzip
+
+    import nibabel as nib
+
+    raw = gzip.decompress(path.read_bytes())
+    header = nib.Nifti1Header(raw[:348], check=False)
+    change(header)
+    path.write_bytes(gzip.compress(header.binaryblock + raw[348:]))
+
+
+def preprocess_error(case) -> str:
+    from brats.data.preprocess import PreprocessConfig, preprocess_case
+    from brats.errors import CaseError
+
+    with pytest.raises(CaseError) as e:
+        preprocess_case(case, PreprocessConfig(size=24))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_modality_shifted_40_mm_is_refused(one_case):
+    def shift(h):
+        h["qoffset_x"] += 40.0
+        h["srow_x"][3] += 40.0
+
+    edit_header(one_case.path("flair"), shift)
+    err = preprocess_error(one_case)
+    assert err.startswith(
+        f"{one_case.patient_id}: flair file {one_case.path('flair')} has its origin 40 mm away"
+    )
+
+
+@pytest.mark.parametrize("spacing", [float("nan"), 0.0])
+def test_a_spacing_that_is_not_a_positive_number_is_refused(one_case, spacing):
+    def bad(h):
+        h["pixdim"][3] = spacing
+
+    edit_header(one_case.path("t2"), bad)
+    err = preprocess_error(one_case)
+    assert (
+        f"cannot read t2 file {one_case.path('t2')}: its header's voxel spacing" in err
+        and "not positive" in err
+    )
+
+
+def test_nan_in_the_t1_sform_is_blamed_on_the_t1(one_case):
+    def nan(h):
+        h["srow_y"][1] = float("nan")
+
+    edit_header(one_case.path("t1"), nan)
+    err = preprocess_error(one_case)
+    assert f"cannot read t1 file {one_case.path('t1')}: its header's sform holds NaN" in err
+    assert "t1ce" not in err
+
+
+def test_a_constant_modality_is_refused(one_case):
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(one_case.path("t1ce")))
+    flat = sitk.GetImageFromArray(np.full(sitk.GetArrayViewFromImage(img).shape, 500, np.int16))
+    flat.CopyInformation(img)
+    sitk.WriteImage(flat, str(one_case.path("t1ce")))
+    err = preprocess_error(one_case)
+    assert f"t1ce file {one_case.path('t1ce')}: every voxel holds the same value (500)" in err

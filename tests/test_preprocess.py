@@ -6,6 +6,7 @@ import SimpleITK as sitk
 from support import TINY_SIZE, write_nifti
 
 from brats.data.cohort import MODALITIES, Case, find_cases
+from brats.data.phantom import ORIGIN as PHANTOM_ORIGIN
 from brats.data.preprocess import PreprocessConfig, brain_mask, preprocess_case
 from brats.errors import CaseError
 
@@ -154,7 +155,7 @@ def test_plain_file_reads_as_simpleitk_reads_it(cohort18):
 
 def test_all_zero_modality(cohort18, tmp_path):
     case = copy_case(first_case(cohort18), tmp_path)
-    write_nifti(case.path("t2"), np.zeros((28, 40, 40), np.int16))
+    write_nifti(case.path("t2"), np.zeros((28, 40, 40), np.int16), origin=PHANTOM_ORIGIN)
     with pytest.raises(CaseError, match=f"^{case.patient_id}: t2 file .*_t2.nii.gz: all voxels are 0"):
         preprocess_case(case, CFG)
 

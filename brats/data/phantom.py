@@ -28,6 +28,7 @@ from brats.io.atomic import atomic_path
 
 BRATS18_SHAPE = (240, 240, 155)  # x, y, z voxels, 1 mm
 BRATS18_RATIO = (210, 75)  # HGG, LGG patients in BraTS 2018
+ORIGIN = (0.0, -239.0, 0.0)  # x, y, z mm of voxel (0, 0, 0), as in real BraTS files
 
 # Tissue intensities per modality (t1, t1ce, t2, flair), arbitrary units before scaling.
 TISSUE = {
@@ -202,7 +203,7 @@ def write_patient(args: tuple[Path, str, int, int, bool, tuple[int, int, int]]) 
     for mod, vol in zip(MODALITIES, make_patient(seed, index, hgg, shape)):
         img = sitk.GetImageFromArray(vol)  # (z, y, x) -> image of size (x, y, z)
         img.SetSpacing((1.0, 1.0, 1.0))
-        img.SetOrigin((0.0, -239.0, 0.0))  # as in real BraTS files
+        img.SetOrigin(ORIGIN)
         img.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))  # LPS
         with atomic_path(folder / f"{pid}_{mod}.nii.gz") as tmp:
             # the temp name must end in .nii.gz for ITK to pick its writer

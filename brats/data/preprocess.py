@@ -30,6 +30,7 @@ PREPROCESS_VERSION = 1
 ORIENTATION = "LPS"  # axes of the output grid, SimpleITK/DICOM convention (identity direction)
 SPACING_RTOL = 1e-3  # modalities must agree on spacing to this relative tolerance
 DIRECTION_ATOL = 1e-3  # ... and on direction cosines to this absolute tolerance
+ORIGIN_ATOL_VOXELS = 0.1  # ... and on where voxel (0, 0, 0) lies, to a tenth of the smallest voxel
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,11 @@ def check_same_grid(case: Case, images: list[sitk.Image]) -> None:
             what = f"spacing {img.GetSpacing()} mm but t1 has {ref.GetSpacing()} mm"
         elif not np.allclose(img.GetDirection(), ref.GetDirection(), atol=DIRECTION_ATOL):
             what = "an orientation (direction) different from t1"
+        elif not np.allclose(
+            img.GetOrigin(), ref.GetOrigin(), rtol=0, atol=ORIGIN_ATOL_VOXELS * min(ref.GetSpacing())
+        ):
+            shift = float(np.linalg.norm(np.subtract(img.GetOrigin(), ref.GetOrigin())))
+            what = f"its origin {shift:.3g} mm away from t1's"
         if what:
             raise CaseError(
                 case.patient_id,
@@ -288,11 +294,12 @@ def preprocess_images(
             "check that the images are not blank",
         )
     for mod, array in zip(MODALITIES, arrays):
-        if not array.any():  # would become a channel of zeros, silently
+        lo, hi = array.min(), array.max()
+        if lo == hi:  # a channel of zeros, or a constant that makes the whole field of view "brain"
+            what = "all voxels are 0" if hi == 0 else f"every voxel holds the same value ({hi})"
             raise CaseError(
                 case.patient_id,
-                f"{mod} file {case.path(mod)}: all voxels are 0 (a blank or failed export): "
-                "re-export this modality",
+                f"{mod} file {case.path(mod)}: {what} (a blank or failed export): re-export this modality",
             )
     origin, spacing = cube_grid(images[0], mask, cfg.size)
     chosen = [images[MODALITIES.index(m)] for m in cfg.modalities]

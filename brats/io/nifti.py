@@ -99,6 +99,32 @@ def read_geometry(header_bytes: bytes, name: str) -> sitk.ImageFileReader:
         os.unlink(name)
 
 
+def check_header_geometry(header: nib.Nifti1Header) -> None:
+    """What ITK would silently replace: a voxel spacing that is not a positive number (ITK reads
+    1 mm instead) and a sform or qform holding NaN or infinity."""
+    spacing = [float(v) for v in header["pixdim"][1:4]]
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise UnusableFile(
+            f"its header's voxel spacing {tuple(spacing)} mm is not positive (pixdim): fix the header "
+            "or re-export the image"
+        )
+    if int(header["sform_code"]) > 0:
+        srow = np.concatenate([header["srow_x"], header["srow_y"], header["srow_z"]])
+        if not np.isfinite(srow).all():
+            raise UnusableFile(
+                "its header's sform holds NaN or infinite values: fix the header or re-export the image"
+            )
+    if int(header["qform_code"]) > 0:
+        quatern = [
+            float(header[k])
+            for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
+        ]
+        if not np.isfinite(quatern).all():
+            raise UnusableFile(
+                "its header's qform holds NaN or infinite values: fix the header or re-export the image"
+            )
+
+
 def read_nifti(path: Path) -> sitk.Image:
     """One NIfTI file as a SimpleITK image, verified whole; raises UnusableFile saying why not."""
     try:
@@ -124,7 +150,14 @@ def read_nifti(path: Path) -> sitk.Image:
             f"truncated (or its header is corrupt): the header needs {need} bytes ({voxels}), "
             f"the file holds {len(raw)}{packed}; re-copy or re-download it"
         )
+    check_header_geometry(header)
     info = read_geometry(itk_header(header, raw), path.name)
+    geometry = (*info.GetOrigin(), *info.GetSpacing(), *info.GetDirection())
+    if not all(np.isfinite(geometry)) or min(info.GetSpacing()) <= 0:
+        raise UnusableFile(
+            f"invalid geometry (origin {info.GetOrigin()}, spacing {info.GetSpacing()} mm): fix the "
+            "header or re-export the image"
+        )
     if info.GetDimension() != 3 or info.GetNumberOfComponents() != 1:
         raise UnusableFile(
             f"is {info.GetDimension()}D with {info.GetNumberOfComponents()} component(s): "
