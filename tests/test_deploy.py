@@ -316,7 +316,13 @@ def resized_cache(cache20: Path, tmp_path: Path, size: int) -> Path:
 
     cache = tmp_path / "cache"
     shutil.copytree(cache20, cache)
-    prepare(find_cases(cache20.parent / "cohort").cases, cache, PreprocessConfig(size=size), progress=False)
+    prepare(
+        find_cases(cache20.parent / "cohort").cases,
+        cache,
+        PreprocessConfig(size=size),
+        progress=False,
+        replace=True,
+    )
     assert json.loads((cache / "index.json").read_text())["preprocess"]["size"] == size
     return cache
 

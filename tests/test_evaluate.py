@@ -196,7 +196,13 @@ def test_evaluate_refuses_a_cache_prepared_again_at_another_size(cv_copy, cache2
     cfg = json.loads((cv_copy / "config.json").read_text())
     cfg["data"] = str(cache)
     (cv_copy / "config.json").write_text(json.dumps(cfg))
-    prepare(find_cases(cache20.parent / "cohort").cases, cache, PreprocessConfig(size=32), progress=False)
+    prepare(
+        find_cases(cache20.parent / "cohort").cases,
+        cache,
+        PreprocessConfig(size=32),
+        progress=False,
+        replace=True,
+    )
     err = one_line_error(run_cli(capsys, "evaluate.py", "--run", cv_copy, "--folds", "1"))
     assert str(cache) in err and str(cv_copy / "fold_1" / BEST_EMA) in err
     assert "size 32" in err and "size 24" in err and "--data" in err
