@@ -41,6 +41,9 @@ def main(
     trust_checkpoints: Annotated[
         bool, typer.Option("--trust-checkpoints", help="allow unpickling your own old checkpoints")
     ] = False,
+    allow_unfinished: Annotated[
+        bool, typer.Option("--allow-unfinished", help="export folds whose training did not finish")
+    ] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if ensemble and fold is not None:
@@ -48,7 +51,14 @@ def main(
     from brats.evaluation.export import export
 
     path = export(
-        run, out, fold=fold, ensemble=ensemble, trust=trust_checkpoints, exporter=exporter, data=data
+        run,
+        out,
+        fold=fold,
+        ensemble=ensemble,
+        trust=trust_checkpoints,
+        exporter=exporter,
+        data=data,
+        allow_unfinished=allow_unfinished,
     )
     print(f"wrote {path}")
 

@@ -295,3 +295,226 @@ def test_a_constant_modality_is_refused(one_case):
     sitk.WriteImage(flat, str(one_case.path("t1ce")))
     err = preprocess_error(one_case)
     assert f"t1ce file {one_case.path('t1ce')}: every voxel holds the same value (500)" in err
+
+
+# --- 4. score the model you think you score
+
+
+def test_a_checkpoint_copied_from_another_fold_is_refused(exported, tmp_path, capsys):
+    run = copy_run(exported[0], tmp_path / "run")
+    (run / "fold_1" / "best_ema.pt").unlink()
+    shutil.copy(run / "fold_0" / "best_ema.pt", run / "fold_1" / "best_ema.pt")
+    err = one_line_error(run_cli(capsys, "evaluate.py", "--run", run, "--folds", "1"))
+    assert "holds fold 0's model, not fold 1's" in err
+    err = one_line_error(
+        run_cli(capsys, "export.py", "--run", run, "--fold", "1", "--out", tmp_path / "m.onnx")
+    )
+    assert "holds fold 0's model, not fold 1's" in err and not (tmp_path / "m.onnx").exists()
+
+
+def test_swapped_folds_in_splits_json_are_refused(exported, tmp_path, capsys):
+    import json
+
+    run = copy_run(exported[0], tmp_path / "run")
+    splits = json.loads((run / "splits.json").read_text())
+    folds = splits["folds"]
+    folds[0]["val"], folds[1]["val"] = folds[1]["val"], folds[0]["val"]
+    (run / "splits.json").write_text(json.dumps(splits))
+    err = one_line_error(run_cli(capsys, "evaluate.py", "--run", run, "--folds", "0"))
+    assert "was trained on other patients than" in err and "splits.json gives fold 0" in err
+
+
+@pytest.fixture
+def stopped_fold(cache20, tmp_path, monkeypatch, fresh_accelerate):
+    """Fold 0 of a 5-epoch run killed after its second epoch: (config, run folder)."""
+    from support import FAST
+
+    import brats.training.engine as engine
+    from brats.training.config import make_config
+
+    cfg = make_config(data=str(cache20), run=str(tmp_path / "run"), max_epochs=5, ema_decay=0.9, **FAST)
+    real = engine.run_epoch
+
+    def killed_after_two(fold, state, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt  # as a kill would stop it
+        real(fold, state, epoch)
+
+    monkeypatch.setattr(engine, "run_epoch", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train_fold(cfg)
+    monkeypatch.undo()
+    return cfg, tmp_path / "run"
+
+
+def test_an_unfinished_fold_is_marked_and_not_exported_unless_asked(stopped_fold, tmp_path, capsys):
+    from brats.evaluation.cross_validation import evaluate_run
+
+    _, run = stopped_fold
+    summary = evaluate_run(run, folds=[0])
+    assert (summary.folds[0].finished, summary.folds[0].epochs_trained) == (False, 2)
+    assert (
+        "**Unfinished folds**: fold 0 (stopped after epoch 2)"
+        in (run / "evaluation" / "report.md").read_text()
+    )
+    out = tmp_path / "m.onnx"
+    err = one_line_error(run_cli(capsys, "export.py", "--run", run, "--fold", "0", "--out", out))
+    assert "fold 0 after epoch 2 did not finish training" in err and "--allow-unfinished" in err
+    assert not out.exists()
+    r = run_cli(capsys, "export.py", "--run", run, "--fold", "0", "--out", out, "--allow-unfinished")
+    assert r.code == 0 and out.is_file(), r.err
+
+
+def test_resume_after_config_json_was_deleted_refuses_other_settings(stopped_fold, fresh_accelerate):
+    import dataclasses
+
+    from brats.errors import BratsError
+    from brats.training.engine import train_fold
+
+    cfg, run = stopped_fold
+    (run / "config.json").unlink()
+    with pytest.raises(BratsError, match=r"state.pt was written with other settings \(lr: 0.0001 -> 0.001\)"):
+        train_fold(dataclasses.replace(cfg, lr=1e-3, resume=True))
+
+
+def test_a_resumed_fold_refuses_a_cache_prepared_again_at_another_size(
+    stopped_fold, cache20, tmp_path, fresh_accelerate
+):
+    import dataclasses
+
+    from support import TINY_SIZE
+
+    from brats.data.cache_builder import prepare
+    from brats.data.cohort import find_cases
+    from brats.data.preprocess import PreprocessConfig
+    from brats.errors import BratsError
+    from brats.training.engine import train_fold
+
+    cfg, run = stopped_fold
+    cache = tmp_path / "cache32"
+    shutil.copytree(cache20, cache)
+    cases = find_cases(cache20.parent / "cohort").cases
+    prepare(cases, cache, PreprocessConfig(size=TINY_SIZE + 8), progress=False, replace=True)
+    with pytest.raises(
+        BratsError, match="preprocess.json: the run's folds trained on a cache preprocessed otherwise"
+    ):
+        train_fold(dataclasses.replace(cfg, data=str(cache), resume=True))
+
+
+@pytest.mark.parametrize("damage", ["no model", "no optimizer", "epoch abc", "a list", "a string"])
+def test_a_resume_state_missing_or_damaging_what_exact_resume_needs_is_refused(
+    stopped_fold, damage, fresh_accelerate
+):
+    import dataclasses
+
+    import torch
+
+    from brats.errors import BratsError
+    from brats.training.engine import train_fold
+
+    cfg, run = stopped_fold
+    path = run / "fold_0" / "state.pt"
+    state = torch.load(path, weights_only=True)
+    if damage == "no model":
+        del state["model_state_dict"]
+    elif damage == "no optimizer":
+        del state["optimizer"]
+    elif damage == "epoch abc":
+        state["fold_state"]["epoch"] = "abc"
+    path.unlink()
+    torch.save(["x"] if damage == "a list" else "x" if damage == "a string" else state, path)
+    with pytest.raises(BratsError) as e:
+        train_fold(dataclasses.replace(cfg, resume=True))
+    msg = str(e.value)
+    assert msg.startswith(str(path)) and "\n" not in msg and "delete it to start the fold over" in msg
+
+
+def test_a_decision_that_grades_everyone_alike_is_refused():
+    from brats.deploy.contract import Decision
+    from brats.errors import BratsError
+
+    good = {"calibration": "platt", "slope": 1.2, "intercept": 0.3, "threshold": 0.4, "rule": "youden"}
+    assert Decision.from_dict(good, "m.onnx").threshold == 0.4
+    for bad in (
+        {**good, "threshold": 0.0},
+        {**good, "threshold": 1.0},
+        {**good, "slope": 0.0},
+        {**good, "rule": "0.5", "threshold": 0.99},
+        {**good, "calibration": "none"},
+        {**good, "calibration": "temperature"},
+    ):
+        with pytest.raises(BratsError, match="^m.onnx: its decision is not one evaluate.py fits"):
+            Decision.from_dict(bad, "m.onnx")
+
+
+def test_a_model_whose_contract_grades_everyone_hgg_is_refused_by_predict(exported, tmp_path, capsys):
+    import json
+
+    import onnx
+
+    model = onnx.load(str(exported[1]))
+    for entry in model.metadata_props:
+        if entry.key == "brats_contract":
+            contract = json.loads(entry.value)
+            contract["decision"]["threshold"] = 0.0
+            entry.value = json.dumps(contract)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    err = one_line_error(
+        run_cli(capsys, "predict.py", bad, new_patients(tmp_path), "--out", tmp_path / "p.csv")
+    )
+    assert "threshold 0.0, not strictly between 0 and 1" in err
+
+
+def write_manifest(tmp_path: Path, rows: list[tuple[str, Path]]) -> Path:
+    lines = ["patient_id,label,t1,t1ce,t2,flair"]
+    for pid, case in rows:
+        files = [str(next(case.glob(f"*_{m}.nii.gz"))) for m in ("t1", "t1ce", "t2", "flair")]
+        lines.append(f"{pid},HGG,{','.join(files)}")
+    path = tmp_path / "manifest.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_manifest_giving_one_patients_files_under_several_ids_is_refused(tmp_path):
+    from brats.data.cohort import find_cases
+
+    make_cohort(tmp_path / "c", 3, seed=6, shape=TINY_SHAPE, workers=1)
+    cases = sorted(
+        p for g in ("HGG", "LGG") if (tmp_path / "c" / g).is_dir() for p in (tmp_path / "c" / g).iterdir()
+    )
+    rows = [("A", cases[0]), ("B", cases[0]), ("C", cases[1]), *[(f"S{i}", cases[2]) for i in range(6)]]
+    cohort = find_cases(write_manifest(tmp_path, rows))
+    assert [c.patient_id for c in cohort.cases] == ["C"]
+    refused = {e.patient_id: e.reason for e in cohort.problems}
+    assert sorted(refused) == ["A", "B", *[f"S{i}" for i in range(6)]]
+    assert "A (line 2 of" in refused["B"] and "B (line 3 of" in refused["A"]
+
+
+def test_a_manifest_row_without_an_id_is_refused(tmp_path):
+    from brats.data.cohort import find_cases
+
+    make_cohort(tmp_path / "c", 2, seed=6, shape=TINY_SHAPE, workers=1)
+    case = first_case(tmp_path / "c")
+    cohort = find_cases(write_manifest(tmp_path, [(" ", case)]))
+    assert (
+        cohort.cases == []
+        and "line 2" in cohort.problems[0].reason
+        and "empty patient_id" in cohort.problems[0].reason
+    )
+
+
+def test_two_different_patients_under_one_id_are_not_graded_in_one_predict(model_copy, tmp_path, capsys):
+    a, b = new_patients(tmp_path / "a", 2), new_patients(tmp_path / "b", 2)
+    case_a = first_case(a)
+    other = sorted(p for g in ("HGG", "LGG") if (b / g).is_dir() for p in (b / g).iterdir())[1]
+    renamed = other.parent / case_a.name
+    other.rename(renamed)
+    for f in renamed.iterdir():
+        f.rename(f.with_name(f.name.replace(other.name, case_a.name)))
+    out = tmp_path / "p.csv"
+    r = run_cli(capsys, "predict.py", model_copy, case_a, renamed, "--out", out)
+    assert r.code == 1
+    assert f"{case_a.name}: two different patients carry this id ({case_a} and {renamed})" in r.err
+    rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+    assert [row[1] for row in rows if row[0] == case_a.name] == [""]  # one row, not graded

@@ -19,7 +19,7 @@ import csv
 import io
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from brats.errors import BratsError, CaseError
@@ -57,6 +57,7 @@ class Cohort:
 
     cases: list[Case]
     problems: list[CaseError]
+    where: dict[str, str] = field(default_factory=dict)  # patient -> where it was given (a CSV line)
 
 
 def parse_grade(value: str, where: str) -> int:
@@ -215,12 +216,17 @@ def _from_manifest(csv_path: Path) -> Cohort:
         raise BratsError(
             f"{csv_path}: needs columns patient_id,label,{','.join(MODALITIES)}; has {reader.fieldnames}"
         )
+    lines: dict[str, str] = {}
     for row in reader:
         pid = (row["patient_id"] or "").strip() or f"line {reader.line_num}"
         try:
             bad = _row_length_problem(reader, row, csv_path)
             if bad:
                 raise CaseError(pid, bad)
+            if not (row["patient_id"] or "").strip():
+                raise CaseError(
+                    pid, f"{csv_path}, line {reader.line_num}: empty patient_id: give every row an id"
+                )
             label = parse_grade(row["label"], f"{csv_path}, line {reader.line_num} ({pid})")
             paths = []
             for mod in MODALITIES:
@@ -232,11 +238,12 @@ def _from_manifest(csv_path: Path) -> Cohort:
                     )
                 paths.append(p)
             cases.append(Case(pid, label, tuple(paths)))
+            lines[pid] = f"line {reader.line_num} of {csv_path}"
         except CaseError as e:
             problems.append(e)
         except BratsError as e:
             problems.append(CaseError(pid, str(e)))
-    return Cohort(cases, problems)
+    return Cohort(cases, problems, lines)
 
 
 def _unlabelled(root: Path) -> Cohort:
@@ -287,8 +294,29 @@ def find_cases(root: str | Path, labelled: bool = True) -> Cohort:
             f"{first}: duplicate patient id ({' and '.join(where[first])}); "
             f"{len(dupes)} duplicated in all: rename or remove one copy of each"
         )
-    cases = sorted(cohort.cases, key=lambda c: c.patient_id)
-    return Cohort(cases, sorted(cohort.problems, key=lambda e: e.patient_id))
+    cases, shared = split_shared_files(cohort.cases, cohort.where)
+    cases = sorted(cases, key=lambda c: c.patient_id)
+    return Cohort(cases, sorted(cohort.problems + shared, key=lambda e: e.patient_id))
+
+
+def split_shared_files(cases: list[Case], where: dict[str, str]) -> tuple[list[Case], list[CaseError]]:
+    """Patients that share a file (one scan given under two ids, by a manifest or through links)
+    are refused, each naming the other: their grades, and the folds they land in, would
+    otherwise count one patient twice (even with two grades)."""
+    owners: dict[Path, list[tuple[Case, str]]] = {}
+    for case in cases:
+        for mod, path in zip(MODALITIES, case.paths):
+            owners.setdefault(path.resolve(), []).append((case, mod))
+    clash: dict[str, str] = {}
+    for path, users in owners.items():
+        ids = list(dict.fromkeys(c.patient_id for c, _ in users))
+        if len(ids) > 1:
+            named = ", ".join(f"{pid} ({where[pid]})" if pid in where else pid for pid in ids)
+            for pid in ids:
+                reason = f"shares the file {path} with another id ({named}): give each patient its own files"
+                clash.setdefault(pid, reason)
+    kept = [c for c in cases if c.patient_id not in clash]
+    return kept, [CaseError(pid, reason) for pid, reason in clash.items()]
 
 
 def check_trainable(cases: list[Case], source: str | Path) -> None:

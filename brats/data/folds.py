@@ -31,6 +31,13 @@ class Fold:
     val: list[str]  # patients that choose the checkpoint (the outer fold, or the inner split)
     test: list[str]  # the outer validation fold: what the report scores
 
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits over who trained, who chose the epoch and who is scored: stored in every
+        checkpoint, so that a model is never scored on patients it trained on."""
+        parts = [sorted(self.train), sorted(self.val), sorted(self.test)]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
 
 @dataclass(frozen=True)
 class Splits:
@@ -140,6 +147,24 @@ def read_splits(path: Path) -> dict:
             "cohort and --split-seed make the same splits"
         ) from e
     return d
+
+
+def stored_fold(path: Path, k: int) -> Fold | None:
+    """Fold k as splits.json at `path` stores it (the cohort is the union of the validation folds),
+    or None when the file does not hold what is needed (inner validation lists of older files)."""
+    d = read_splits(path)
+    if not 0 <= k < len(d["folds"]):
+        raise BratsError(
+            f"{path} has folds 0..{len(d['folds']) - 1}, not fold {k}: is it this run's splits.json?"
+        )
+    outer = [list(f["val"]) for f in d["folds"]]
+    inner = [list(f["inner_val"]) for f in d["folds"]] if all("inner_val" in f for f in d["folds"]) else None
+    inner_val = float(d.get("inner_val", 0.0))
+    if inner_val > 0 and inner is None:
+        return None
+    ids = sorted({p for fold in outer for p in fold})
+    splits = Splits(len(outer), int(d["seed"]), inner_val, str(d["cohort_fingerprint"]), outer, inner)
+    return splits.fold(k, ids, [0] * len(ids))  # labels choose an inner split only when none is stored
 
 
 def load_or_make_splits(

@@ -47,6 +47,25 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))  # no overflow for large |z|
 
 
+def parse_rule(rule: str) -> tuple[str, float]:
+    """--threshold: "0.5" or any number in (0, 1) (fixed), "youden", or "sensitivity:0.9"."""
+    text = str(rule).strip().lower()
+    if text == "youden":
+        return "youden", math.nan
+    kind, _, value = text.partition(":") if ":" in text else ("fixed", "", text)
+    if kind in ("fixed", "sensitivity"):
+        try:
+            v = float(value)
+        except ValueError:
+            v = math.nan
+        if 0.0 < v < 1.0:
+            return kind, v
+    raise BratsError(
+        f"--threshold {rule!r}: give a probability in (0, 1) such as 0.5, youden, or a target "
+        "sensitivity such as sensitivity:0.9"
+    )
+
+
 @dataclass(frozen=True)
 class Decision:
     """How a model's p(HGG) becomes a grade: p' = sigmoid(slope * logit(p) + intercept) (identity
@@ -87,13 +106,33 @@ class Decision:
             )
         except (TypeError, ValueError) as e:
             raise BratsError(f"{source}: its decision holds a non-number ({e}): {fix}") from e
-        finite = all(math.isfinite(v) for v in (dec.slope, dec.intercept, dec.threshold))
-        if dec.calibration not in CALIBRATIONS or not finite or not 0.0 <= dec.threshold <= 1.0:
-            raise BratsError(
-                f"{source}: unknown decision (calibration {dec.calibration!r}, "
-                f"threshold {dec.threshold}): {fix}"
-            )
+        problem = dec.problem()
+        if problem:
+            raise BratsError(f"{source}: its decision is not one evaluate.py fits ({problem}): {fix}")
         return dec
+
+    def problem(self) -> str:
+        """What makes this decision impossible for evaluate.py to have fitted ("" when nothing): a
+        threshold of 0 or 1, or a slope of 0, would grade every patient alike."""
+        if self.calibration not in CALIBRATIONS:
+            return f"calibration {self.calibration!r}"
+        if not all(math.isfinite(v) for v in (self.slope, self.intercept, self.threshold)):
+            return "a value that is not finite"
+        if not 0.0 < self.threshold < 1.0:
+            return f"threshold {self.threshold}, not strictly between 0 and 1"
+        if self.slope <= 0:
+            return f"calibration slope {self.slope}, not positive"
+        if self.calibration == "none" and (self.slope, self.intercept) != (1.0, 0.0):
+            return f"slope {self.slope} and intercept {self.intercept} without a calibration"
+        if self.calibration == "temperature" and self.intercept != 0.0:
+            return f"intercept {self.intercept} for a temperature"
+        try:
+            kind, value = parse_rule(self.rule)
+        except BratsError:
+            return f"threshold rule {self.rule!r}"
+        if kind == "fixed" and abs(value - self.threshold) > 1e-9:
+            return f"threshold {self.threshold} where its rule fixes {value}"
+        return ""
 
 
 def check_graph_input(shape: list, cfg: PreprocessConfig, model: str | Path, fix: str) -> None:

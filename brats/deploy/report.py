@@ -47,10 +47,31 @@ def gather_cases(
         times[first.patient_id] += 1
         if first.label is None and case.label is not None:  # the grade found in a labelled layout
             unique[key] = replace(first, label=case.label)
-    unique_problems = {(e.patient_id, e.reason): e for e in problems}
+    kept, clashes = split_id_clashes(list(unique.values()))
+    unique_problems = {(e.patient_id, e.reason): e for e in problems + clashes}
     times.update(e.patient_id for e in problems)
-    repeated = {pid: n for pid, n in times.items() if n > 1}
-    return list(unique.values()), list(unique_problems.values()), repeated
+    repeated = {pid: n for pid, n in times.items() if n > 1 and pid not in {e.patient_id for e in clashes}}
+    return kept, list(unique_problems.values()), repeated
+
+
+def split_id_clashes(cases: list[Case]) -> tuple[list[Case], list[CaseError]]:
+    """Two different patients (other files) under one id get one CSV row and one map file name
+    between them: neither is graded, and the line names both folders."""
+    by_id: dict[str, list[Case]] = {}
+    for case in cases:
+        by_id.setdefault(case.patient_id, []).append(case)
+    kept, clashes = [], []
+    for pid, group in by_id.items():
+        if len(group) == 1:
+            kept.append(group[0])
+            continue
+        folders = " and ".join(str(c.paths[0].parent) for c in group)
+        clashes.append(
+            CaseError(
+                pid, f"two different patients carry this id ({folders}): rename one; neither was graded"
+            )
+        )
+    return kept, clashes
 
 
 def protected_paths(model: Path, inputs: list[Path], cases: list[Case]) -> dict[Path, str]:

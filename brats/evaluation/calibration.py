@@ -19,30 +19,11 @@ import math
 
 import numpy as np
 
-from brats.deploy.contract import CALIBRATIONS, Decision, logit
+from brats.deploy.contract import _EPS, CALIBRATIONS, Decision, logit, parse_rule
 from brats.errors import BratsError
 
 METHODS = CALIBRATIONS
 BINS = 10  # equal-width probability bins of the reliability diagram and the ECE
-
-
-def parse_rule(rule: str) -> tuple[str, float]:
-    """--threshold: "0.5" or any number in (0, 1) (fixed), "youden", or "sensitivity:0.9"."""
-    text = str(rule).strip().lower()
-    if text == "youden":
-        return "youden", math.nan
-    kind, _, value = text.partition(":") if ":" in text else ("fixed", "", text)
-    if kind in ("fixed", "sensitivity"):
-        try:
-            v = float(value)
-        except ValueError:
-            v = math.nan
-        if 0.0 < v < 1.0:
-            return kind, v
-    raise BratsError(
-        f"--threshold {rule!r}: give a probability in (0, 1) such as 0.5, youden, or a target "
-        "sensitivity such as sensitivity:0.9"
-    )
 
 
 def fit_calibration(labels: np.ndarray, p_hgg: np.ndarray, method: str) -> tuple[float, float]:
@@ -91,7 +72,8 @@ def choose_threshold(labels: np.ndarray, p: np.ndarray, rule: str) -> float:
     else:
         i = int(np.argmax(tpr >= value - 1e-12))  # the highest threshold reaching the sensitivity
     lower = scores[i + 1] if i + 1 < len(scores) else 0.0
-    return float((scores[i] + lower) / 2)
+    # kept inside (0, 1): a threshold of exactly 0 or 1 would grade every new patient alike
+    return float(np.clip((scores[i] + lower) / 2, _EPS, 1 - _EPS))
 
 
 def fit_decision(labels: np.ndarray, p_hgg: np.ndarray, method: str, rule: str) -> Decision:

@@ -31,7 +31,7 @@ from brats.evaluation.scoring import predict, resolve_device, score
 from brats.evaluation.verification import rescore_precision, verify
 from brats.io.atomic import check_output_dir, refuse_inputs, remove_stale_temps, staged
 from brats.runs.paths import RunPaths
-from brats.runs.reader import check_preprocessing, load_best_model, model_config, run_config
+from brats.runs.reader import check_preprocessing, fold_status, load_best_model, model_config, run_config
 from brats.runs.summary import FoldRow, Summary
 from brats.training.config import TrainConfig
 from brats.training.datasets import CachedVolumes
@@ -52,6 +52,7 @@ class FoldResult:
     labels: np.ndarray
     p_hgg: np.ndarray
     verification: dict = field(default_factory=dict)  # Verification.row()
+    status: dict | None = None  # how far the fold trained (runs.reader.fold_status)
 
 
 def evaluate_fold(
@@ -115,6 +116,7 @@ def evaluate_fold(
         labels=y,
         p_hgg=p_hgg,
         verification=check.row(),
+        status=fold_status(run, k),
     )
 
 
@@ -138,6 +140,8 @@ def summarize_folds(
             metrics={m: r.metrics[m] for m in METRICS},
             n=len(r.labels),
             **r.verification,
+            finished=r.status["finished"] if r.status else None,
+            epochs_trained=r.status["epochs"] if r.status else None,
         )
         for r in results
     ]

@@ -39,7 +39,14 @@ from brats.io.atomic import (
 from brats.models.explained import ExplainedModel
 from brats.models.resnet import ResNet3D
 from brats.runs.paths import BEST, BEST_EMA, RunPaths
-from brats.runs.reader import check_preprocessing, load_best_model, load_summary, model_config, run_config
+from brats.runs.reader import (
+    check_preprocessing,
+    fold_status,
+    load_best_model,
+    load_summary,
+    model_config,
+    run_config,
+)
 from brats.runs.summary import FoldRow, Summary
 from brats.training.config import TrainConfig
 
@@ -243,6 +250,7 @@ def export(
     trust: bool = False,
     exporter: str = "torchscript",
     data: str | Path | None = None,
+    allow_unfinished: bool = False,
 ) -> Path:
     """Write the ONNX model and model_card.json; returns the model path.
 
@@ -280,6 +288,7 @@ def export(
     else:  # the fold whose re-scored validation AUC is best
         folds = [max(evaluated.values(), key=lambda r: (r.rescored_val_auc, -r.fold)).fold]
 
+    check_finished(run, folds, allow_unfinished)
     models, sources = load_sources(run, folds, run_cfg, trust, evaluated)
     # Parity inputs: three real preprocessed patients from the cache, which must be preprocessed
     # as the checkpoints were (the graph is traced at its size).
@@ -311,6 +320,19 @@ def export(
         f"largest value) and {RunPaths.card(out)}"
     )
     return out
+
+
+def check_finished(run: Path, folds: list[int], allowed: bool) -> None:
+    """A fold whose training was killed (or still runs) is not exported unless `allowed`."""
+    stopped = {k: s["epochs"] for k in folds if (s := fold_status(run, k)) is not None and not s["finished"]}
+    if stopped and not allowed:
+        said = ", ".join(f"fold {k} after epoch {n}" for k, n in stopped.items())
+        raise BratsError(
+            f"{run}: {said} did not finish training: resume with train.py --resume (or make cv), or "
+            "export as it is with --allow-unfinished"
+        )
+    for k, n in stopped.items():
+        log.warning(f"fold {k} did not finish training (stopped after epoch {n}): exported as it is")
 
 
 def load_sources(

@@ -47,6 +47,15 @@ def report_markdown(summary: Summary, run: Path) -> str:
     for r in summary.folds:
         cells = " | ".join(f"{r.metrics[key]:.4f}" for key, _ in TABLE_1)
         lines.append(f"| {r.fold} | {r.best_epoch} | {r.checkpoint} | {cells} | {r.stored_val_auc:.4f} |")
+    unfinished = [r for r in summary.folds if r.finished is False]
+    if unfinished:
+        said = ", ".join(f"fold {r.fold} (stopped after epoch {r.epochs_trained})" for r in unfinished)
+        lines += [
+            "",
+            f"**Unfinished folds**: {said}: their training was killed or is still running, and their "
+            "checkpoints are scored as they are. Resume them (`--resume`) before trusting these numbers; "
+            "export.py refuses them unless `--allow-unfinished`.",
+        ]
     lines += ["", "Verification (each checkpoint re-scored against what it stored):", ""]
     for r in summary.folds:
         per_patient = f", per-patient max |dp| {r.max_abs_dp:.1e}" if r.max_abs_dp is not None else ""

@@ -18,6 +18,7 @@ import logging
 import math
 import pickle
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +51,7 @@ class Checkpoint:
     brats_version: str | None = None  # brats version that wrote the file
     mixed_precision: str | None = None  # forward precision of the validation ("no", "bf16", "fp16")
     val_probabilities: dict[str, float] = field(default_factory=dict)  # p(HGG) per val patient
+    patients_fingerprint: str | None = None  # the fold's train/val/test patients (folds.Fold)
 
     @property
     def val_auc(self) -> float:
@@ -70,11 +72,40 @@ class Checkpoint:
             raise BratsError(
                 f"{path}: checkpoint lacks {', '.join(missing)} (required: {', '.join(REQUIRED)})"
             )
+        problem = payload_problem(payload)
+        if problem:
+            raise BratsError(f"{path}: damaged checkpoint ({problem}): restore it, or train the fold again")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in payload.items() if k in known and v is not None}
         kwargs.setdefault("is_ema", Path(path).name.endswith("_ema.pt"))
         kwargs["is_ema"], kwargs["epoch"] = bool(kwargs["is_ema"]), int(kwargs.get("epoch", -1))
         return cls(**kwargs)
+
+
+def payload_problem(payload: dict[str, Any]) -> str:
+    """What is wrong with the structure or ranges of a loaded checkpoint ("" when nothing)."""
+    weights, metrics = payload["model_state_dict"], payload["val_metrics"]
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        return "model_state_dict is not a mapping of tensors"
+    if not isinstance(metrics, dict):
+        return f"val_metrics is a {type(metrics).__name__}"
+    auc = metrics.get("auc")
+    if auc is not None and (not isinstance(auc, Real) or not (math.isnan(auc) or 0 <= auc <= 1)):
+        return f"val AUC {auc!r}"
+    for name, lowest in (("epoch", -1), ("fold", 0)):
+        value = payload.get(name)
+        if value is not None and (
+            not isinstance(value, Integral) or isinstance(value, bool) or value < lowest
+        ):
+            return f"{name} {value!r}"
+    probabilities = payload.get("val_probabilities") or {}
+    if not isinstance(probabilities, dict) or not all(
+        isinstance(p, Real) and 0 <= p <= 1 for p in probabilities.values()
+    ):
+        return "val_probabilities are not probabilities"
+    if payload.get("config") is not None and not isinstance(payload["config"], dict):
+        return f"config is a {type(payload['config']).__name__}"
+    return ""
 
 
 def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -95,9 +126,14 @@ def load_checkpoint(path: str | Path, trust: bool = False, map_location: str = "
     unpickler for files the user made themselves.
     """
     path = Path(path)
+    damaged = "restore it, or train the fold again"
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a checkpoint at all: never advise unpickling it
+            raise BratsError(
+                f"{path}: damaged or not a checkpoint (it does not load as one): {damaged}"
+            ) from e
         if not trust:
             raise BratsError(
                 f"{path}: holds pickled Python objects that weights_only loading refuses "
@@ -105,9 +141,16 @@ def load_checkpoint(path: str | Path, trust: bool = False, map_location: str = "
                 "if you made this file, pass --trust-checkpoints"
             ) from e
         log.warning("%s: loading with weights_only=False (--trust-checkpoints)", path)
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise BratsError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as e2:
+            first = (str(e2).strip().splitlines() or [type(e2).__name__])[0][:120]
+            raise BratsError(
+                f"{path}: cannot read checkpoint ({type(e2).__name__}: {first}): {damaged}"
+            ) from e2
+    except Exception as e:  # truncated, not a zip, unreadable, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise BratsError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first}): {damaged}") from e
     if not isinstance(ckpt, dict):
         raise BratsError(f"{path}: not a checkpoint dict (got {type(ckpt).__name__})")
     Checkpoint.from_payload(ckpt, path)  # the required fields are there
@@ -154,6 +197,7 @@ class RngState:
 
 # Entries state.pt must hold when the run needs them, and what their absence means. Any other
 # entry a file lacks (added by a later brats version) leaves its object as initialised.
+ENDED = ("fold_state", "best", "best_ema")  # what a finished fold's state keeps
 _MISSING_HINT = {
     "ema_state_dict": "saved without EMA but --ema-decay is set now; resume with the same settings",
 }
@@ -185,18 +229,37 @@ def _upgrade(blob: dict[str, Any]) -> dict[str, Any]:
     return blob
 
 
-def load_resume_state(path: str | Path, objects: dict[str, Stateful]) -> None:
-    """Restore each object from its entry in state.pt (older layouts upgraded first)."""
+def load_resume_state(path: str | Path, objects: dict[str, Stateful]) -> dict[str, Any]:
+    """Restore each object from its entry in state.pt (older layouts upgraded first); returns the
+    file's other entries (the settings and patients it was written for). A state that lacks what
+    exact resume needs, or whose entries do not fit, is refused in one line: resuming from it
+    would end on other weights than an uninterrupted run. A finished fold's state holds how it
+    ended only."""
+    fix = "delete it to start the fold over, or resume with the settings it was written with"
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise BratsError(
-            f"{path}: cannot read the resume state ({type(e).__name__}: {e}); delete it to start over"
-        ) from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BratsError(f"{path}: cannot read the resume state ({type(e).__name__}: {first}): {fix}") from e
+    if not isinstance(blob, dict):
+        raise BratsError(f"{path}: not a resume state (it holds a {type(blob).__name__}): {fix}")
     blob = _upgrade(blob)
-    finished = (blob.get("fold_state") or {}).get("finished", False)  # holds no weights
+    fold_state = blob.get("fold_state")
+    finished = isinstance(fold_state, dict) and fold_state.get("finished") is True
+    needed = [n for n in objects if n in ENDED or not finished]
+    missing = [n for n in needed if blob.get(n) is None]
+    if missing:
+        hints = [_MISSING_HINT[n] for n in missing if n in _MISSING_HINT]
+        why = f" ({'; '.join(hints)})" if hints else ""
+        raise BratsError(f"{path}: lacks {', '.join(missing)}, which an exact resume needs{why}: {fix}")
     for name, obj in objects.items():
-        if blob.get(name) is not None:
+        if blob.get(name) is None:
+            continue
+        try:
             obj.load_state_dict(blob[name])
-        elif name in _MISSING_HINT and not finished:
-            raise BratsError(f"{path}: {_MISSING_HINT[name]}")
+        except Exception as e:  # a list, a string, a tensor of the wrong shape, epoch "abc"...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise BratsError(
+                f"{path}: its {name} does not fit this run ({type(e).__name__}: {first}): {fix}"
+            ) from e
+    return {k: v for k, v in blob.items() if k not in objects}

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
+from brats.data.preprocess import PreprocessConfig
 from brats.errors import BratsError
 from brats.io.atomic import write_json_atomic
 from brats.runs.paths import RunPaths
@@ -36,23 +38,67 @@ def comparable(d: dict) -> dict:
 LOCATION = ("run", "data")
 
 
+def setting_differences(old: dict, new: dict) -> list[str]:
+    """ "name: old -> new" for each setting in which two configs of one run may not differ.
+    Fields added by a later brats version take their defaults, so an older run still matches."""
+    old, new = TrainConfig.from_dict(old).to_dict(), TrainConfig.from_dict(new).to_dict()
+    keys = (set(comparable(old)) | set(comparable(new))) - set(LOCATION)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(keys) if old.get(k) != new.get(k)]
+
+
 def write_run_config(run: Path, cfg: TrainConfig) -> None:
     """RUN/config.json: the resolved config; every fold of a run must share its settings."""
     path = RunPaths(run).config
-    d = cfg.to_dict()
     if path.exists():
-        # Fields added by a later brats version take their defaults, so an older run still matches.
-        old = TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
-        keys = (set(comparable(old)) | set(comparable(d))) - set(LOCATION)
-        diff = sorted(k for k in keys if old.get(k) != d.get(k))
+        diff = setting_differences(json.loads(path.read_text()), cfg.to_dict())
         if diff:
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {d.get(k)!r}" for k in diff[:4])
             raise BratsError(
-                f"{path}: this run was started with other settings ({shown}); "
+                f"{path}: this run was started with other settings ({', '.join(diff[:4])}); "
                 "use a new --run folder so that the folds of one run stay comparable"
             )
         return
-    write_json_atomic(path, d)
+    write_json_atomic(path, cfg.to_dict())
+
+
+def check_run_preprocess(run: Path, preprocess: dict) -> None:
+    """RUN/preprocess.json: every fold of a run trains on a cache preprocessed one way. A cache
+    prepared again at another size after some folds trained is refused for the others."""
+    path = RunPaths(run).preprocess
+    if not path.exists():
+        write_json_atomic(path, preprocess)
+        return
+    try:
+        stored = json.loads(path.read_text())
+        diffs = PreprocessConfig.differences(stored, preprocess)
+        if stored.get("modalities") != preprocess.get("modalities"):
+            diffs.append(("modalities", stored.get("modalities"), preprocess.get("modalities")))
+    except (ValueError, AttributeError) as e:
+        raise BratsError(
+            f"{path} is damaged ({e}): restore it, or delete it if the cache is the one trained on"
+        ) from e
+    if diffs:
+        shown = ", ".join(f"{name} {a} -> {b}" for name, a, b in diffs)
+        raise BratsError(
+            f"{path}: the run's folds trained on a cache preprocessed otherwise ({shown}): give --data the "
+            "cache they trained on, or train in a new --run folder"
+        )
+
+
+def check_resume(extra: dict[str, Any], cfg: TrainConfig, fold: int, patients: str, path: Path) -> None:
+    """A resume state is continued only by the run, fold and patients it was written for: after
+    config.json was deleted, a changed learning rate would otherwise resume silently."""
+    fix = "resume with the settings it was written with, or train the fold again in a new --run folder"
+    stored = extra.get("config")
+    try:
+        diff = setting_differences(stored, cfg.to_dict()) if isinstance(stored, dict) else []
+    except (TypeError, ValueError) as e:
+        raise BratsError(f"{path}: its stored settings are damaged ({e}): {fix}") from e
+    if diff:
+        raise BratsError(f"{path} was written with other settings ({', '.join(diff[:4])}): {fix}")
+    if extra.get("fold", fold) != fold:
+        raise BratsError(f"{path} is fold {extra['fold']}'s resume state, not fold {fold}'s: {fix}")
+    if extra.get("patients_fingerprint", patients) != patients:
+        raise BratsError(f"{path} was written for other patients than splits.json gives fold {fold}: {fix}")
 
 
 def check_one_run(cfgs: list[TrainConfig]) -> None:

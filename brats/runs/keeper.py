@@ -46,6 +46,7 @@ class FoldRecord:
     config: dict[str, Any]  # TrainConfig.to_dict()
     fold: int
     splits_fingerprint: str  # cohort fingerprint of splits.json
+    patients_fingerprint: str  # who trained, chose the epoch and is scored (folds.Fold.fingerprint)
     protocol: str  # how the epoch is chosen (brats.data.folds.protocol)
     val_patients: list[str]  # the patients that choose the epoch (sorted)
     preprocess: dict[str, Any]  # the cache's preprocessing contract
@@ -147,6 +148,7 @@ class CheckpointKeeper:
                 config=r.config,
                 fold=r.fold,
                 splits_fingerprint=r.splits_fingerprint,
+                patients_fingerprint=r.patients_fingerprint,
                 protocol=r.protocol,
                 val_patients=r.val_patients,
                 preprocess=r.preprocess,

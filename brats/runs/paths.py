@@ -3,7 +3,8 @@
 RUN/
   config.json                 resolved TrainConfig shared by every fold
   splits.json                 patient-level folds (and inner validation)
-  fold_K/                     best.pt, best_ema.pt, state.pt, metrics.csv, plots, train.log
+  preprocess.json             the preprocessing contract of the cache the folds train on
+  fold_K/                     best.pt, best_ema.pt, state.pt, status.json, metrics.csv, plots, train.log
   evaluation/                 summary.json, report.md, predictions.csv, plots
   model.onnx | model_ensemble.onnx (+ <stem>_card.json beside each)
 """
@@ -35,6 +36,11 @@ class RunPaths:
     def splits(self) -> Path:
         return self.root / "splits.json"
 
+    @property
+    def preprocess(self) -> Path:
+        """The preprocessing contract of the cache every fold of the run trains on."""
+        return self.root / "preprocess.json"
+
     @staticmethod
     def fold_name(k: int) -> str:
         """fold_K: a fold's folder in the run, and its plots' folder in evaluation/."""
@@ -48,6 +54,10 @@ class RunPaths:
 
     def state(self, k: int) -> Path:
         return self.fold(k) / STATE
+
+    def status(self, k: int) -> Path:
+        """How far fold k got (epochs, finished or not), written with each resume state."""
+        return self.fold(k) / "status.json"
 
     def metrics(self, k: int) -> Path:
         return self.fold(k) / "metrics.csv"

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from brats.data.cache_reader import CachedCohort
+from brats.data.folds import stored_fold
 from brats.data.preprocess import PreprocessConfig
 from brats.errors import BratsError
 from brats.models.resnet import build_model
@@ -72,6 +73,50 @@ def model_config(ckpt: Checkpoint, run_cfg: dict) -> dict:
     return cfg if isinstance(cfg, dict) else run_cfg
 
 
+def fold_status(run: Path, k: int) -> dict | None:
+    """How far fold k got ({"epochs", "finished", "stop_reason"}): its status.json or, for a run
+    trained before that was written, the resume state's fold_state (memory-mapped: the weights
+    are not read); None when neither tells."""
+    paths = RunPaths(run)
+    try:
+        status = json.loads(paths.status(k).read_text())
+        if isinstance(status, dict) and isinstance(status.get("finished"), bool):
+            return status
+    except (OSError, ValueError):
+        pass
+    try:
+        blob = torch.load(paths.state(k), map_location="cpu", weights_only=True, mmap=True)
+        fold_state = blob["fold_state"]
+        finished, epochs = fold_state["finished"], fold_state["epoch"]
+    except Exception:  # absent or unreadable: evaluate and export say so, they do not guess
+        return None
+    if not isinstance(finished, bool) or not isinstance(epochs, int):
+        return None
+    return {"epochs": epochs, "finished": finished, "stop_reason": str(fold_state.get("stop_reason", ""))}
+
+
+def check_fold_identity(ckpt: Checkpoint, path: Path, paths: RunPaths, k: int) -> None:
+    """A checkpoint is scored as fold k's only if it is fold k's model, trained on the patients
+    splits.json gives fold k: a checkpoint copied from another fold, or folds swapped in
+    splits.json, would score a model on patients it trained on."""
+    if ckpt.fold is not None and ckpt.fold != k:
+        raise BratsError(
+            f"{path} holds fold {ckpt.fold}'s model, not fold {k}'s (copied from another fold?): "
+            f"restore fold {k}'s checkpoint or train the fold again"
+        )
+    if ckpt.patients_fingerprint is None:
+        log.warning(
+            f"{path}: written before checkpoints recorded their patients; not checked against {paths.splits}"
+        )
+        return
+    fold = stored_fold(paths.splits, k) if paths.splits.is_file() else None
+    if fold is not None and fold.fingerprint != ckpt.patients_fingerprint:
+        raise BratsError(
+            f"{path} was trained on other patients than {paths.splits} gives fold {k} (the file edited, "
+            "or folds swapped?): restore the splits.json the run was trained with"
+        )
+
+
 def load_best_model(
     run: Path, k: int, run_cfg: dict, trust: bool
 ) -> tuple[torch.nn.Module, Checkpoint, Path]:
@@ -79,6 +124,7 @@ def load_best_model(
     mode; returns (model, checkpoint, path)."""
     path = select_checkpoint(RunPaths(run).fold(k), float(run_cfg.get("ema_decay", 0.0)) > 0)
     ckpt = read_checkpoint(path, trust=trust)
+    check_fold_identity(ckpt, path, RunPaths(run), k)
     model = build_model(model_config(ckpt, run_cfg))
     try:
         model.load_state_dict(ckpt.model_state_dict)

@@ -46,9 +46,14 @@ class FoldRow:
     rescored_in: str | None = None  # precision of the re-score
     max_abs_dp: float | None = None  # per-patient |p stored - p re-scored|; None when not stored
     patients_compared: int = 0
+    finished: bool | None = None  # the fold's training ended (None: not known, older runs)
+    epochs_trained: int | None = None  # epochs the fold trained (None: not known)
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "metrics"}
+        for unknown in ("finished", "epochs_trained"):  # not known for older runs: not written
+            if d[unknown] is None:
+                del d[unknown]
         return {**d, **self.metrics}
 
     @classmethod
@@ -71,6 +76,8 @@ class FoldRow:
             rescored_in=d.get("rescored_in"),
             max_abs_dp=None if dp is None else float(dp),
             patients_compared=int(d.get("patients_compared", 0)),
+            finished=d["finished"] if isinstance(d.get("finished"), bool) else None,
+            epochs_trained=int(d["epochs_trained"]) if d.get("epochs_trained") is not None else None,
         )
 
 

@@ -54,7 +54,7 @@ from brats.data.folds import load_or_make_splits, protocol
 from brats.errors import BratsError
 from brats.evaluation.metrics import METRICS
 from brats.evaluation.scoring import predict, score
-from brats.io.atomic import check_output_dir, remove_stale_temps, write_csv_atomic
+from brats.io.atomic import check_output_dir, remove_stale_temps, write_csv_atomic, write_json_atomic
 from brats.models.pretrained import load_pretrained, resolve_pretrained
 from brats.models.resnet import build_model, param_groups
 from brats.runs.checkpoint import (
@@ -63,7 +63,7 @@ from brats.runs.checkpoint import (
     load_resume_state,
     save_resume_state,
 )
-from brats.runs.identity import check_one_run, write_run_config
+from brats.runs.identity import check_one_run, check_resume, check_run_preprocess, write_run_config
 from brats.runs.keeper import Candidate, CheckpointKeeper, FoldRecord
 from brats.runs.paths import RunPaths
 from brats.training.augment import augment_batch
@@ -127,11 +127,20 @@ class FoldState:
     def state_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name in SAVED}
 
+    def status(self) -> dict[str, Any]:
+        """status.json: how far the fold got, readable without loading state.pt."""
+        return {"epochs": self.epoch, "finished": self.finished, "stop_reason": self.stop_reason}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Fields a later version added keep their defaults; fields it dropped are ignored."""
-        for f in fields(self):
-            if f.name in state and f.name in SAVED:
-                setattr(self, f.name, state[f.name])
+        """Fields a later version added keep their defaults; fields it dropped are ignored; a
+        field of the wrong type raises ValueError (load_resume_state says which file)."""
+        kinds = {"epoch": int, "bad_epochs": int, "finished": bool, "stop_reason": str, "history": list}
+        for name, kind in kinds.items():
+            if name in state:
+                value = state[name]
+                if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                    raise ValueError(f"fold_state {name} is {value!r}, not {kind.__name__}")
+                setattr(self, name, value)
 
 
 def epoch_seed(seed: int, epoch: int, stream: int, process: int = 0) -> int:
@@ -175,6 +184,7 @@ class FoldData:
     sample_gen: torch.Generator  # drives the training sampler; reseeded per epoch
     class_counts: list[int]  # training patients per class (LGG, HGG)
     splits_fingerprint: str  # of the cohort splits.json was made for
+    patients_fingerprint: str  # of this fold's train/val/test patients
     val_patients: list[str]  # the patients that choose the epoch (sorted)
     preprocess: dict[str, Any]  # the cache's preprocessing contract
     val_ids: list[str]  # the validation patients in the validation loader's order
@@ -190,6 +200,7 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> Fo
         splits = load_or_make_splits(paths.splits, ids, labels, cfg.folds, cfg.split_seed, cfg.inner_val)
         if accelerator.is_main_process:
             write_run_config(paths.root, cfg)
+            check_run_preprocess(paths.root, cached.preprocess)
     fold = splits.fold(cfg.fold, ids, labels)
     train_idx, val_idx = cached.indices(fold.train), cached.indices(fold.val)
     train_labels = cached.labels[train_idx]
@@ -237,6 +248,7 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> Fo
         sample_gen=sample_gen,
         class_counts=class_counts,
         splits_fingerprint=splits.fingerprint,
+        patients_fingerprint=fold.fingerprint,
         val_patients=fold.val,
         preprocess=cached.preprocess,
         val_ids=[cached.patient_ids[i] for i in val_idx],
@@ -426,6 +438,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Fold:
         config=cfg.to_dict(),
         fold=cfg.fold,
         splits_fingerprint=data.splits_fingerprint,
+        patients_fingerprint=data.patients_fingerprint,
         protocol=protocol(cfg.inner_val, cfg.select),
         val_patients=data.val_patients,
         preprocess=data.preprocess,
@@ -454,7 +467,8 @@ def resume_or_refuse(fold: Fold) -> FoldState:
     cfg, paths, state = fold.cfg, fold.paths, FoldState()
     state_path = paths.state(cfg.fold)
     if cfg.resume and state_path.exists():
-        load_resume_state(state_path, resume_objects(fold, state))
+        extra = load_resume_state(state_path, resume_objects(fold, state))
+        check_resume(extra, cfg, cfg.fold, fold.keeper.record.patients_fingerprint, state_path)
         best = fold.keeper.bests["best"]
         log.info(
             f"resumed {state_path} after epoch {state.epoch} "
@@ -557,7 +571,10 @@ def write_epoch(fold: Fold, state: FoldState, epoch: int) -> None:
         log.info(f"epoch {epoch}: {'last epoch' if fold.keeper.last else 'new best'} -> {path}")
     write_csv_atomic(fold.paths.metrics(cfg.fold), state.history)
     if due or written:
-        save_resume_state(fold.paths.state(cfg.fold), resume_objects(fold, state), {"config": cfg.to_dict()})
+        r = fold.keeper.record
+        made_for = {"config": cfg.to_dict(), "fold": cfg.fold, "patients_fingerprint": r.patients_fingerprint}
+        save_resume_state(fold.paths.state(cfg.fold), resume_objects(fold, state), made_for)
+        write_json_atomic(fold.paths.status(cfg.fold), state.status())
         state.state_written = time.monotonic()
 
 
