@@ -518,3 +518,88 @@ def test_two_different_patients_under_one_id_are_not_graded_in_one_predict(model
     assert f"{case_a.name}: two different patients carry this id ({case_a} and {renamed})" in r.err
     rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
     assert [row[1] for row in rows if row[0] == case_a.name] == [""]  # one row, not graded
+
+
+# --- 5. processes die with their parent; a fold has one writer
+
+
+def children_of(pid: int) -> list[int]:
+    """Every live descendant of `pid` (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, parent in parents.items() if parent == p]
+        found += kids
+        frontier += kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    import time
+
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, f"waited {seconds} s for {what}"
+        time.sleep(0.2)
+
+
+def test_kill_9_of_the_fold_scheduler_takes_its_launchers_and_trainings_down(cache20, tmp_path):
+    """brats.cv -> accelerate launch -> train.py, twice: kill -9 of the scheduler leaves none."""
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    args = ["--depth", "10", "--max-epochs", "200", "--min-epochs", "200", "--workers", "0", "--no-progress"]
+    cmd = [sys.executable, "-m", "brats.cv", "--gpus", "cpu,cpu", "--folds", "0,1", "--data", str(cache20)]
+    proc = subprocess.Popen([*cmd, "--run", str(run), "--", *args], stderr=subprocess.DEVNULL)
+    try:
+        wait_until(
+            lambda: all((run / f"fold_{k}" / "metrics.csv").is_file() for k in (0, 1)), 120, "both folds"
+        )
+        family = children_of(proc.pid)
+        trainings = [p for p in family if b"train.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(trainings) >= 2, family
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        wait_until(lambda: not any(alive(p) for p in family), 20, "the launchers and trainings to die")
+    finally:  # whatever outlived the test must not outlive the suite
+        for p in [proc.pid, *family, *children_of(proc.pid)]:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def test_a_fold_being_trained_is_not_trained_a_second_time(cache20, tmp_path, fresh_accelerate):
+    from support import FAST
+
+    from brats.errors import BratsError
+    from brats.io.processes import exclusive_lock
+    from brats.training.config import make_config
+    from brats.training.engine import train_fold
+
+    cfg = make_config(data=str(cache20), run=str(tmp_path / "run"), max_epochs=1, resume=True, **FAST)
+    folder = tmp_path / "run" / "fold_0"
+    folder.mkdir(parents=True)
+    with exclusive_lock(folder, "fold", "-"):  # as the training still running would hold it
+        with pytest.raises(
+            BratsError, match=f"fold 0 of {tmp_path / 'run'} is in use by process {os.getpid()}"
+        ):
+            train_fold(cfg)
+    assert not (folder / "state.pt").exists()
+    train_fold(cfg)  # the lock is gone with its holder
+    assert (folder / "state.pt").exists()

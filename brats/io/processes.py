@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -103,3 +103,29 @@ def exclusive_lock(folder: Path, what: str, fix: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def launched_by_accelerate() -> bool:
+    """Whether this process is a worker that `accelerate launch` (or torchrun under it) started."""
+    return "ACCELERATE_DYNAMO_BACKEND" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def die_with_launcher() -> None:
+    """A training started by `accelerate launch` ends when the launcher does (kill -9 of the
+    launcher would otherwise leave it writing its fold). A training started from a shell is left
+    alone: it may be meant to outlive the shell (nohup)."""
+    if launched_by_accelerate():
+        die_with_parent()
+
+
+def child_dies_with_us() -> Callable[[], None]:
+    """For subprocess.Popen(preexec_fn=child_dies_with_us()): the child is killed when this
+    process dies, also when it died before the child could ask."""
+    parent = os.getpid()
+
+    def arm() -> None:  # runs in the child, between fork and exec
+        arm_parent_death_signal()
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm

@@ -34,7 +34,8 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from brats.errors import BratsError
 from brats.evaluation.metrics import METRICS
 from brats.evaluation.scoring import predict, score
 from brats.io.atomic import check_output_dir, remove_stale_temps, write_csv_atomic, write_json_atomic
+from brats.io.processes import die_with_launcher, exclusive_lock
 from brats.models.pretrained import load_pretrained, resolve_pretrained
 from brats.models.resnet import build_model, param_groups
 from brats.runs.checkpoint import (
@@ -320,6 +322,7 @@ def train_folds(cfgs: list[TrainConfig]) -> list[dict]:
     are the same alone or after other folds). With --resume a finished fold is skipped and a
     killed one continues, as with one launch per fold.
     """
+    die_with_launcher()
     cfgs = [apply_effective_batch(cfg) for cfg in cfgs]
     cfg = cfgs[0]
     check_one_run(cfgs)
@@ -342,8 +345,9 @@ def train_folds(cfgs: list[TrainConfig]) -> list[dict]:
                 accelerator.scaler.load_state_dict(scaler)
             try:
                 fold = setup(cfg, accelerator)
-                state = resume_or_refuse(fold)
-                summaries.append(fit(fold, state))
+                with sole_writer(fold):
+                    state = resume_or_refuse(fold)
+                    summaries.append(fit(fold, state))
             except BratsError as e:
                 if len(cfgs) == 1:
                     raise
@@ -357,6 +361,19 @@ def train_folds(cfgs: list[TrainConfig]) -> list[dict]:
         return summaries
     finally:
         accelerator.end_training()  # also destroys the process group: the launcher exits cleanly
+
+
+@contextmanager
+def sole_writer(fold: Fold) -> Iterator[None]:
+    """While the main process trains fold k, RUN/fold_K is locked: a second training of the same
+    fold (a rerun while an orphan still writes, two `make cv` at once) is refused in one line."""
+    if not fold.accelerator.is_main_process:
+        yield
+        return
+    fold.folder.mkdir(parents=True, exist_ok=True)
+    what = f"fold {fold.cfg.fold} of {fold.paths.root}"
+    with exclusive_lock(fold.folder, what, "wait for that training to end, or stop it"):
+        yield
 
 
 def apply_effective_batch(cfg: TrainConfig) -> TrainConfig:

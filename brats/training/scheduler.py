@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from brats.io.processes import child_dies_with_us
 from brats.runs.paths import RunPaths
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,13 @@ def run_folds(
                 paths.fold(k).mkdir(parents=True, exist_ok=True)
                 out = open(paths.log(k), "a")
                 cmd = fold_command(k, data, run, slot, config, train_args)
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=slot_env(slot))
+                proc = subprocess.Popen(
+                    cmd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=slot_env(slot),
+                    preexec_fn=child_dies_with_us(),
+                )
                 running.append(Running(k, slot, proc, out))
                 where = "the CPU" if slot == "cpu" else f"GPU {slot}"
                 log.info(f"fold {k}: started on {where} -> {paths.log(k)}")
