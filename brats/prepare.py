@@ -41,7 +41,7 @@ def main(
         raise BratsError(f"--workers {workers}: give 0 (all cores) or a number of processes")
     cohort = find_cases(root)  # lists files only: cheap, and a wrong ROOT creates no --out folder
     print(f"{root}: {summarize([c.label for c in cohort.cases])}")
-    check_trainable(cohort.cases, root)
+    check_trainable(cohort.cases, root, cohort.problems)
     check_cache_dir(out)  # before any preprocessing
     result = prepare(
         cohort.cases,

@@ -324,15 +324,16 @@ def test_swapped_folds_in_splits_json_are_refused(exported, tmp_path, capsys):
     assert "was trained on other patients than" in err and "splits.json gives fold 0" in err
 
 
-@pytest.fixture
-def stopped_fold(cache20, tmp_path, monkeypatch, fresh_accelerate):
-    """Fold 0 of a 5-epoch run killed after its second epoch: (config, run folder)."""
-    from support import FAST
+@pytest.fixture(scope="module")
+def stopped_run(cache20, tmp_path_factory):
+    """Fold 0 of a 5-epoch run killed after its second epoch: (config, run folder); read-only."""
+    from support import FAST, reset_accelerate
 
     import brats.training.engine as engine
     from brats.training.config import make_config
 
-    cfg = make_config(data=str(cache20), run=str(tmp_path / "run"), max_epochs=5, ema_decay=0.9, **FAST)
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    cfg = make_config(data=str(cache20), run=str(run), max_epochs=5, ema_decay=0.9, **FAST)
     real = engine.run_epoch
 
     def killed_after_two(fold, state, epoch):
@@ -340,11 +341,22 @@ def stopped_fold(cache20, tmp_path, monkeypatch, fresh_accelerate):
             raise KeyboardInterrupt  # as a kill would stop it
         real(fold, state, epoch)
 
-    monkeypatch.setattr(engine, "run_epoch", killed_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        engine.train_fold(cfg)
-    monkeypatch.undo()
-    return cfg, tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "run_epoch", killed_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            engine.train_fold(cfg)
+    reset_accelerate()
+    return cfg, run
+
+
+@pytest.fixture
+def stopped_fold(stopped_run, tmp_path):
+    """A copy of stopped_run to change: (config pointing at the copy, run folder)."""
+    import dataclasses
+
+    cfg, run = stopped_run
+    copy = copy_run(run, tmp_path / "run")
+    return dataclasses.replace(cfg, run=str(copy)), copy
 
 
 def test_an_unfinished_fold_is_marked_and_not_exported_unless_asked(stopped_fold, tmp_path, capsys):
@@ -603,3 +615,150 @@ def test_a_fold_being_trained_is_not_trained_a_second_time(cache20, tmp_path, fr
     assert not (folder / "state.pt").exists()
     train_fold(cfg)  # the lock is gone with its holder
     assert (folder / "state.pt").exists()
+
+
+# --- 6. one line, never a traceback
+
+
+def test_an_unreadable_patient_folder_is_one_line_and_the_others_are_found(tmp_path, monkeypatch):
+    from brats.data.cohort import find_cases
+
+    make_cohort(tmp_path / "c", 4, seed=6, shape=TINY_SHAPE, workers=1)
+    locked = first_case(tmp_path / "c")
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    cohort = find_cases(tmp_path / "c")
+    assert len(cohort.cases) == 3
+    [problem] = cohort.problems
+    assert str(problem) == f"{locked.name}: cannot list {locked} (Permission denied): check its permissions"
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["a list", "a string", "weights a string", "epoch abc", "wrong shape", "auc 5", "random bytes"],
+)
+def test_a_damaged_checkpoint_is_one_line_and_never_advises_unpickling(exported, tmp_path, capsys, content):
+    import torch
+
+    run = copy_run(exported[0], tmp_path / "run")
+    path = run / "fold_1" / "best_ema.pt"
+    ckpt = torch.load(path, weights_only=True)
+    path.unlink()
+    if content == "random bytes":
+        path.write_bytes(os.urandom(4096))
+    else:
+        if content == "weights a string":
+            ckpt["model_state_dict"] = "x"
+        elif content == "epoch abc":
+            ckpt["epoch"] = "abc"
+        elif content == "wrong shape":
+            ckpt["model_state_dict"]["fc.weight"] = torch.zeros(3, 3)
+        elif content == "auc 5":
+            ckpt["val_metrics"]["auc"] = 5.0
+        torch.save(["x"] if content == "a list" else "x" if content == "a string" else ckpt, path)
+    for trust in ([], ["--trust-checkpoints"]):
+        err = one_line_error(run_cli(capsys, "evaluate.py", "--run", run, "--folds", "1", *trust))
+        assert str(path) in err and "--trust-checkpoints" not in err, err
+
+
+def test_a_full_disk_under_torch_save_is_one_line(cache20, tmp_path, monkeypatch, fresh_accelerate):
+    from collections import namedtuple
+
+    import torch
+    from support import FAST
+
+    from brats.errors import BratsError
+    from brats.training.config import make_config
+    from brats.training.engine import train_fold
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(10, 10, 0))
+    with pytest.raises(BratsError) as e:
+        train_fold(make_config(data=str(cache20), run=str(tmp_path / "run"), max_epochs=1, **FAST))
+    assert "the disk is full" in str(e.value) and "\n" not in str(e.value)
+    assert not list((tmp_path / "run" / "fold_0").glob(".tmp-*"))
+
+
+def test_a_full_disk_during_prepare_says_so_even_without_an_errno(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from support import TINY_SIZE
+
+    from brats.data.cache_builder import prepare
+    from brats.data.cohort import find_cases
+    from brats.data.preprocess import PreprocessConfig
+    from brats.errors import BratsError
+
+    make_cohort(tmp_path / "c", 2, seed=6, shape=TINY_SHAPE, workers=1)
+
+    def short_write(*args, **kwargs):
+        raise OSError("1000000 requested and 10224 written")  # numpy's tofile on a full disk
+
+    monkeypatch.setattr(np, "save", short_write)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(10, 10, 0))
+    with pytest.raises(BratsError, match="the disk is full: free some space"):
+        prepare(
+            find_cases(tmp_path / "c").cases, tmp_path / "cache", PreprocessConfig(size=TINY_SIZE), workers=1
+        )
+
+
+def test_nan_in_a_cached_volume_is_one_line_even_under_a_matching_checksum(
+    cache20, tmp_path, fresh_accelerate
+):
+    import json
+
+    from support import FAST
+
+    from brats.errors import BratsError
+    from brats.io.compression import checksum
+    from brats.training.config import make_config
+    from brats.training.engine import train_fold
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cache20, cache)
+    index = json.loads((cache / "index.json").read_text())
+    entry = index["patients"][0]
+    volume = np.load(cache / entry["file"])
+    volume[0, 5, 5, 5] = np.nan
+    np.save(cache / entry["file"], volume)
+    entry["crc32"] = checksum(memoryview(np.ascontiguousarray(volume)).cast("B"))
+    (cache / "index.json").write_text(json.dumps(index))
+    with pytest.raises(BratsError) as e:
+        train_fold(make_config(data=str(cache), run=str(tmp_path / "run"), max_epochs=1, **FAST))
+    assert str(e.value).startswith(f"{entry['patient_id']}: cached volume") and "NaN" in str(e.value)
+
+
+def test_an_unknown_grade_for_every_lgg_is_named_not_hidden_behind_one_class_only(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    from support import make_brats20
+
+    make_cohort(tmp_path / "c18", 6, seed=6, shape=TINY_SHAPE, workers=1)
+    root = make_brats20(tmp_path / "c18", tmp_path / "c20")
+    rows = list(csv.DictReader(open(root / "name_mapping.csv")))
+    for row in rows:
+        if row["Grade"] == "LGG":
+            row["Grade"] = "GBM"
+    with open(root / "name_mapping.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    r = subprocess.run(
+        [sys.executable, "-m", "brats.prepare", str(root), "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
+    line = r.stderr.strip()
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "\n" not in line
+    assert "one class only" in line and "could not be used" in line and "unknown grade 'GBM'" in line

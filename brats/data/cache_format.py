@@ -91,9 +91,9 @@ def volume_header(path: Path, shape: tuple[int, ...]) -> int:
 
 
 def read_volume(path: Path, shape: tuple[int, ...], crc32: int | None) -> tuple[np.ndarray, int]:
-    """Read a float16 volume whole and check it: header and size, then the checksum taken when
-    it was written, or, for a volume written without one, that every value is finite.
-    Returns the volume and its checksum."""
+    """Read a float16 volume whole and check it: header and size, the checksum taken when it was
+    written (when there is one), and that every value is finite. Returns the volume and its
+    checksum."""
     offset = volume_header(path, shape)
     volume = np.empty(shape, DTYPE)
     buf = memoryview(volume).cast("B")
@@ -108,7 +108,7 @@ def read_volume(path: Path, shape: tuple[int, ...], crc32: int | None) -> tuple[
     crc = checksum(buf)
     if crc32 is not None and crc != crc32:
         raise Broken("does not match the checksum taken when it was written (damaged data)")
-    if crc32 is None and not all_finite(volume):
+    if not all_finite(volume):  # also under a matching checksum: an index written by hand
         raise Broken("holds NaN or infinite values")
     return volume, crc
 

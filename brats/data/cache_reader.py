@@ -158,7 +158,7 @@ def ensure_prepared(data: str | Path, size: int) -> Path:
     if is_cache(data):
         return data
     cohort = find_cases(data)
-    check_trainable(cohort.cases, data)
+    check_trainable(cohort.cases, data, cohort.problems)
     out = data.parent / f"{data.name}_cache{size}"
     log.info(f"{data}: {summarize([c.label for c in cohort.cases])}; preparing into {out}")
     result = prepare(

@@ -93,7 +93,7 @@ def find_modality_files(folder: Path, patient_id: str) -> tuple[Path, ...]:
     if not folder.is_dir():
         raise CaseError(patient_id, f"{folder} is not a folder")
     candidates: dict[str, list[Path]] = {mod: [] for mod in MODALITIES}
-    for p in folder.iterdir():
+    for p in listing(folder, patient_id):
         mod = modality_of(p.name)
         if mod is not None and p.is_file():
             candidates[mod].append(p)
@@ -125,14 +125,29 @@ def _case_from_folder(folder: Path, label: int | None, problems: list[CaseError]
         return None
 
 
+def listing(folder: Path, patient_id: str | None = None) -> list[Path]:
+    """The entries of `folder`; one that cannot be listed is one line (a CaseError naming the
+    patient when it is a patient's folder), never a traceback."""
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        message = f"cannot list {folder} ({e.strerror or type(e).__name__}): check its permissions"
+        raise CaseError(patient_id, message) if patient_id else BratsError(message) from e
+
+
 def _is_case_folder(folder: Path) -> bool:
-    return any(modality_of(p.name) for p in folder.iterdir() if p.is_file())
+    return any(modality_of(p.name) for p in listing(folder) if p.is_file())
 
 
 def _read_csv(path: Path) -> csv.DictReader:
     """A CSV as dict rows; a byte-order mark (Excel's 'CSV UTF-8') is accepted, other encodings are
     refused: guessing one would turn non-ASCII ids and paths into names that silently do not match."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BratsError(
+            f"cannot read {path} ({e.strerror or type(e).__name__}): check its permissions"
+        ) from e
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -158,11 +173,11 @@ def _row_length_problem(reader: csv.DictReader, row: dict, path: Path) -> str | 
 
 def _from_grade_folders(root: Path) -> Cohort:
     cases, problems = [], []
-    for grade_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    for grade_dir in sorted(p for p in listing(root) if p.is_dir()):
         if grade_dir.name.upper() not in CLASSES:
             continue  # e.g. a stray folder; only HGG/LGG carry a grade
         label = parse_grade(grade_dir.name, str(grade_dir))
-        for folder in sorted(p for p in grade_dir.iterdir() if p.is_dir()):
+        for folder in sorted(p for p in listing(grade_dir) if p.is_dir()):
             case = _case_from_folder(folder, label, problems)
             if case:
                 cases.append(case)
@@ -184,7 +199,7 @@ def _from_name_mapping(root: Path, mapping: Path) -> Cohort:
             continue
         grades.setdefault(pid, []).append((reader.line_num, row["Grade"]))
     cases = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in listing(root) if p.is_dir()):
         pid = folder.name
         if pid not in grades:
             problems.append(
@@ -252,7 +267,7 @@ def _unlabelled(root: Path) -> Cohort:
         case = _case_from_folder(root, None, problems)
         return Cohort([case] if case else [], problems)
     cases, problems = [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in listing(root) if p.is_dir()):
         case = _case_from_folder(folder, None, problems)
         if case:
             cases.append(case)
@@ -319,17 +334,22 @@ def split_shared_files(cases: list[Case], where: dict[str, str]) -> tuple[list[C
     return kept, [CaseError(pid, reason) for pid, reason in clash.items()]
 
 
-def check_trainable(cases: list[Case], source: str | Path) -> None:
-    """Training needs patients of both grades."""
+def check_trainable(cases: list[Case], source: str | Path, problems: list[CaseError] = ()) -> None:
+    """Training needs patients of both grades. When it has not got them, the patients that could
+    not be used are part of the reason (a grade "GBM" makes every LGG-less cohort), so the line
+    counts them and names the first."""
+    unused = ""
+    if problems:
+        unused = f"; {len(problems)} patient(s) could not be used, e.g. {problems[0]}: fix them first"
     if not cases:
-        raise BratsError(f"{source}: empty cohort: no usable patient found")
+        raise BratsError(f"{source}: empty cohort: no usable patient found{unused}")
     counts = Counter(c.label for c in cases)
     if None in counts:
         raise BratsError(f"{source}: some patients have no grade; training needs a graded cohort")
     if len(counts) < 2:
         only = CLASSES[next(iter(counts))]
         raise BratsError(
-            f"{source}: one class only ({len(cases)} {only}): training needs HGG and LGG patients"
+            f"{source}: one class only ({len(cases)} {only}): training needs HGG and LGG patients{unused}"
         )
 
 

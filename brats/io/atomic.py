@@ -41,9 +41,20 @@ _ADVICE = {
 }
 
 
+FULL_BELOW = 16 * 2**20  # free bytes under which a write error without an errno means a full disk
+
+
 def write_error(path: Path, e: OSError) -> BratsError:
-    """A one-line error for a failed write of `path` that says how to fix it."""
-    advice = _ADVICE.get(e.errno or 0, e.strerror or type(e).__name__)
+    """A one-line error for a failed write of `path` that says how to fix it. Some writers (numpy's
+    tofile, torch.save) report a full disk without an errno: the free space tells."""
+    advice = _ADVICE.get(e.errno or 0)
+    if advice is None:
+        try:
+            full = shutil.disk_usage(Path(path).parent).free < FULL_BELOW
+        except OSError:
+            full = False
+        said = str(e.strerror or e).strip().splitlines() or [type(e).__name__]
+        advice = _ADVICE[errno.ENOSPC] if full else said[0][:160]
     return BratsError(f"cannot write {path}: {advice}; nothing was written there")
 
 

@@ -114,8 +114,17 @@ def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, os.replace: a kill never tears a file."""
-    write_atomic(path, lambda f: torch.save(obj, f))
+    """torch.save to a temp file in the same folder, fsync, os.replace: a kill never tears a file.
+    torch.save reports a failed write (a full disk) as a RuntimeError: it becomes the one line
+    every failed write gets."""
+
+    def write(f) -> None:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            raise OSError(None, str(e)) from e
+
+    write_atomic(path, write)
 
 
 def load_checkpoint(path: str | Path, trust: bool = False, map_location: str = "cpu") -> dict:
