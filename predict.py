@@ -64,7 +64,8 @@ def main(
         str, typer.Option("--id", help="patient id for --t1/--t1ce/--t2/--flair")
     ] = "patient",
     batch_size: Annotated[int, typer.Option(help="patients per onnxruntime call")] = 4,
-    threads: Annotated[int, typer.Option(help="onnxruntime threads [all cores]")] = 0,
+    threads: Annotated[int, typer.Option(help="onnxruntime CPU threads (0: all cores)")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu)")] = "cpu",
     threshold: Annotated[
         float | None, typer.Option(help="HGG when p_hgg >= this [the model's, chosen at evaluation]")
     ] = None,
@@ -80,7 +81,7 @@ def main(
     # Before any patient is read: grading a cohort and then failing to write its results loses them.
     check_output_file(out, "--out")
     replacing = out.is_file()
-    grader = Grader(model, threads or None, threshold)
+    grader = Grader(model, threads or None, threshold, device)
     if cam is not None:
         grader.check_cam()
         check_output_dir(cam, "--cam")

@@ -105,6 +105,9 @@ def main(
         bool | None, typer.Option("--channels-last/--no-channels-last", help="channels_last_3d on GPU [on]")
     ] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile (one-off cost)")] = False,
+    compile_backend: Annotated[
+        str | None, typer.Option(help="torch.compile backend: inductor or aot_eager (no code generation)")
+    ] = None,
     deterministic: Annotated[
         bool, typer.Option("--deterministic", help="cuDNN deterministic kernels on a GPU")
     ] = False,
@@ -155,6 +158,7 @@ def main(
         val_batch_size=val_batch_size,
         channels_last=channels_last,
         compile=compile or None,
+        compile_backend=compile_backend,
         deterministic=deterministic or None,
         effective_batch=effective_batch,
         cpu=cpu or None,

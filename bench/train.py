@@ -84,7 +84,7 @@ def time_pipeline(
             drop_last=True,
             persistent_workers=workers > 0,
         )
-    gen = torch.Generator(device=device).manual_seed(0) if device.type == "cuda" else torch.Generator()
+    gen = torch.Generator().manual_seed(0)  # augmentation draws on the CPU whatever the device
     it = iter(loader)
     next(it)  # start the workers
     sync(device)
@@ -112,7 +112,13 @@ def fake_cache(root: Path, n: int, size: int) -> CachedCohort:
         np.save(root / f"{i}.npy", v)
         volumes.append(np.load(root / f"{i}.npy", mmap_mode="r"))
     return CachedCohort(
-        root, [str(i) for i in range(n)], np.arange(n) % 2, volumes, {"modalities": list(MODALITIES)}
+        root=root,
+        patient_ids=[str(i) for i in range(n)],
+        labels=np.arange(n) % 2,
+        volumes=volumes,
+        preprocess={"modalities": list(MODALITIES), "size": size},
+        files=[root / f"{i}.npy" for i in range(n)],
+        checksums=[None] * n,
     )
 
 

@@ -357,31 +357,32 @@ def test_raw_cohort_is_prepared_first(cache20, tmp_path, fresh_accelerate):
     assert torch.load(tmp_path / "r" / "fold_0" / BEST, weights_only=True)["preprocess"]["size"] == 24
 
 
-def test_two_gloo_processes_train_a_fold(cache20, tmp_path):
+def test_two_gloo_processes_train_a_fold_compiled_with_one_ema_model(cache20, tmp_path):
     """`--multi_gpu --num_processes 2` with --cpu starts two gloo processes (`--cpu
-    --num_processes 2` would silently start one), and both end cleanly."""
+    --num_processes 2` would silently start one), and both end cleanly. With --compile the model
+    is compiled around DDP and the checkpoints hold the plain module's keys (a resume or export
+    without --compile reads them); with EMA every process validates the main process's EMA
+    model, so that best_ema.pt re-scores patient by patient as it was scored."""
+    from brats.evaluation.cross_validation import evaluate_run
+
     run = tmp_path / "ddp"
-    cmd = [
-        *multi_process(2),
-        str(ROOT / "train.py"),
-        "--cpu",
-        "--fold",
-        "1",
-        "--data",
-        str(cache20),
-        "--run",
-        str(run),
-        "--max-epochs",
-        "2",
-        *CLI_FAST,
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    cmd = [*multi_process(2), str(ROOT / "train.py"), "--cpu", "--fold", "1", "--data", str(cache20)]
+    cmd += ["--run", str(run), "--max-epochs", "2", "--ema-decay", "0.9", "--val-batch-size", "2", *CLI_FAST]
+    r = subprocess.run(
+        [*cmd, "--compile", "--compile-backend", "aot_eager"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 process(es) on cpu" in r.stderr
+    assert "2 process(es) on cpu" in r.stderr and "torch.compile (aot_eager)" in r.stderr
     assert len(rows(run / "fold_1" / "metrics.csv")) == 2
+    for name in (BEST, BEST_EMA, STATE):
+        saved = torch.load(run / "fold_1" / name, weights_only=True)
+        weights = saved["model_state_dict"] if name != STATE else {}
+        assert not [k for k in weights if k.startswith(("_orig_mod.", "module."))], name
     assert (
         torch.load(run / "fold_1" / BEST, weights_only=True)["val_metrics"]["n"] == 4
-    )  # every val patient once
+    )  # each val patient once
+    row = evaluate_run(run, folds=[1]).folds[0]
+    assert row.is_ema and row.patients_compared == 4 and row.max_abs_dp <= 1e-5, row
 
 
 def test_a_state_written_by_older_code_still_resumes(cache20, tmp_path, fresh_accelerate, monkeypatch):

@@ -34,7 +34,7 @@ from brats.errors import BratsError
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CachedCohort:
     """A prepared cohort: ids, labels and memory-mapped float16 volumes (C, S, S, S).
 
@@ -148,7 +148,16 @@ def open_cache(path: str | Path) -> CachedCohort:
     ids = [e["patient_id"] for e in patients]
     labels = np.array([e["label"] for e in patients], dtype=np.int64)
     checksums = [e.get("crc32") for e in patients]
-    return CachedCohort(root, ids, labels, volumes, index["preprocess"], files, checksums, source)
+    return CachedCohort(
+        root=root,
+        patient_ids=ids,
+        labels=labels,
+        volumes=volumes,
+        preprocess=index["preprocess"],
+        files=files,
+        checksums=checksums,
+        source=source,
+    )
 
 
 def ensure_prepared(data: str | Path, size: int) -> Path:

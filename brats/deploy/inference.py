@@ -41,10 +41,35 @@ class Prediction:
         return "" if self.p_hgg is None else CLASSES[int(self.p_hgg >= self.threshold)]
 
 
+DEVICES = ("cpu", "cuda")
+
+
+def execution_providers(device: str, available: list[str]) -> list[str]:
+    """onnxruntime's providers for --device: CUDA (falling back to the CPU for operators it lacks)
+    or the CPU. Without a CUDA build, one line says what to install."""
+    if device not in DEVICES:
+        raise BratsError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        raise BratsError(
+            "--device cuda: this onnxruntime has no CUDA provider (it has "
+            f"{', '.join(available)}): pip uninstall onnxruntime && pip install onnxruntime-gpu, "
+            "or leave --device out to grade on the CPU"
+        )
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
 class Grader:
     """An onnxruntime session and the preprocessing contract of one exported model."""
 
-    def __init__(self, model: str | Path, threads: int | None = None, threshold: float | None = None):
+    def __init__(
+        self,
+        model: str | Path,
+        threads: int | None = None,
+        threshold: float | None = None,
+        device: str = "cpu",
+    ):
         import onnxruntime as ort
 
         model = Path(model)
@@ -52,8 +77,9 @@ class Grader:
             raise BratsError(f"{model}: model file not found (make one with python export.py)")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        providers = execution_providers(device, ort.get_available_providers())
         try:
-            self.session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(model), opts, providers=providers)
         except Exception as e:
             raise BratsError(
                 f"{model}: not a loadable ONNX model ({type(e).__name__}: {str(e)[:200]})"

@@ -6,6 +6,7 @@ Nothing here trains, so evaluation and export import it without the training loo
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -26,6 +27,23 @@ def autocast(device: torch.device, precision: str | None) -> contextlib.Abstract
     if device.type == "cuda" and precision in AUTOCAST:
         return torch.autocast("cuda", dtype=AUTOCAST[precision])
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def own_forward(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The module with its own forward for the block: accelerator.prepare wraps a module's forward
+    in autocast when training in mixed precision, and an autocast context entered inside the
+    forward overrides any outside it. Validation and re-scores run the module's own, fp32, forward."""
+    original = module.__dict__.get("_original_forward")
+    if original is None:
+        yield module
+        return
+    wrapped = module.__dict__["forward"]
+    module.forward = original
+    try:
+        yield module
+    finally:
+        module.forward = wrapped
 
 
 @torch.no_grad()

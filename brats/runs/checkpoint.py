@@ -191,17 +191,22 @@ class Stateful(Protocol):
 
 
 class RngState:
-    """torch's CPU and CUDA generators. Numpy's and Python's are not used in training; torch's
-    are reseeded per epoch anyway, and saved so that a resumed epoch starts where it left off."""
+    """torch's CPU generator and this process's CUDA generator. Numpy's and Python's are not used
+    in training; torch's are reseeded per epoch anyway, and saved so that a resumed epoch starts
+    where it left off. Only the current device's CUDA state is kept: a run resumed with fewer GPUs
+    visible (one per fold under `make cv GPUS=...`) has fewer generators to restore."""
 
     def state_dict(self) -> dict[str, Any]:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        cuda = [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []
         return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["cpu"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if cuda and torch.cuda.is_available():
+            # states written before held one per visible device: this process's, if it is there
+            here = torch.cuda.current_device()
+            torch.cuda.set_rng_state(cuda[here] if here < len(cuda) else cuda[0])
 
 
 # Entries state.pt must hold when the run needs them, and what their absence means. Any other

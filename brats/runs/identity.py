@@ -25,7 +25,7 @@ from brats.training.config import TrainConfig
 PER_PROCESS = ("fold", "resume", "workers", "progress", "cpu", "mixed_precision", "data", "extra")
 
 
-SPEED = ("cache_device", "val_batch_size", "channels_last", "compile", "deterministic")
+SPEED = ("cache_device", "val_batch_size", "channels_last", "compile", "compile_backend", "deterministic")
 
 
 def comparable(d: dict) -> dict:

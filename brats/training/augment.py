@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from brats.training.speed import to_device
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -39,7 +41,14 @@ def rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
 def augment_batch(
     x: torch.Tensor, generator: torch.Generator, cfg: AugmentConfig = AugmentConfig()
 ) -> torch.Tensor:
-    """(B, C, D, H, W) float -> same shape, augmented."""
+    """(B, C, D, H, W) float on any device -> same shape, augmented. `generator` is a CPU
+    generator: every draw is made on the CPU and the batch's parameters reach the device in one
+    copy that does not wait for it (brats.training.speed.to_device)."""
+    if generator.device.type != "cpu":
+        raise ValueError(
+            f"augmentation draws from a CPU generator (the same numbers on every device), not a "
+            f"{generator.device.type} one: pass torch.Generator()"
+        )
     b, c = x.shape[:2]
     g = generator
     flip = torch.where(torch.rand(b, generator=g) < cfg.flip_lr, -1.0, 1.0)
@@ -51,12 +60,12 @@ def augment_batch(
     # affine_grid maps output coords to input coords (x, y, z = W, H, D); flipping x = W axis.
     theta = rotation_matrices(angles) / scale.view(b, 1, 1)
     theta[:, :, 0] *= flip.view(b, 1)
-    theta = torch.cat([theta, torch.zeros(b, 3, 1)], dim=2).to(device=x.device, dtype=x.dtype)
+    theta = torch.cat([theta, torch.zeros(b, 3, 1)], dim=2)  # (B, 3, 4)
+    params = to_device(torch.cat([theta.view(b, 12), i_scale, i_shift], dim=1), x.device).to(x.dtype)
+    theta, i_scale, i_shift = params[:, :12].view(b, 3, 4), params[:, 12 : 12 + c], params[:, 12 + c :]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     brain = (x != 0).any(dim=1, keepdim=True)
-    x = x * i_scale.to(x.device, x.dtype).view(b, c, 1, 1, 1) + i_shift.to(x.device, x.dtype).view(
-        b, c, 1, 1, 1
-    )
+    x = x * i_scale.reshape(b, c, 1, 1, 1) + i_shift.reshape(b, c, 1, 1, 1)
     return x * brain

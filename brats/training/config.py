@@ -23,6 +23,7 @@ LOSSES = ("ce", "ldam")
 SAMPLERS = ("inverse_freq", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 CACHE_DEVICES = ("auto", "cuda", "cpu", "off")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # eager backends trace but generate no code
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class TrainConfig:
     val_batch_size: int = 0  # validation batch; 0 = 2 x batch_size (no gradients: larger fits)
     channels_last: bool = True  # channels_last_3d on a GPU (faster cuDNN kernels: bench/RESULTS.md, GPU)
     compile: bool = False  # torch.compile: a one-off compile, then faster steps (bench/RESULTS.md, GPU)
+    compile_backend: str = "inductor"  # torch.compile backend: inductor (code generation) or aot_eager
     deterministic: bool = False  # cuDNN deterministic kernels on a GPU (the CPU always is)
     effective_batch: int = 0  # >0: batch x accumulation x processes kept at this (RECIPE.md 6.3: 8)
     cpu: bool = False  # force the CPU (also for `accelerate launch --multi_gpu` gloo tests)
@@ -175,6 +177,10 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0")
     check(cfg.state_every >= 0, f"--state-every {cfg.state_every}: seconds, must be >= 0")
     check(cfg.cache_device in CACHE_DEVICES, f"--cache-device {cfg.cache_device!r}: one of {CACHE_DEVICES}")
+    check(
+        cfg.compile_backend in COMPILE_BACKENDS,
+        f"--compile-backend {cfg.compile_backend!r}: one of {COMPILE_BACKENDS}",
+    )
     check(cfg.val_batch_size >= 0, f"--val-batch-size {cfg.val_batch_size}: must be >= 0 (0 = 2 x batch)")
     check(cfg.effective_batch >= 0, f"--effective-batch {cfg.effective_batch}: must be >= 0 (0 = off)")
     check(bool(cfg.data), "--data is required: a prepared cache or a BraTS folder")

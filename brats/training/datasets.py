@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from brats.data.cache_reader import CachedCohort, channel_indices, load_volume, mapped_volume, verify_volumes
 from brats.errors import BratsError
 from brats.training.config import CACHE_DEVICES
+from brats.training.speed import to_device
 
 
 class CachedVolumes(Dataset):
@@ -96,8 +97,11 @@ class ResidentVolumes(Dataset):
     """Patients `indices` of a cache as one (N, C, S, S, S) float16 tensor on `device`.
 
     Items are positions; `collate` turns a list of positions into (x, y): x float32
-    (B, C, S, S, S) on `device` when resident there, else float16 on the host (cast after the
-    copy to the training device halves the bytes copied); y (B,) int64.
+    (B, C, S, S, S) and y (B,) int64 on `device` when resident there, the index copied without
+    a host-device sync. Held on the host for a GPU (`pin`), a batch is gathered straight into
+    pinned memory as float16 (half the bytes to copy; cast on the GPU), which the prepared
+    loader copies without waiting; the store itself is not pinned: pinning a whole fold would
+    lock that much memory in every process and buy nothing, since a gather returns new memory.
     """
 
     def __init__(
@@ -111,14 +115,14 @@ class ResidentVolumes(Dataset):
         channels = channel_indices(cached, modalities)
         first = load_volume(cached, indices[0]) if len(indices) else None
         shape = (len(indices), len(channels), *first.shape[1:]) if first is not None else (0,)
-        host = torch.empty(shape, dtype=torch.float16, pin_memory=pin and device.type == "cpu")
+        host = torch.empty(shape, dtype=torch.float16)
         for row, i in enumerate(indices):  # one patient at a time: peak memory is the tensor itself
             vol = first if row == 0 else load_volume(cached, i)
             host[row] = torch.from_numpy(np.ascontiguousarray(vol[channels]))
         self.volumes = host.to(device) if device.type != "cpu" else host  # (N, C, S, S, S) float16
-        self.labels = torch.as_tensor(cached.labels[list(indices)], dtype=torch.int64)
+        self.labels = torch.as_tensor(cached.labels[list(indices)], dtype=torch.int64).to(device)
         self.on_device = device.type != "cpu"
-        self.pin = host.is_pinned()
+        self.pin = pin and device.type == "cpu"  # a GPU trains from this host store
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -133,14 +137,12 @@ class ResidentVolumes(Dataset):
         return i
 
     def collate(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(positions, dtype=torch.int64)
-        y = self.labels[idx]
-        if self.on_device:
-            return self.volumes.index_select(0, idx.to(self.volumes.device)).float(), y.to(
-                self.volumes.device
-            )
-        x = self.volumes.index_select(0, idx)
-        return (x, y) if self.pin else (x.float(), y)  # pinned: copied as float16, cast on the GPU
+        idx = to_device(torch.as_tensor(positions, dtype=torch.int64), self.volumes.device)
+        y = self.labels.index_select(0, idx)
+        if not self.pin:
+            return self.volumes.index_select(0, idx).float(), y
+        x = torch.empty((len(idx), *self.volumes.shape[1:]), dtype=self.volumes.dtype, pin_memory=True)
+        return torch.index_select(self.volumes, 0, idx, out=x), y.pin_memory()
 
 
 def resident_loader(
@@ -154,7 +156,7 @@ def resident_loader(
         shuffle=False,
         num_workers=0,
         collate_fn=ds.collate,
-        pin_memory=ds.pin,
+        pin_memory=False,  # collate pins what a GPU will copy
         drop_last=drop_last,
     )
 

@@ -45,7 +45,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -54,7 +54,7 @@ from brats.data.cache_reader import open_data
 from brats.data.folds import load_or_make_splits, protocol
 from brats.errors import BratsError
 from brats.evaluation.metrics import METRICS
-from brats.evaluation.scoring import predict, score
+from brats.evaluation.scoring import own_forward, predict, score
 from brats.io.atomic import check_output_dir, remove_stale_temps, write_csv_atomic, write_json_atomic
 from brats.io.processes import die_with_launcher, exclusive_lock
 from brats.models.pretrained import load_pretrained, resolve_pretrained
@@ -83,6 +83,7 @@ from brats.training.losses import apply_drw, make_criterion
 from brats.training.speed import (
     FirstStepTimer,
     configure_backends,
+    match_state_layout,
     maybe_compile,
     memory_format,
     split_effective_batch,
@@ -91,6 +92,7 @@ from brats.training.speed import (
 log = get_logger(__name__)
 
 STREAM_DROPOUT, STREAM_SAMPLER, STREAM_AUGMENT = 0, 1, 2
+VALIDATION_PRECISION = "no"  # fp32 (accelerate's name): see `validate`
 
 
 class TrainingError(BratsError):
@@ -302,8 +304,14 @@ def resume_objects(fold: Fold, state: FoldState) -> dict[str, Stateful]:
 
 
 def plain_module(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """The plain ResNet3D under DDP and torch.compile wrappers: what is saved, averaged, exported."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
+    """The plain ResNet3D under DDP and torch.compile wrappers, in whatever order they were put
+    on: what is saved, averaged and exported (its keys carry no `module.` or `_orig_mod.`)."""
+    model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = (
+            model.module if hasattr(model, "module") and not hasattr(model, "_orig_mod") else model._orig_mod
+        )
+    return model
 
 
 def train_fold(cfg: TrainConfig) -> dict:
@@ -334,6 +342,8 @@ def train_folds(cfgs: list[TrainConfig]) -> list[dict]:
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="tensorboard" if _has_tensorboard() else None,
         project_dir=cfg.run,
+        # batches from pinned memory reach the GPU without the host waiting for it
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
     summaries: list[dict] = []
@@ -437,10 +447,13 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Fold:
     groups = param_groups(model, cfg.lr, cfg.classifier_lr_mult, cfg.weight_decay)
     optimizer = torch.optim.Adam(groups, fused=fused)
     criterion = make_criterion(cfg, data.class_counts)
-    model = maybe_compile(model, cfg.compile)  # shares the plain module's weights (unwrap_model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(
         model, optimizer, data.train_loader, data.val_loader
     )
+    # Compiled around the DDP wrapper, not inside it: DDP keeps overlapping its gradient
+    # communication with the backward pass, and the saved, averaged and exported weights are the
+    # plain module's (plain_module unwraps the compiled wrapper, then DDP).
+    model = maybe_compile(model, cfg.compile, cfg.compile_backend)
     data = dataclasses.replace(data, train_loader=train_loader, val_loader=val_loader)
     # Sized in optimizer updates of this process (the prepared loader is per process). Stepped by
     # hand after each real update rather than through accelerator.prepare, whose wrapper would
@@ -459,7 +472,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Fold:
         protocol=protocol(cfg.inner_val, cfg.select),
         val_patients=data.val_patients,
         preprocess=data.preprocess,
-        mixed_precision=accelerator.mixed_precision,
+        mixed_precision=VALIDATION_PRECISION,
         val_ids=data.val_ids,
         val_labels=data.val_labels,
     )
@@ -485,6 +498,7 @@ def resume_or_refuse(fold: Fold) -> FoldState:
     state_path = paths.state(cfg.fold)
     if cfg.resume and state_path.exists():
         extra = load_resume_state(state_path, resume_objects(fold, state))
+        match_state_layout(fold.optimizer.optimizer)
         check_resume(extra, cfg, cfg.fold, fold.keeper.record.patients_fingerprint, state_path)
         best = fold.keeper.bests["best"]
         log.info(
@@ -544,6 +558,7 @@ def run_epoch(fold: Fold, state: FoldState, epoch: int) -> None:
     # the checkpoints record)
     candidates = [validate(fold, fold.model, ema=False)]
     if fold.ema is not None:
+        share_ema_buffers(fold)
         candidates.append(validate(fold, fold.ema.module, ema=True))
     val = candidates[0].metrics
     row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"]}
@@ -568,11 +583,24 @@ def run_epoch(fold: Fold, state: FoldState, epoch: int) -> None:
     )
 
 
+def share_ema_buffers(fold: Fold) -> None:
+    """Under DDP each process's EMA copy averages its own BatchNorm statistics (each saw its own
+    batches), while best_ema.pt is the main process's: every process validates the main
+    process's EMA model, so that what is scored is what is saved."""
+    if fold.accelerator.num_processes > 1:
+        for buffer in fold.ema.module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def validate(fold: Fold, model: torch.nn.Module, ema: bool) -> Candidate:
-    """`model` scored on the validation patients under the training precision."""
-    logits, labels = predict(model, fold.data.val_loader, fold.accelerator, fold.accelerator.mixed_precision)
-    metrics, p_hgg = score(logits, labels)
+    """`model` scored on the validation patients, in fp32 whatever the training precision: the
+    validation set is small, and fp32 scores agree across devices, batch sizes and kernels to
+    ~1e-4 per patient, where bf16 moves a patient's p(HGG) by up to 0.2 (evaluate.py re-scores and
+    compares patient by patient)."""
     weights = model if ema else plain_module(fold.accelerator, model)
+    with own_forward(weights) as fp32:  # the plain module: no DDP, compile or autocast wrapper
+        logits, labels = predict(fp32, fold.data.val_loader, fold.accelerator, VALIDATION_PRECISION)
+    metrics, p_hgg = score(logits, labels)
     return Candidate(ema=ema, weights=weights, metrics=metrics, p_hgg=p_hgg)
 
 
@@ -621,9 +649,11 @@ def train_epoch(fold: Fold, epoch: int) -> tuple[float, float]:
     )
     t0 = time.perf_counter()
     for step, (x, y) in enumerate(bar, start=1):
-        x = x.float().contiguous(memory_format=fmt)  # resident host batches arrive as float16
+        x = x.float()  # resident host batches arrive as float16
         if cfg.augment:
             x = augment_batch(x, fold.augment_gen)  # (B, C, D, H, W), on the training device
+        # after augmentation, whose grid_sample returns a contiguous tensor
+        x = x.contiguous(memory_format=fmt)
         with accelerator.accumulate(model):
             loss = fold.criterion(model(x).float(), y)
             new_bad = (first_bad[0] == 0) & ~torch.isfinite(loss.detach())
@@ -634,8 +664,9 @@ def train_epoch(fold: Fold, epoch: int) -> tuple[float, float]:
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            scale = loss_scale(accelerator) if accelerator.sync_gradients else None
             fold.optimizer.step()
-            updated = accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped
+            updated = accelerator.sync_gradients and not update_skipped(accelerator, scale)
             if updated:
                 fold.scheduler.step()
             fold.optimizer.zero_grad(set_to_none=True)
@@ -653,6 +684,21 @@ def train_epoch(fold: Fold, epoch: int) -> tuple[float, float]:
     mean_loss = float(mean.item())  # waits for the device: the time below is the real one
     seconds = time.perf_counter() - t0
     return mean_loss, samples * accelerator.num_processes / max(seconds, 1e-9)
+
+
+def loss_scale(accelerator: Accelerator) -> float | None:
+    """The fp16 grad scaler's scale before an update (None without one: bf16 and fp32 need none).
+    Read once per optimizer update, where the loop reads the host anyway."""
+    return accelerator.scaler.get_scale() if accelerator.scaler is not None else None
+
+
+def update_skipped(accelerator: Accelerator, scale_before: float | None) -> bool:
+    """Whether the grad scaler skipped this update (gradients overflowed in fp16). With a fused
+    optimizer the scaler always calls step() (the kernel skips on overflow itself), so
+    Accelerate never reports the skip; the scale, halved on every overflow, does."""
+    if accelerator.optimizer_step_was_skipped:
+        return True
+    return scale_before is not None and accelerator.scaler.get_scale() < scale_before
 
 
 def check_finite(accelerator: Accelerator, first_bad: torch.Tensor, epoch: int) -> None:

@@ -28,8 +28,7 @@ class LDAMLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         margin = self.margins[target].unsqueeze(1) * F.one_hot(target, logits.shape[1])
-        weight = None if self.weight is None else self.weight.to(logits.device)
-        return F.cross_entropy(self.s * (logits - margin), target, weight=weight)
+        return F.cross_entropy(self.s * (logits - margin), target, weight=self.weight)
 
 
 def drw_weights(class_counts: list[int], beta: float = 0.9999) -> torch.Tensor:
@@ -49,6 +48,6 @@ def make_criterion(cfg: TrainConfig, class_counts: list[int]) -> nn.Module:
 def apply_drw(criterion: nn.Module, cfg: TrainConfig, epoch: int, class_counts: list[int]) -> bool:
     """Switch DRW weights on from `cfg.drw_start_epoch` (1-based); returns whether active."""
     active = cfg.drw_start_epoch > 0 and epoch >= cfg.drw_start_epoch and isinstance(criterion, LDAMLoss)
-    if isinstance(criterion, LDAMLoss):
-        criterion.weight = drw_weights(class_counts) if active else None
+    if isinstance(criterion, LDAMLoss):  # moved to the loss's device once, not at every step
+        criterion.weight = drw_weights(class_counts).to(criterion.margins.device) if active else None
     return active
