@@ -23,10 +23,24 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # mixed-precision na
 def autocast(device: torch.device, precision: str | None) -> contextlib.AbstractContextManager:
     """The forward-pass context of `precision` ("no", "bf16", "fp16") on `device`: the same
     autocast for the trained and the EMA model, so that what a checkpoint stores is what a
-    re-score under the same precision reproduces. Mixed precision is a GPU setting; elsewhere fp32."""
+    re-score under the same precision reproduces. Mixed precision is a GPU setting; elsewhere
+    fp32, and on a GPU full fp32 (`full_fp32`)."""
     if device.type == "cuda" and precision in AUTOCAST:
         return torch.autocast("cuda", dtype=AUTOCAST[precision])
-    return contextlib.nullcontext()
+    return full_fp32() if device.type == "cuda" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """No TF32 inside the block: cuDNN convolutions use TF32 by default on Ampere and later GPUs
+    (10 bits of mantissa), which would make a stored and a re-scored "fp32" score differ by
+    ~1e-3; validation sets are small, so full fp32 costs little."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @contextlib.contextmanager

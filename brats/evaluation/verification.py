@@ -11,12 +11,14 @@ from brats.evaluation.scoring import AUTOCAST
 from brats.runs.checkpoint import Checkpoint
 
 AUC_TOLERANCE = 0.01  # RECIPE.md 3.5: warn when re-scored and stored AUC differ by more
-
-
-DP_TOLERANCE = 1e-3  # per-patient |p(HGG) stored - re-scored|, same precision
-
-
-DP_TOLERANCE_CROSS = 0.05  # ... trained in bf16/fp16, re-scored in fp32 (on a CPU)
+# Per patient |p(HGG) stored - re-scored|. Validation and the re-score both run in full fp32
+# (no TF32): what differs is the batch, the memory format and the kernels chosen, which move a
+# probability by ~1e-7 on the CPU; 1e-4 leaves room for GPU kernels while catching any error that
+# could flip a grade near the threshold.
+DP_TOLERANCE = 1e-4
+# Checkpoints written before validation ran in fp32 stored bf16/fp16 scores: re-scored in fp32
+# (on a CPU), a patient's p(HGG) moves by up to a few 0.01 (0.2 for a dilated ResNet-50).
+DP_TOLERANCE_CROSS = 0.05
 
 
 def precision_name(precision: str | None) -> str:
@@ -45,9 +47,11 @@ class Verification:
 
     @property
     def tolerance(self) -> float:
-        """Same precision: the same computation up to kernel choice. fp32 against a mixed
-        precision: bf16 keeps 8 bits of mantissa, so probabilities move by up to a few 0.01."""
-        return DP_TOLERANCE if self.trained in (self.rescored, "unknown") else DP_TOLERANCE_CROSS
+        """fp32 against fp32: the same computation up to kernel choice. Anything scored in a mixed
+        precision (checkpoints written before validation ran in fp32): bf16 keeps 8 bits of
+        mantissa, so probabilities move by up to a few 0.01, whichever precision re-scores."""
+        fp32 = self.trained in ("no", "unknown") and self.rescored == "no"
+        return DP_TOLERANCE if fp32 else DP_TOLERANCE_CROSS
 
     @property
     def ok(self) -> bool:
