@@ -44,6 +44,13 @@ def main(
     allow_unfinished: Annotated[
         bool, typer.Option("--allow-unfinished", help="export folds whose training did not finish")
     ] = False,
+    doubt: Annotated[
+        bool,
+        typer.Option(
+            "--doubt/--no-doubt",
+            help="measure the model's doubt on the cohort (each fold model on each patient) for predict",
+        ),
+    ] = True,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if ensemble and fold is not None:
@@ -59,6 +66,7 @@ def main(
         exporter=exporter,
         data=data,
         allow_unfinished=allow_unfinished,
+        doubt=doubt,
     )
     print(f"wrote {path}")
 

@@ -36,6 +36,7 @@ from brats.deploy.report import (
     gather_cases,
     is_predictions_csv,
     protected_paths,
+    summary_line,
     table_lines,
 )
 from brats.errors import BratsError, exit_on_error, run_cli
@@ -66,6 +67,12 @@ def main(
     batch_size: Annotated[int, typer.Option(help="patients per onnxruntime call")] = 4,
     threads: Annotated[int, typer.Option(help="onnxruntime CPU threads (0: all cores)")] = 0,
     device: Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu)")] = "cpu",
+    qc: Annotated[
+        str,
+        typer.Option(
+            help="input checks: fail (refuse non-BraTS-space patients), warn (grade them, flagged), off"
+        ),
+    ] = "fail",
     threshold: Annotated[
         float | None, typer.Option(help="HGG when p_hgg >= this [the model's, chosen at evaluation]")
     ] = None,
@@ -81,7 +88,7 @@ def main(
     # Before any patient is read: grading a cohort and then failing to write its results loses them.
     check_output_file(out, "--out")
     replacing = out.is_file()
-    grader = Grader(model, threads or None, threshold, device)
+    grader = Grader(model, threads or None, threshold, device, qc)
     if cam is not None:
         grader.check_cam()
         check_output_dir(cam, "--cam")
@@ -102,17 +109,16 @@ def main(
     print(describe_decision(grader, threshold))
     results = grader.grade(cases, batch_size, cam_dir=cam)
     results += [Prediction(e.patient_id, None, e.reason, grader.threshold) for e in problems]
-    rows = csv_rows(results)
-    write_csv_atomic(out, rows, CSV_FIELDS)
+    write_csv_atomic(out, csv_rows(results), CSV_FIELDS)
     # Grades found in a labelled layout are shown beside the prediction (not written to the CSV).
     truth = {c.patient_id: CLASSES[c.label] for c in cases if c.label is not None}
-    print("\n".join(table_lines(rows, truth) + accuracy_lines(grader, results, truth, threshold)))
+    print("\n".join(table_lines(results, truth) + accuracy_lines(grader, results, truth, threshold)))
     failed = [r for r in results if r.error]
     replaced = " (replaced the previous file)" if replacing else ""
-    print(f"wrote {out}{replaced}: {len(results) - len(failed)} graded, {len(failed)} failed")
+    print(f"wrote {out}{replaced}: {summary_line(results)}")
     no_cam = [r for r in results if r.cam_error]
     if cam is not None:
-        mapped = len(results) - len(failed) - len(no_cam)
+        mapped = sum(r.p_hgg is not None for r in results) - len(no_cam)
         print(
             f"wrote {mapped} class activation map(s) to {cam} (<id>_cam.nii.gz over the FLAIR, <id>_cam.png)"
         )

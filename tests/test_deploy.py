@@ -53,13 +53,16 @@ def test_single_fold_export_contract_and_dynamic_batch(exported, cache20):
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     cached = open_cache(cache20)
     x = np.stack([np.asarray(v, dtype=np.float32) for v in cached.volumes[:5]])
-    assert [o.name for o in session.get_outputs()] == ["probabilities", "logits", "cam"]
-    assert list(card["outputs"]) == ["probabilities", "logits", "cam"]
+    names = ["probabilities", "logits", "cam", "fold_p_hgg", "feature_distance"]
+    assert [o.name for o in session.get_outputs()] == names
+    assert list(card["outputs"]) == names
     assert card["cam_parity_max_rel_diff"] <= 1e-4
     for b in (2, 5):
-        probs, logits, cam = session.run(None, {"input": x[:b]})
+        probs, logits, cam, fold_p, distance = session.run(None, {"input": x[:b]})
         assert probs.shape == (b, 2) and logits.shape == (b, 2) and cam.shape == (b, 24, 24, 24)
+        assert fold_p.shape == (b, 1) and distance.shape == (b,) and (distance > 0).all()
         np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(fold_p[:, 0], probs[:, 1], atol=1e-6)  # one fold: its own p(HGG)
 
 
 def test_ensemble_export(exported, cache20, tmp_path):
@@ -436,12 +439,12 @@ def test_predict_bad_out_is_one_line_before_grading(exported, tmp_path, capsys, 
 def test_predict_on_a_full_disk_keeps_the_previous_csv(exported, tmp_path, capsys, monkeypatch):
     _, model = exported
     out = tmp_path / "pred.csv"
-    out.write_text("patient_id,p_hgg\nprevious results\n")
+    out.write_text("patient_id,p_hgg,p_lgg,prediction\nprevious results\n")
     new = new_patients(tmp_path)
     disk_full(monkeypatch)
     err = one_line_error(run_cli(capsys, "predict.py", model, new, "--out", out))
     assert "disk is full" in err and str(out) in err
-    assert out.read_text() == "patient_id,p_hgg\nprevious results\n" and temps(tmp_path) == []
+    assert out.read_text().endswith("\nprevious results\n") and temps(tmp_path) == []
 
 
 def test_predict_replaces_an_existing_csv_and_says_so(exported, tmp_path, capsys):
@@ -450,7 +453,7 @@ def test_predict_replaces_an_existing_csv_and_says_so(exported, tmp_path, capsys
     out = tmp_path / "pred.csv"
     r = run_cli(capsys, "predict.py", model, new, "--out", out)
     assert r.code == 0 and "replaced" not in r.out
-    out.write_text("patient_id,p_hgg\nold\n")  # a predictions CSV: the only kind --out replaces
+    out.write_text("patient_id,p_hgg,p_lgg,prediction\nold\n")  # the only kind --out replaces
     r = run_cli(capsys, "predict.py", model, new, "--out", out)
     assert r.code == 0, r.err
     assert f"wrote {out} (replaced the previous file): 2 graded, 0 failed" in r.out

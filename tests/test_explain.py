@@ -96,7 +96,11 @@ def test_explained_model_is_the_ensemble_of_its_folds():
 def test_onnx_export_reproduces_the_cam(tmp_path):
     import onnxruntime as ort
 
-    wrapper = ExplainedModel([model(seed=s) for s in (0, 1)]).eval()
+    from brats.models.explained import FeatureReference
+
+    torch.manual_seed(0)
+    references = [FeatureReference.fit(torch.randn(30, 512)) for _ in range(2)]  # with the doubt outputs
+    wrapper = ExplainedModel([model(seed=s) for s in (0, 1)], references).eval()
     path = tmp_path / "explained.onnx"
     torch.onnx.export(
         wrapper,

@@ -31,8 +31,9 @@ from brats.data.cache_format import (
     volume_name,
     volume_owner,
 )
-from brats.data.cohort import Case
-from brats.data.preprocess import PreprocessConfig, preprocess_case
+from brats.data.cohort import MODALITIES, Case
+from brats.data.preprocess import PreprocessConfig, preprocess_images, read_image
+from brats.data.profile import profile_images
 from brats.errors import BratsError, CaseError
 from brats.io.atomic import check_output_dir, remove_stale_temps, write_atomic, write_json_atomic
 from brats.io.compression import checksum
@@ -81,20 +82,27 @@ def _init_worker(main_pid: int) -> None:
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
 
 
-def _prepare_one(case: Case, cfg: PreprocessConfig, target: Path) -> tuple[str | None, int | None]:
-    """Preprocess and write one patient; returns (error line, None) instead of raising, or
-    (None, checksum of the volume's data)."""
+def _prepare_one(
+    case: Case, cfg: PreprocessConfig, target: Path, volume_too: bool = True
+) -> tuple[str | None, int | None, dict | None]:
+    """Preprocess and write one patient (or, for a volume that is reused, only profile it);
+    returns (error line, None, None) instead of raising, or (None, checksum of the volume's data
+    or None, the scans' profile)."""
     try:
-        volume = preprocess_case(case, cfg).astype(DTYPE)
+        images = [read_image(case, m) for m in MODALITIES]
+        volume = preprocess_images(case, images, cfg)[0].astype(DTYPE) if volume_too else None
+        profile = profile_images(images).to_json()
     except CaseError as e:
-        return str(e), None
+        return str(e), None, None
     except Exception as e:  # an unexpected failure of one patient must not stop the others
-        return f"{case.patient_id}: preprocessing failed ({type(e).__name__}: {e})", None
+        return f"{case.patient_id}: preprocessing failed ({type(e).__name__}: {e})", None, None
+    if volume is None:
+        return None, None, profile
     if not all_finite(volume):  # never cache what would turn the losses into NaN
-        return f"{case.patient_id}: preprocessing gave NaN or infinite values (check its images)", None
+        return f"{case.patient_id}: preprocessing gave NaN or infinite values (check its images)", None, None
     # Superseded volumes stay until the index that no longer lists them is written (`_sweep`).
     write_atomic(target, lambda f: np.save(f, volume))
-    return None, checksum(memoryview(volume).cast("B"))
+    return None, checksum(memoryview(volume).cast("B")), profile
 
 
 @dataclass
@@ -141,10 +149,8 @@ def prepare(
                 index_problem = f"{out / INDEX} {e}"
         if old_index is not None and not replace:
             check_same_settings(out, old_index["preprocess"], cfg)
-        known_crc = {
-            (e["patient_id"], e["file"]): e.get("crc32") for e in (old_index or {}).get("patients", [])
-        }
-        entries, jobs, reused, repaired = _plan(cases, cfg, out / VOLUMES, known_crc)
+        old_entries = {(e["patient_id"], e["file"]): e for e in (old_index or {}).get("patients", [])}
+        entries, jobs, reused, repaired = _plan(cases, cfg, out / VOLUMES, old_entries)
         failures = {e.patient_id: str(e) for e in known_failures}
         written = _run_jobs(jobs, cfg, workers, progress, entries, failures)
         index_written = False
@@ -184,9 +190,11 @@ def _sweep(vol_dir: Path, keep: set[str]) -> None:
 
 
 def _plan(
-    cases: list[Case], cfg: PreprocessConfig, vol_dir: Path, known_crc: dict
-) -> tuple[dict[str, dict], list[tuple[Case, Path]], list[str], list[str]]:
-    """Index entries of every case, and which volumes must be (re)made: missing or broken ones."""
+    cases: list[Case], cfg: PreprocessConfig, vol_dir: Path, old: dict
+) -> tuple[dict[str, dict], list[tuple[Case, Path, bool]], list[str], list[str]]:
+    """Index entries of every case, and the jobs: (case, volume file, whether the volume must be
+    (re)made: it is missing or broken). A reused volume whose entry has no profile (a cache made
+    before profiles were kept) gets a job that profiles its scans only."""
     shape = (len(cfg.modalities), cfg.size, cfg.size, cfg.size)
     entries: dict[str, dict] = {}
     jobs, reused, repaired = [], [], []
@@ -204,21 +212,27 @@ def _plan(
         }
         entries[case.patient_id] = entry
         if not target.exists():
-            jobs.append((case, target))
+            jobs.append((case, target, True))
             continue
+        before = old.get((case.patient_id, entry["file"]), {})
         try:
             # without a recorded checksum (the index of a killed run was never written) the
             # file is complete by construction: adopt it once its values are finite
-            _, entry["crc32"] = read_volume(target, shape, known_crc.get((case.patient_id, entry["file"])))
+            _, entry["crc32"] = read_volume(target, shape, before.get("crc32"))
             reused.append(case.patient_id)
         except Broken as e:
             repaired.append(f"{case.patient_id}: cached volume {target} {e}; preprocessed again")
-            jobs.append((case, target))
+            jobs.append((case, target, True))
+            continue
+        if isinstance(before.get("profile"), dict):
+            entry["profile"] = before["profile"]
+        else:
+            jobs.append((case, target, False))
     return entries, jobs, reused, repaired
 
 
 def _run_jobs(
-    jobs: list[tuple[Case, Path]],
+    jobs: list[tuple[Case, Path, bool]],
     cfg: PreprocessConfig,
     workers: int | None,
     progress: bool,
@@ -231,20 +245,22 @@ def _run_jobs(
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     bar = tqdm(total=len(jobs), desc="prepare", unit="patient", disable=not progress or not jobs)
 
-    def record(case: Case, err: str | None, crc: int | None) -> None:
+    def record(case: Case, err: str | None, crc: int | None, profile: dict | None) -> None:
         if err:
             failures[case.patient_id] = err
         else:
-            written.append(case.patient_id)
-            entries[case.patient_id]["crc32"] = crc
+            if crc is not None:
+                written.append(case.patient_id)
+                entries[case.patient_id]["crc32"] = crc
+            entries[case.patient_id]["profile"] = profile
         bar.update()
 
     if workers == 1:
-        for case, target in jobs:
-            record(case, *_prepare_one(case, cfg, target))
+        for case, target, volume_too in jobs:
+            record(case, *_prepare_one(case, cfg, target, volume_too))
     else:
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(_prepare_one, case, cfg, target): case for case, target in jobs}
+            futures = {pool.submit(_prepare_one, job[0], cfg, *job[1:]): job[0] for job in jobs}
             try:
                 for fut in as_completed(futures):
                     record(futures[fut], *fut.result())

@@ -174,6 +174,8 @@ def index_problem(index: object) -> str:
             return f"patient {pid} has label {e.get('label')!r}, not 0 or 1"
         if not is_volume_file(e.get("file")):
             return f"patient {pid} has file {e.get('file')!r}, not {VOLUMES}/<name>.npy"
+        if "profile" in e and not isinstance(e["profile"], dict):
+            return f"patient {pid} has a profile that is not an object"
         crc = e.get("crc32")
         if crc is not None and (type(crc) is not int or not 0 <= crc < 2**32):
             return f"patient {pid} has checksum {crc!r}, not a CRC-32"

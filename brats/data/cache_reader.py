@@ -49,6 +49,7 @@ class CachedCohort:
     preprocess: dict
     files: list[Path] = field(default_factory=list)  # one .npy per patient
     checksums: list[int | None] = field(default_factory=list)  # CRC-32 of each volume's data
+    profiles: list[dict | None] = field(default_factory=list)  # each patient's ScanProfile, as JSON
     source: str = ""  # the cohort the cache was prepared from
 
     def __len__(self) -> int:
@@ -157,6 +158,7 @@ def open_cache(path: str | Path) -> CachedCohort:
         files=files,
         checksums=checksums,
         source=source,
+        profiles=[e.get("profile") for e in patients],
     )
 
 

@@ -23,6 +23,7 @@ from brats.errors import BratsError
 CONTRACT_KEY, PROVENANCE_KEY = "brats_contract", "brats_provenance"
 INPUT_NAME = "input"  # float32 (B, C, S, S, S), channels in the contract's `modalities` order
 CAM_OUTPUT = "cam"  # the class activation map; absent from models exported before it existed
+FOLDS_OUTPUT, DISTANCE_OUTPUT = "fold_p_hgg", "feature_distance"  # the model's doubt; absent before
 # What each output of the graph is, in order (also written into the provenance and model card).
 OUTPUTS = {
     "probabilities": "(B, 2) [p_LGG, p_HGG]",
@@ -30,6 +31,11 @@ OUTPUTS = {
     CAM_OUTPUT: (
         "(B, S, S, S) class activation map on the input cube: HGG evidence (logit_HGG - logit_LGG) "
         "per voxel, > 0 toward HGG; predict.py --cam maps it onto the patient's scan"
+    ),
+    FOLDS_OUTPUT: "(B, M) each fold model's p(HGG): their spread is the ensemble's disagreement",
+    DISTANCE_OUTPUT: (
+        "(B,) distance of the patient's pooled features to the training patients' (the mean over the "
+        "fold models, each to its own training patients; about 1 for a training patient)"
     ),
 }
 OUTPUT_NAMES = tuple(OUTPUTS)

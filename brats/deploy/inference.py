@@ -19,18 +19,36 @@ import SimpleITK as sitk
 
 from brats.data.cohort import CLASSES, MODALITIES, Case
 from brats.data.preprocess import CubeGrid, PreprocessConfig, preprocess_images, read_image
+from brats.data.profile import profile_images
 from brats.deploy.cam import write_case_maps
-from brats.deploy.contract import CAM_OUTPUT, CONTRACT_KEY, PROVENANCE_KEY, Decision, check_graph_input
+from brats.deploy.contract import (
+    CAM_OUTPUT,
+    CONTRACT_KEY,
+    DISTANCE_OUTPUT,
+    FOLDS_OUTPUT,
+    PROVENANCE_KEY,
+    Decision,
+    check_graph_input,
+)
+from brats.deploy.doubt import Doubt, assess
+from brats.deploy.qc import QC_MODES, QCResult, check_scan
 from brats.errors import BratsError, CaseError
 
 
 @dataclass(frozen=True)
 class Prediction:
     patient_id: str
-    p_hgg: float | None  # calibrated when the model's decision calibrates
+    p_hgg: float | None  # calibrated when the model's decision calibrates; None: not graded
     error: str = ""  # why this patient could not be graded
     threshold: float = 0.5  # HGG when p_hgg >= threshold
     cam_error: str = ""  # why its CAM was not written, though it was graded
+    qc: QCResult = QCResult("off")  # input quality control (brats.deploy.qc)
+    doubt: Doubt = Doubt()  # the model's own doubt (brats.deploy.doubt)
+
+    @property
+    def flagged(self) -> bool:
+        """Graded, but with a reason to distrust the grade."""
+        return self.p_hgg is not None and (self.qc.status in ("warn", "fail") or bool(self.doubt.reasons))
 
     @property
     def p_lgg(self) -> float | None:
@@ -69,6 +87,7 @@ class Grader:
         threads: int | None = None,
         threshold: float | None = None,
         device: str = "cpu",
+        qc: str = "fail",
     ):
         import onnxruntime as ort
 
@@ -112,7 +131,12 @@ class Grader:
             self.session.get_inputs()[0].shape, self.cfg, model, "export it again with python export.py"
         )
         self.model = model
-        self.has_cam = CAM_OUTPUT in {o.name for o in self.session.get_outputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        self.has_cam = CAM_OUTPUT in outputs
+        self.doubt_outputs = [n for n in (FOLDS_OUTPUT, DISTANCE_OUTPUT) if n in outputs]
+        if qc not in QC_MODES:
+            raise BratsError(f"--qc {qc!r}: choose one of {', '.join(QC_MODES)}")
+        self.qc_mode = qc
 
     def check_cam(self) -> None:
         """Refuse, before any patient is read, to map a CAM the model does not compute."""
@@ -122,19 +146,22 @@ class Grader:
                 "were): export it again with python export.py to use --cam, or leave --cam out"
             )
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """(B, C, S, S, S) float32 -> p(HGG) (B,)."""
-        probs = self.session.run(["probabilities"], {"input": np.ascontiguousarray(batch, dtype=np.float32)})[
-            0
-        ]
-        return probs[:, 1].astype(np.float64)
-
-    def run_with_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, C, S, S, S) float32 -> p(HGG) (B,) and the CAM on the cube (B, S, S, S) float32."""
-        self.check_cam()
+    def run(self, batch: np.ndarray, cam: bool = False) -> dict[str, np.ndarray]:
+        """(B, C, S, S, S) float32 -> the graph's outputs by name: probabilities (B, 2), the CAM on
+        the cube (B, S, S, S) when asked, and the model's doubt outputs when it has them."""
+        names = ["probabilities", *([CAM_OUTPUT] if cam else []), *self.doubt_outputs]
+        if cam:
+            self.check_cam()
         x = np.ascontiguousarray(batch, dtype=np.float32)
-        probs, cams = self.session.run(["probabilities", CAM_OUTPUT], {"input": x})
-        return probs[:, 1].astype(np.float64), cams
+        return dict(zip(names, self.session.run(names, {"input": x})))
+
+    def quality(self, images: list[sitk.Image]) -> QCResult:
+        """Input QC of one patient's scans (brats.deploy.qc), unless --qc off."""
+        if self.qc_mode == "off":
+            return QCResult("off")
+        profile = profile_images(images)
+        cube_voxel_mm = max(profile.extent_mm) / self.cfg.size  # what preprocessing resamples to
+        return check_scan(profile, self.contract.get("profile"), cube_voxel_mm)
 
     def grade(
         self,
@@ -152,8 +179,7 @@ class Grader:
         if cam_dir is not None:
             self.check_cam()
         results: dict[int, Prediction] = {}
-        # (input position, patient, preprocessed volume, and for its CAM: the cube grid and FLAIR)
-        pending: list[tuple[int, str, np.ndarray, tuple[CubeGrid, sitk.Image] | None]] = []
+        pending: list[Pending] = []
 
         def report(i: int, prediction: Prediction) -> None:
             results[i] = prediction
@@ -163,35 +189,63 @@ class Grader:
         def flush() -> None:
             if not pending:
                 return
-            batch = np.stack([v for _, _, v, _ in pending])
-            raw, cams = self.run_with_cam(batch) if cam_dir is not None else (self.run(batch), None)
-            for j, ((i, pid, _, place), p) in enumerate(zip(pending, self.decision.calibrate(raw))):
-                graded = Prediction(pid, float(p), threshold=self.threshold)
-                if cams is not None and place is not None:  # place is kept for every patient with a cam_dir
+            out = self.run(np.stack([q.volume for q in pending]), cam=cam_dir is not None)
+            p_hgg = self.decision.calibrate(out["probabilities"][:, 1].astype(np.float64))
+            doubts = assess(
+                out.get(FOLDS_OUTPUT), out.get(DISTANCE_OUTPUT), self.contract.get("doubt"), len(pending)
+            )
+            for j, (q, p) in enumerate(zip(pending, p_hgg)):
+                graded = Prediction(
+                    q.patient_id, float(p), threshold=self.threshold, qc=q.qc, doubt=doubts[j]
+                )
+                if cam_dir is not None and q.place is not None:
                     # the picture goes through the evidence for the grade predicted, at the model's threshold
-                    error = write_cam(cam_dir, pid, cams[j], place, toward_hgg=graded.prediction == "HGG")
+                    error = write_cam(
+                        cam_dir, q.patient_id, out[CAM_OUTPUT][j], q.place, graded.prediction == "HGG"
+                    )
                     graded = replace(graded, cam_error=error)
-                report(i, graded)
+                report(q.position, graded)
             pending.clear()
 
         for i, case in enumerate(cases):
-            try:
-                images = [read_image(case, m) for m in MODALITIES]
-                volume, grid = preprocess_images(case, images, self.cfg)
-                # with a CAM folder the FLAIR just read stays in memory: the map is drawn over it
-                place = (grid, images[MODALITIES.index("flair")]) if cam_dir is not None else None
-            except CaseError as e:
-                report(i, Prediction(case.patient_id, None, e.reason, self.threshold))
+            queued = self.read(i, case, cam_dir is not None)
+            if isinstance(queued, Prediction):
+                report(i, queued)
                 continue
-            except Exception as e:  # one patient's unexpected failure must not stop the others
-                reason = f"preprocessing failed ({type(e).__name__}: {e})"
-                report(i, Prediction(case.patient_id, None, reason, self.threshold))
-                continue
-            pending.append((i, case.patient_id, volume, place))
+            pending.append(queued)
             if len(pending) == batch_size:
                 flush()
         flush()
         return [results[i] for i in sorted(results)]
+
+    def read(self, i: int, case: Case, keep_flair: bool) -> Pending | Prediction:
+        """One patient read, checked and preprocessed for the graph; or, when it cannot be graded
+        (unreadable, or refused by QC), the Prediction that says why."""
+        pid = case.patient_id
+        try:
+            images = [read_image(case, m) for m in MODALITIES]
+            qc = self.quality(images)  # before the model runs, from the files as read
+            if qc.status == "fail" and self.qc_mode == "fail":
+                return Prediction(pid, None, threshold=self.threshold, qc=qc)
+            volume, grid = preprocess_images(case, images, self.cfg)
+        except CaseError as e:
+            return Prediction(pid, None, e.reason, self.threshold)
+        except Exception as e:  # one patient's unexpected failure must not stop the others
+            return Prediction(pid, None, f"preprocessing failed ({type(e).__name__}: {e})", self.threshold)
+        # with a CAM folder the FLAIR just read stays in memory: the map is drawn over it
+        place = (grid, images[MODALITIES.index("flair")]) if keep_flair else None
+        return Pending(position=i, patient_id=pid, volume=volume, place=place, qc=qc)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pending:
+    """A patient preprocessed and waiting for its batch."""
+
+    position: int  # in the input order
+    patient_id: str
+    volume: np.ndarray  # (C, S, S, S) float32
+    place: tuple[CubeGrid, sitk.Image] | None  # the cube's grid and the FLAIR, for its CAM
+    qc: QCResult
 
 
 def write_cam(

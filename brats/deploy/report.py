@@ -15,7 +15,22 @@ from brats.data.cohort import MODALITIES, Case, find_cases
 from brats.deploy.inference import Grader, Prediction
 from brats.errors import BratsError, CaseError
 
-CSV_FIELDS = ["patient_id", "p_hgg", "p_lgg", "prediction", "threshold", "error"]
+CSV_FIELDS = [
+    "patient_id",
+    "p_hgg",
+    "p_lgg",
+    "prediction",
+    "threshold",
+    "error",
+    "qc",  # pass | warn | fail (refused unless --qc warn) | off
+    "qc_reasons",
+    "ood",  # yes | no | empty: the model carries no reference
+    "ood_distance",
+    "ood_percentile",  # of the distance among the out-of-fold patients'
+    "fold_spread",  # max - min of the fold models' p(HGG) (ensembles)
+    "flagged",  # graded, with a reason to distrust the grade
+]
+CSV_PREFIX = "patient_id,p_hgg,p_lgg,prediction"  # what every predictions CSV of this tool starts with
 
 
 def gather_cases(
@@ -86,8 +101,9 @@ def protected_paths(model: Path, inputs: list[Path], cases: list[Case]) -> dict[
 
 
 def is_predictions_csv(head: bytes) -> bool:
-    """The first bytes of a CSV predict writes."""
-    return head.startswith(f"{CSV_FIELDS[0]},".encode())
+    """The first bytes of a CSV predict writes (now or before QC columns existed): a manifest or an
+    evaluation's predictions.csv also start with patient_id, and are not replaced."""
+    return head.startswith(CSV_PREFIX.encode())
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -150,42 +166,83 @@ def describe_decision(grader: Grader, override: float | None) -> str:
 
 def csv_rows(results: list[Prediction]) -> list[dict]:
     """One CSV row per patient (CSV_FIELDS), in the order graded."""
+
+    def number(v: float | None, digits: int = 4) -> str:
+        return "" if v is None else f"{v:.{digits}f}"
+
     return [
         {
             "patient_id": r.patient_id,
-            "p_hgg": "" if r.p_hgg is None else f"{r.p_hgg:.6f}",
-            "p_lgg": "" if r.p_lgg is None else f"{r.p_lgg:.6f}",
+            "p_hgg": number(r.p_hgg, 6),
+            "p_lgg": number(r.p_lgg, 6),
             "prediction": r.prediction,
             "threshold": f"{r.threshold:.6g}",
             "error": r.error,
+            "qc": r.qc.status,
+            "qc_reasons": r.qc.text,
+            "ood": {None: "", True: "yes", False: "no"}[r.doubt.ood],
+            "ood_distance": number(r.doubt.distance),
+            "ood_percentile": number(r.doubt.percentile, 1),
+            "fold_spread": number(r.doubt.spread),
+            "flagged": "yes" if r.flagged else "",
         }
         for r in results
     ]
 
 
-def table_lines(rows: list[dict], truth: dict[str, str]) -> list[str]:
-    """The printed table: patient, p_hgg, prediction, and the grade on disk when any is known."""
-    width = max([len(r["patient_id"]) for r in rows] + [10])
-    lines = [f"{'patient':<{width}}  {'p_hgg':>8}  prediction" + ("  grade on disk" if truth else "")]
-    for r in rows:
-        known = f"  {truth.get(r['patient_id'], '')}" if truth else ""
-        lines.append(
-            f"{r['patient_id']:<{width}}  {r['p_hgg'] or '-':>8}  {r['prediction'] or 'FAILED':<10}{known}"
-        )
+def table_lines(results: list[Prediction], truth: dict[str, str]) -> list[str]:
+    """The printed table: patient, p_hgg, prediction, QC, out-of-distribution, and the grade on
+    disk when any is known; then the reason for each flag."""
+    width = max([len(r.patient_id) for r in results] + [10])
+    head = f"{'patient':<{width}}  {'p_hgg':>8}  prediction  qc    ood" + ("  grade on disk" if truth else "")
+    lines = [head]
+    for r in results:
+        p = "-" if r.p_hgg is None else f"{r.p_hgg:.4f}"
+        grade = r.prediction or ("REFUSED" if r.qc.status == "fail" else "FAILED")
+        ood = {None: "-", True: "yes", False: "no"}[r.doubt.ood]
+        known = f"  {truth.get(r.patient_id, '')}" if truth else ""
+        lines.append(f"{r.patient_id:<{width}}  {p:>8}  {grade:<10}  {r.qc.status:<4}  {ood:<3}{known}")
+    for r in results:
+        why = r.qc.reasons + r.doubt.reasons
+        if why and not r.error:
+            lines.append(f"  {r.patient_id}: " + "; ".join(why))
     return lines
+
+
+def summary_line(results: list[Prediction]) -> str:
+    """How many were graded (and of them flagged), refused by QC, and failed."""
+    graded = [r for r in results if r.p_hgg is not None]
+    refused = [r for r in results if r.p_hgg is None and r.qc.status == "fail" and not r.error]
+    failed = [r for r in results if r.error]
+    flagged = sum(r.flagged for r in graded)
+    return (
+        f"{len(graded)} graded, {len(failed)} failed; {len(refused)} refused by QC, {flagged} graded but "
+        "flagged (QC warning, out of distribution or fold disagreement)"
+    )
 
 
 def accuracy_lines(
     grader: Grader, results: list[Prediction], truth: dict[str, str], override: float | None
 ) -> list[str]:
-    """The graded patients whose grade is on disk: how many match, with a 95% CI, and the
-    comparison with the out-of-fold accuracy; nothing when no grade is known."""
+    """The graded patients whose grade is on disk: how many match, with a 95% CI, for all of them
+    and for those not flagged, and the comparison with the out-of-fold accuracy; nothing when no
+    grade is known."""
     graded = [r for r in results if r.p_hgg is not None and r.patient_id in truth]
     if not graded:
         return []
+    lines = []
+    clean = [r for r in graded if not r.flagged]
+    for who, group in (("graded", graded), ("graded and not flagged", clean)):
+        if who != "graded" and len(group) == len(graded):
+            continue
+        if not group:
+            lines.append(f"no {who} patient with a grade on disk")
+            continue
+        right = sum(r.prediction == truth[r.patient_id] for r in group)
+        lo, hi = wilson_interval(right, len(group))
+        lines.append(
+            f"{right}/{len(group)} {who} patients match the grade on disk (95% CI {lo:.0%}-{hi:.0%})"
+        )
     right = sum(r.prediction == truth[r.patient_id] for r in graded)
     lo, hi = wilson_interval(right, len(graded))
-    return [
-        f"{right}/{len(graded)} graded patients match the grade on disk (95% CI {lo:.0%}-{hi:.0%})",
-        compare_out_of_fold(grader, override, lo, hi),
-    ]
+    return [*lines, compare_out_of_fold(grader, override, lo, hi)]

@@ -24,10 +24,21 @@ from brats.data.cache_format import INDEX
 from brats.data.cache_reader import open_data
 from brats.data.cohort import CLASSES
 from brats.data.preprocess import PreprocessConfig
-from brats.deploy.contract import DYNAMIC_AXES, OUTPUT_NAMES, OUTPUTS, Decision, check_graph_input
+from brats.data.profile import ScanProfile, cohort_profile
+from brats.deploy.contract import (
+    CAM_OUTPUT,
+    DISTANCE_OUTPUT,
+    DYNAMIC_AXES,
+    FOLDS_OUTPUT,
+    OUTPUT_NAMES,
+    OUTPUTS,
+    Decision,
+    check_graph_input,
+)
 from brats.deploy.inference import CONTRACT_KEY, PROVENANCE_KEY
 from brats.errors import BratsError
 from brats.evaluation.cross_validation import evaluate_run
+from brats.evaluation.doubt import fit_doubt
 from brats.io.atomic import (
     atomic_path,
     check_output_file,
@@ -75,26 +86,35 @@ def load_fold(run: Path, k: int, run_cfg: dict, trust: bool) -> tuple[ResNet3D, 
     return model, info
 
 
+def output_names(model: ExplainedModel) -> list[str]:
+    """The graph's outputs, in order: the model's doubt only when it has feature references."""
+    return list(OUTPUT_NAMES if model.references is not None else OUTPUT_NAMES[:3])
+
+
 def check_parity(path: Path, model: ExplainedModel, inputs: np.ndarray) -> dict[str, float]:
-    """onnxruntime (CPU) against torch on `inputs` at batch 1 and 3: {"probabilities":
-    max |p_onnx - p_torch|, "cam": max |cam_onnx - cam_torch| / max(1, max |cam_torch|)}."""
+    """onnxruntime (CPU) against torch on `inputs` at batch 1 and 3, per output: max |onnx -
+    torch|, relative to max(1, the largest |torch| value) for the CAM and the feature distance
+    (their scale depends on the model)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = {"probabilities": 0.0, "cam": 0.0}
+    names = output_names(model)
+    worst = dict.fromkeys(n for n in names if n != "logits")
+    worst = {n: 0.0 for n in worst}
     for batch in (1, 3):
         x = np.ascontiguousarray(inputs[:batch])
         with torch.no_grad():
-            p_torch, _, cam_torch = (t.numpy() for t in model(torch.from_numpy(x)))
-        p_onnx, cam_onnx = session.run(["probabilities", "cam"], {"input": x})
-        for name, got, want in (("probabilities", p_onnx, p_torch), ("cam", cam_onnx, cam_torch)):
-            if got.shape != want.shape:
+            expected = dict(zip(names, (t.numpy() for t in model(torch.from_numpy(x)))))
+        got = dict(zip(names, session.run(names, {"input": x})))
+        for name in worst:
+            if got[name].shape != expected[name].shape:
                 raise BratsError(
-                    f"ONNX output {name} has shape {got.shape} at batch {batch}, torch {want.shape}"
+                    f"ONNX output {name} has shape {got[name].shape} at batch {batch}, "
+                    f"torch {expected[name].shape}"
                 )
-        scale = max(1.0, float(np.abs(cam_torch).max()))
-        worst["probabilities"] = max(worst["probabilities"], float(np.abs(p_onnx - p_torch).max()))
-        worst["cam"] = max(worst["cam"], float(np.abs(cam_onnx - cam_torch).max()) / scale)
+            relative = name in (CAM_OUTPUT, DISTANCE_OUTPUT)
+            scale = max(1.0, float(np.abs(expected[name]).max())) if relative else 1.0
+            worst[name] = max(worst[name], float(np.abs(got[name] - expected[name]).max()) / scale)
     return worst
 
 
@@ -122,7 +142,11 @@ def write_onnx(
         batch = torch.export.Dim("batch", min=1, max=4096)
         how = {"dynamo": True, "dynamic_shapes": {"x": {0: batch}}, "external_data": False}
     else:
-        how = {"dynamo": False, "dynamic_axes": DYNAMIC_AXES}
+        names = output_names(wrapper)
+        how = {
+            "dynamo": False,
+            "dynamic_axes": {k: v for k, v in DYNAMIC_AXES.items() if k in ("input", *names)},
+        }
     with atomic_path(out) as tmp:
         torch.onnx.export(
             wrapper,
@@ -130,7 +154,7 @@ def write_onnx(
             str(tmp),
             opset_version=OPSET[exporter],
             input_names=["input"],
-            output_names=list(OUTPUT_NAMES),
+            output_names=output_names(wrapper),
             **how,
         )
         proto = onnx.load(str(tmp))
@@ -160,6 +184,9 @@ def write_onnx(
                 f"ONNX parity failed on the CAM: max |cam_onnx - cam_torch| = {parity['cam']:.2e} of "
                 f"its largest value > {CAM_PARITY_TOLERANCE:g}; nothing written"
             )
+        doubt = {n: parity[n] for n in (FOLDS_OUTPUT, DISTANCE_OUTPUT) if n in parity}
+        if not all(v <= PARITY_TOLERANCE for v in doubt.values()):
+            raise BratsError(f"ONNX parity failed on the model's doubt ({doubt}); nothing written")
         if card is not None:
             write_json_atomic(
                 RunPaths.card(out),
@@ -167,6 +194,7 @@ def write_onnx(
                     **card,
                     "parity_max_abs_diff": parity["probabilities"],
                     "cam_parity_max_rel_diff": parity["cam"],
+                    "doubt_parity_max_diff": doubt,
                 },
             )
     return parity
@@ -251,6 +279,7 @@ def export(
     exporter: str = "torchscript",
     data: str | Path | None = None,
     allow_unfinished: bool = False,
+    doubt: bool = True,
 ) -> Path:
     """Write the ONNX model and model_card.json; returns the model path.
 
@@ -301,8 +330,16 @@ def export(
     ).to_contract()
     # How p(HGG) becomes a grade: calibration and threshold chosen on the out-of-fold predictions
     contract["decision"] = Decision.from_dict(summary.decision, RunPaths(run).summary).to_dict()
+    profiles = [ScanProfile.from_json(p) for p in cached.profiles if p]
+    if profiles:  # what predict's quality control compares new patients with
+        contract["profile"] = cohort_profile(profiles)
+    else:
+        log.warning(f"{cached.root}: prepared before scan profiles were kept: rerun brats.prepare for QC")
+    references = None
+    if doubt:
+        references, contract["doubt"] = fit_doubt(models, folds, run, cached, list(modalities))
     provenance = make_provenance(run, sources, summary)
-    wrapper = ExplainedModel(models).eval()
+    wrapper = ExplainedModel(models, references).eval()
     channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
     inputs = np.stack([np.asarray(v[channels], dtype=np.float32) for v in cached.volumes[:3]])
     card = {

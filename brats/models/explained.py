@@ -72,21 +72,76 @@ class ExplainedModel(nn.Module):
     the mean of the folds' upsampled maps at 1/M of the upsampling's cost (the folds of one run
     share an architecture, hence the coarse maps' shape)."""
 
-    def __init__(self, models: list[ResNet3D]):
+    def __init__(self, models: list[ResNet3D], references: list[FeatureReference] | None = None):
         super().__init__()
         if not models:
             raise BratsError("no fold model to explain")
+        if references is not None and len(references) != len(models):
+            raise BratsError(f"{len(references)} feature references for {len(models)} fold models")
         self.models = nn.ModuleList(models)
+        self.references = nn.ModuleList(references) if references is not None else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, cams = [], []
-        for model in self.models:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """probabilities (B, 2), logits (B, 2), cam (B, S, S, S), and with feature references the
+        model's own doubt: each fold's p(HGG) (B, M) and the mean of the folds' feature distances
+        to their training patients (B,)."""
+        logits, cams, distances = [], [], []
+        for k, model in enumerate(self.models):
             maps = model.feature_maps(x)  # (B, F, d, h, w)
-            logits.append(model.fc(maps.mean(dim=(2, 3, 4))))
+            pooled = maps.mean(dim=(2, 3, 4))  # (B, F): the features the classifier reads
+            logits.append(model.fc(pooled))
             cams.append(coarse_cam(model, maps))
+            if self.references is not None:
+                distances.append(self.references[k](pooled))
         stacked = torch.stack(logits)  # (M, B, 2)
+        probabilities = torch.softmax(stacked, dim=-1)  # (M, B, 2)
         cam = upsample(torch.stack(cams).mean(0), x.shape[2:])  # (B, S, S, S)
-        return torch.softmax(stacked, dim=-1).mean(0), stacked.mean(0), cam
+        outputs = (probabilities.mean(0), stacked.mean(0), cam)
+        if self.references is None:
+            return outputs
+        return (*outputs, probabilities[..., HGG].transpose(0, 1), torch.stack(distances).mean(0))
+
+
+class FeatureReference(nn.Module):
+    """Where one fold model's training patients lie in its pooled features (the classifier's
+    input), and how far a new patient is from them: a Mahalanobis distance in the `k` leading
+    principal directions plus the residual outside them, each scaled by the training patients'
+    own spread, averaged over the k + 1 terms (about 1 for a training patient)."""
+
+    def __init__(
+        self, mean: torch.Tensor, directions: torch.Tensor, variances: torch.Tensor, residual: float
+    ):
+        super().__init__()
+        self.register_buffer("mean", mean.float())  # (F,)
+        self.register_buffer("directions", directions.float())  # (F, k) orthonormal
+        self.register_buffer("scale", variances.float().clamp_min(1e-12).rsqrt())  # (k,)
+        self.residual = max(float(residual), 1e-12)  # mean squared residual of the training patients
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, k: int = 16) -> FeatureReference:
+        """From (N, F) training features. k is capped at a third of the patients, so that the
+        residual outside the k directions is measured on the training patients rather than fitted
+        away (N points span N - 1 directions), and the residual's scale is floored at a thousandth
+        of the total variance (a float32 graph computes it as a difference of near-equal terms)."""
+        n = features.shape[0]
+        centred = features.double() - features.double().mean(0)
+        _, s, vt = torch.linalg.svd(centred, full_matrices=False)
+        k = max(1, min(k, (n - 1) // 3))
+        directions = vt[:k].T  # (F, k)
+        variances = s[:k] ** 2 / max(n - 1, 1)
+        residual = centred - centred @ directions @ directions.T
+        total = float((s**2).sum()) / max(n - 1, 1)
+        mean_residual = max(float((residual**2).sum(1).mean()), 1e-3 * total)
+        return cls(features.double().mean(0), directions, variances, mean_residual)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F) -> (B,) distances."""
+        centred = features - self.mean
+        z = centred @ self.directions  # (B, k)
+        residual = centred - z @ self.directions.T
+        inside = ((z * self.scale) ** 2).sum(1)
+        outside = (residual**2).sum(1) / self.residual
+        return (inside + outside) / (z.shape[1] + 1)
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module | str, relu: bool = False) -> torch.Tensor:
