@@ -27,6 +27,7 @@ from typing import Annotated
 import typer
 
 from brats.data.cohort import CLASSES
+from brats.deploy.cam import cam_path, png_path
 from brats.deploy.inference import Grader, Prediction
 from brats.deploy.report import (
     CSV_FIELDS,
@@ -36,6 +37,7 @@ from brats.deploy.report import (
     gather_cases,
     is_predictions_csv,
     protected_paths,
+    seen_in_training,
     summary_line,
     table_lines,
 )
@@ -54,13 +56,15 @@ app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=F
 @app.command()
 @exit_on_error
 def main(
-    model: Annotated[Path, typer.Argument(help="exported .onnx model")],
-    inputs: Annotated[list[Path] | None, typer.Argument(help="patient folders or cohort roots")] = None,
+    model: Annotated[Path, typer.Argument(readable=False, help="exported .onnx model")],
+    inputs: Annotated[
+        list[Path] | None, typer.Argument(readable=False, help="patient folders or cohort roots")
+    ] = None,
     out: Annotated[Path, typer.Option(help="CSV to write")] = Path("predictions.csv"),
-    t1: Annotated[Path | None, typer.Option(help="one patient's T1 file")] = None,
-    t1ce: Annotated[Path | None, typer.Option(help="... T1ce file")] = None,
-    t2: Annotated[Path | None, typer.Option(help="... T2 file")] = None,
-    flair: Annotated[Path | None, typer.Option(help="... FLAIR file")] = None,
+    t1: Annotated[Path | None, typer.Option(readable=False, help="one patient's T1 file")] = None,
+    t1ce: Annotated[Path | None, typer.Option(readable=False, help="... T1ce file")] = None,
+    t2: Annotated[Path | None, typer.Option(readable=False, help="... T2 file")] = None,
+    flair: Annotated[Path | None, typer.Option(readable=False, help="... FLAIR file")] = None,
     patient_id: Annotated[
         str, typer.Option("--id", help="patient id for --t1/--t1ce/--t2/--flair")
     ] = "patient",
@@ -93,6 +97,8 @@ def main(
         grader.check_cam()
         check_output_dir(cam, "--cam")
     explicit = {"t1": t1, "t1ce": t1ce, "t2": t2, "flair": flair}
+    if any(explicit.values()) and not patient_id.strip():
+        raise BratsError("--id is empty: give the patient an id (it names the CSV row and the CAM files)")
     cases, problems, repeated = gather_cases(inputs or [], explicit, patient_id)
     # Still before any patient is read: no output may replace what this command reads.
     protected = protected_paths(model, inputs or [], cases)
@@ -100,6 +106,9 @@ def main(
     refuse_other_kind(out, is_predictions_csv, "a predictions CSV", "--out")
     if cam is not None:
         refuse_inputs(cam, protected, "--cam")
+        for case in cases:  # a map's file name is the patient's: it must not be an input either
+            for path in (cam_path(cam, case.patient_id), png_path(cam, case.patient_id)):
+                refuse_inputs(path, protected, f"{case.patient_id}'s map")
     for pid, n in sorted(repeated.items()):
         print(f"{pid}: given {n} times, graded once")
     print(
@@ -109,7 +118,7 @@ def main(
     print(describe_decision(grader, threshold))
     results = grader.grade(cases, batch_size, cam_dir=cam)
     results += [Prediction(e.patient_id, None, e.reason, grader.threshold) for e in problems]
-    write_csv_atomic(out, csv_rows(results), CSV_FIELDS)
+    write_csv_atomic(out, csv_rows(results, seen_in_training(grader, results)), CSV_FIELDS)
     # Grades found in a labelled layout are shown beside the prediction (not written to the CSV).
     truth = {c.patient_id: CLASSES[c.label] for c in cases if c.label is not None}
     print("\n".join(table_lines(results, truth) + accuracy_lines(grader, results, truth, threshold)))

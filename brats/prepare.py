@@ -19,6 +19,7 @@ from brats.data.cache_builder import check_cache_dir, check_size, prepare
 from brats.data.cohort import check_trainable, find_cases, summarize
 from brats.data.preprocess import PreprocessConfig
 from brats.errors import BratsError, exit_on_error, run_cli
+from brats.io.atomic import refuse_inputs
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
@@ -26,7 +27,7 @@ app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=F
 @app.command()
 @exit_on_error
 def main(
-    root: Annotated[Path, typer.Argument(help="cohort: BraTS folder or CSV manifest")],
+    root: Annotated[Path, typer.Argument(readable=False, help="cohort: BraTS folder or CSV manifest")],
     out: Annotated[Path, typer.Option(help="cache folder to create or update")],
     size: Annotated[int, typer.Option(help="output cube side S in voxels (RECIPE.md 6.2: 128)")] = 128,
     workers: Annotated[int, typer.Option(help="parallel processes (0 = all cores)")] = 0,
@@ -42,6 +43,11 @@ def main(
     cohort = find_cases(root)  # lists files only: cheap, and a wrong ROOT creates no --out folder
     print(f"{root}: {summarize([c.label for c in cohort.cases])}")
     check_trainable(cohort.cases, root, cohort.problems)
+    protected = {
+        root: "the cohort",
+        **{c.path("t1").parent: f"{c.patient_id}'s folder" for c in cohort.cases},
+    }
+    refuse_inputs(out, protected, "--out")
     check_cache_dir(out)  # before any preprocessing
     result = prepare(
         cohort.cases,

@@ -631,16 +631,21 @@ def test_calibrated_decision_travels_from_evaluation_to_predict(cv_run, cache20,
     k = card["sources"][0]["fold"]
     raw = {r["patient_id"]: float(r["p_hgg"]) for r in evaluated if r["fold"] == str(k)}
 
-    def predict(*extra: str) -> tuple[dict, str]:
+    def predict(*extra: str, patients: Path = cache20.parent / "cohort") -> tuple[dict, str]:
         out = tmp_path / "p.csv"
-        cmd = [sys.executable, str(ROOT / "predict.py"), str(model), str(cache20.parent / "cohort")]
+        cmd = [sys.executable, str(ROOT / "predict.py"), str(model), str(patients)]
         r = subprocess.run([*cmd, "--out", str(out), *extra], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
         return {row["patient_id"]: row for row in read_csv(out)}, r.stdout
 
     rows, stdout = predict()
     assert f"HGG when p_hgg >= {decision.threshold:.4g} (the model's, rule youden)" in stdout
-    # the grades on disk are known here: accuracy with its CI, beside the out-of-fold figure
+    # the cohort the model trained on: said, and left out of any new-patient accuracy
+    assert "20 graded patient(s) are in the model's training cohort (by id)" in stdout
+    assert {row["trained_on"] for row in rows.values()} == {"yes"}
+    assert "match the grade on disk" not in stdout
+    # new patients whose grades are on disk: accuracy with its CI, beside the out-of-fold figure
+    _, stdout = predict(patients=new_patients(tmp_path, 3))
     assert "graded patients match the grade on disk (95% CI " in stdout
     oof = summary.calibration["operating_point"]["accuracy"]
     assert f"each on patients it never trained on) at the same decision: accuracy {oof:.2f}" in stdout
@@ -649,9 +654,9 @@ def test_calibrated_decision_travels_from_evaluation_to_predict(cv_run, cache20,
         assert float(row["p_hgg"]) == pytest.approx(decision.calibrate([p])[0], abs=3e-3)
         assert float(row["threshold"]) == pytest.approx(decision.threshold, rel=1e-5)
         assert row["prediction"] == ("HGG" if float(row["p_hgg"]) >= decision.threshold else "LGG")
-    rows, stdout = predict("--threshold", "0.999")
+    rows, stdout = predict("--threshold", "0.999", patients=tmp_path / "new")
     assert "(--threshold)" in stdout and f"was measured at threshold {decision.threshold:.4g}" in stdout
-    assert {row["threshold"] for row in rows.values()} == {"0.999"}
+    assert {row["threshold"] for row in rows.values()} == {"0.999"} and len(rows) == 3
     assert all(
         row["prediction"] == ("HGG" if float(row["p_hgg"]) >= 0.999 else "LGG") for row in rows.values()
     )

@@ -37,6 +37,7 @@ from brats.data.profile import profile_images
 from brats.errors import BratsError, CaseError
 from brats.io.atomic import check_output_dir, remove_stale_temps, write_atomic, write_json_atomic
 from brats.io.compression import checksum
+from brats.io.nifti import remove_stale_headers
 from brats.io.processes import die_with_parent, exclusive_lock
 
 log = logging.getLogger(__name__)
@@ -137,9 +138,15 @@ def prepare(
     with other settings (another size) is refused unless `replace`; one prepare at a time.
     """
     check_size(cfg.size)
+    if (Path(out) / INDEX).is_file() and not (Path(out) / VOLUMES).is_dir():
+        raise BratsError(
+            f"{out} holds an {INDEX} but no {VOLUMES}/ folder: it is not a cache; choose another --out "
+            f"(or remove that {INDEX} if it is what is left of one)"
+        )
     out = check_cache_dir(out)
     with exclusive_lock(out, f"cache {out}", "wait for the other prepare to finish"):
         remove_stale_temps(out / VOLUMES)  # left by a killed run
+        remove_stale_headers()
         remove_stale_temps(out)
         old_index, index_problem = None, ""
         if (out / INDEX).exists():
@@ -153,6 +160,7 @@ def prepare(
         entries, jobs, reused, repaired = _plan(cases, cfg, out / VOLUMES, old_entries)
         failures = {e.patient_id: str(e) for e in known_failures}
         written = _run_jobs(jobs, cfg, workers, progress, entries, failures)
+        failures.update(same_volumes(entries, failures))
         index_written = False
         if not failures or skip_bad:
             index = {
@@ -167,6 +175,24 @@ def prepare(
             _sweep(out / VOLUMES, {Path(e["file"]).name for e in index["patients"]})
     failed = sorted(failures.values())
     return PrepareResult(sorted(written), sorted(reused), failed, index_written, repaired, index_problem)
+
+
+def same_volumes(entries: dict[str, dict], failures: dict[str, str]) -> dict[str, str]:
+    """Patients whose preprocessed volumes are identical (one patient's scans under two ids: a
+    copy, a hard link, a release that renamed cases): each refused, naming the others. Kept, the
+    same patient could train a fold and score it."""
+    by_crc: dict[int, list[str]] = {}
+    for pid, entry in entries.items():
+        if pid not in failures and entry.get("crc32") is not None:
+            by_crc.setdefault(entry["crc32"], []).append(pid)
+    refused = {}
+    for ids in by_crc.values():
+        for pid in ids if len(ids) > 1 else []:
+            others = ", ".join(p for p in ids if p != pid)
+            refused[pid] = (
+                f"{pid}: its scans preprocess to the same volume as {others}'s: give each patient once"
+            )
+    return refused
 
 
 def check_same_settings(out: Path, stored: dict, cfg: PreprocessConfig) -> None:

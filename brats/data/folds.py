@@ -134,14 +134,18 @@ def read_splits(path: Path) -> dict:
     """splits.json, checked for the fields a run reads; a damaged file is one line (the splits
     follow from the cohort and the seed, so deleting it makes the same ones again)."""
     try:
-        d = json.loads(path.read_text())
+        text = path.read_text()
+    except OSError as e:
+        raise BratsError(f"cannot read {path} ({e.strerror}): check its permissions") from e
+    try:
+        d = json.loads(text)
         if not isinstance(d, dict):
             raise ValueError(f"a JSON {type(d).__name__}, not an object")
         str(d["cohort_fingerprint"]), int(d["k"]), int(d["seed"])
         for f in d["folds"]:
             if not isinstance(f["val"], list) or not isinstance(f.get("inner_val", []), list):
                 raise ValueError("a fold without a list of patients")
-    except (ValueError, TypeError, KeyError, OSError) as e:  # JSONDecodeError is a ValueError
+    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
         raise BratsError(
             f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}): delete it and rerun; the same "
             "cohort and --split-seed make the same splits"
@@ -174,8 +178,10 @@ def load_or_make_splits(
     k: int = 5,
     seed: int = 42,
     inner_val: float = 0.0,
+    write: bool = True,
 ) -> Splits:
-    """Reuse `path` when present (it must match the cohort and the settings), else write it."""
+    """Reuse `path` when present (it must match the cohort and the settings), else make the
+    splits and, with `write`, write them (training does; evaluation never writes a run's splits)."""
     path = Path(path)
     fp = cohort_fingerprint(patient_ids, labels)
     if path.exists():
@@ -183,7 +189,8 @@ def load_or_make_splits(
         if d["cohort_fingerprint"] != fp:
             raise BratsError(
                 f"{path} was made for another cohort (fingerprint {d['cohort_fingerprint']}, "
-                f"this cohort {fp}): use a new --run folder or delete {path}"
+                f"this cohort {fp}): give --data the cohort (or cache) this run was made for, or use a "
+                "new --run folder"
             )
         if (d["k"], d["seed"], d.get("inner_val", 0.0)) != (k, seed, inner_val):
             raise BratsError(
@@ -194,6 +201,7 @@ def load_or_make_splits(
         inner = [f["inner_val"] for f in d["folds"]] if all("inner_val" in f for f in d["folds"]) else None
         return Splits(d["k"], d["seed"], d.get("inner_val", 0.0), fp, [f["val"] for f in d["folds"]], inner)
     splits = make_splits(patient_ids, labels, k, seed, inner_val)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, splits.to_json(patient_ids, labels))
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, splits.to_json(patient_ids, labels))
     return splits

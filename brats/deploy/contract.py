@@ -97,9 +97,10 @@ class Decision:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: object, source: str | Path) -> Decision:
-        """A stored decision, checked; `source` names the file in the one-line error."""
-        fix = "export the model again with python export.py"
+    def from_dict(
+        cls, d: object, source: str | Path, fix: str = "export the model again with python export.py"
+    ) -> Decision:
+        """A stored decision, checked; `source` names the file and `fix` ends the one-line error."""
         if not isinstance(d, dict):
             raise BratsError(f"{source}: its decision is a {type(d).__name__}, not a mapping: {fix}")
         try:

@@ -94,6 +94,8 @@ class Grader:
         model = Path(model)
         if not model.is_file():
             raise BratsError(f"{model}: model file not found (make one with python export.py)")
+        if not os.access(model, os.R_OK):
+            raise BratsError(f"cannot read {model} (permission denied): check its permissions")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         providers = execution_providers(device, ort.get_available_providers())

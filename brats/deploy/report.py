@@ -14,6 +14,7 @@ from pathlib import Path
 from brats.data.cohort import MODALITIES, Case, find_cases
 from brats.deploy.inference import Grader, Prediction
 from brats.errors import BratsError, CaseError
+from brats.io.names import id_hash
 
 CSV_FIELDS = [
     "patient_id",
@@ -29,6 +30,7 @@ CSV_FIELDS = [
     "ood_percentile",  # of the distance among the out-of-fold patients'
     "fold_spread",  # max - min of the fold models' p(HGG) (ensembles)
     "flagged",  # graded, with a reason to distrust the grade
+    "trained_on",  # yes: the model trained on this patient (by id): no new patient's grade
 ]
 CSV_PREFIX = "patient_id,p_hgg,p_lgg,prediction"  # what every predictions CSV of this tool starts with
 
@@ -164,7 +166,13 @@ def describe_decision(grader: Grader, override: float | None) -> str:
     return f"{cal}; HGG when p_hgg >= {grader.threshold:.4g} ({source})"
 
 
-def csv_rows(results: list[Prediction]) -> list[dict]:
+def seen_in_training(grader: Grader, results: list[Prediction]) -> set[str]:
+    """The graded patients the model trained on, by id (its provenance's hashed ids)."""
+    trained = set(grader.provenance.get("trained_on", []))
+    return {r.patient_id for r in results if r.p_hgg is not None and id_hash(r.patient_id) in trained}
+
+
+def csv_rows(results: list[Prediction], seen: set[str] = frozenset()) -> list[dict]:
     """One CSV row per patient (CSV_FIELDS), in the order graded."""
 
     def number(v: float | None, digits: int = 4) -> str:
@@ -185,6 +193,7 @@ def csv_rows(results: list[Prediction]) -> list[dict]:
             "ood_percentile": number(r.doubt.percentile, 1),
             "fold_spread": number(r.doubt.spread),
             "flagged": "yes" if r.flagged else "",
+            "trained_on": "yes" if r.patient_id in seen else "",
         }
         for r in results
     ]
@@ -226,11 +235,20 @@ def accuracy_lines(
 ) -> list[str]:
     """The graded patients whose grade is on disk: how many match, with a 95% CI, for all of them
     and for those not flagged, and the comparison with the out-of-fold accuracy; nothing when no
-    grade is known."""
-    graded = [r for r in results if r.p_hgg is not None and r.patient_id in truth]
-    if not graded:
-        return []
+    grade is known. Patients the model trained on are left out: their grades are no new
+    patient's (and are said to be)."""
+    seen = seen_in_training(grader, results)
     lines = []
+    if seen:
+        lines.append(
+            f"{len(seen)} graded patient(s) are in the model's training cohort (by id): their grades are not "
+            "new-patient figures and are left out of the accuracy below"
+        )
+    graded = [
+        r for r in results if r.p_hgg is not None and r.patient_id in truth and r.patient_id not in seen
+    ]
+    if not graded:
+        return lines
     clean = [r for r in graded if not r.flagged]
     for who, group in (("graded", graded), ("graded and not flagged", clean)):
         if who != "graded" and len(group) == len(graded):

@@ -200,8 +200,11 @@ def evaluate_run(
     dev = resolve_device(device)
     out = check_outputs(paths, wanted, Path(data or cfg.data))
     cached = open_data(data or cfg.data, cfg.size)
+    ids, labels = cached.patient_ids, cached.labels.tolist()
+    # made again from the cohort and the seed if missing, but never written: evaluation must not
+    # leave a run with splits of another cohort
     splits = load_or_make_splits(
-        paths.splits, cached.patient_ids, cached.labels.tolist(), cfg.folds, cfg.split_seed, cfg.inner_val
+        paths.splits, ids, labels, cfg.folds, cfg.split_seed, cfg.inner_val, write=False
     )
     results = [evaluate_fold(run, k, run_cfg, cached, splits, trust, strict, dev, batch) for k in wanted]
 

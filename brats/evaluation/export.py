@@ -21,8 +21,9 @@ import onnx
 import torch
 
 from brats.data.cache_format import INDEX
-from brats.data.cache_reader import open_data
+from brats.data.cache_reader import CachedCohort, open_data
 from brats.data.cohort import CLASSES
+from brats.data.folds import stored_fold
 from brats.data.preprocess import PreprocessConfig
 from brats.data.profile import ScanProfile, cohort_profile
 from brats.deploy.contract import (
@@ -47,6 +48,7 @@ from brats.io.atomic import (
     remove_stale_temps,
     write_json_atomic,
 )
+from brats.io.names import id_hash
 from brats.models.explained import ExplainedModel
 from brats.models.resnet import ResNet3D
 from brats.runs.paths import BEST, BEST_EMA, RunPaths
@@ -216,11 +218,12 @@ def check_model_outputs(out: Path, run: Path, cache: Path) -> None:
     without replacing a run's or a cache's file, or any file that is not a model (card) this
     command wrote; temp files of a killed export there are removed."""
     card = RunPaths.card(out)
-    for path in (out, card):
-        if path.is_dir():
-            raise BratsError(
-                f"{path} is a folder: give the model a file name with --out, e.g. {path / 'model.onnx'}"
-            )
+    if out.is_dir():
+        raise BratsError(
+            f"{out} is a folder: give the model a file name with --out, e.g. {out / 'model.onnx'}"
+        )
+    if card.is_dir():
+        raise BratsError(f"{card} is a folder, where export writes the model card: move it away")
     if out.suffix != ".onnx":
         raise BratsError(
             f"--out {out}: an exported model's file name ends in .onnx, e.g. {out.with_suffix('.onnx')}"
@@ -325,16 +328,7 @@ def export(
     for s in sources:
         check_preprocessing(cached, s["preprocess"], Path(s["checkpoint"]))
     modalities = sources[0]["config"]["modalities"]
-    contract = PreprocessConfig.from_contract(
-        {**sources[0]["preprocess"], "modalities": list(modalities)}, sources[0]["checkpoint"]
-    ).to_contract()
-    # How p(HGG) becomes a grade: calibration and threshold chosen on the out-of-fold predictions
-    contract["decision"] = Decision.from_dict(summary.decision, RunPaths(run).summary).to_dict()
-    profiles = [ScanProfile.from_json(p) for p in cached.profiles if p]
-    if profiles:  # what predict's quality control compares new patients with
-        contract["profile"] = cohort_profile(profiles)
-    else:
-        log.warning(f"{cached.root}: prepared before scan profiles were kept: rerun brats.prepare for QC")
+    contract = make_contract(run, sources, summary, cached)
     references = None
     if doubt:
         references, contract["doubt"] = fit_doubt(models, folds, run, cached, list(modalities))
@@ -357,6 +351,25 @@ def export(
         f"largest value) and {RunPaths.card(out)}"
     )
     return out
+
+
+def make_contract(run: Path, sources: list[dict], summary: Summary, cached: CachedCohort) -> dict:
+    """What the exported model promises: the preprocessing, the decision (calibration and
+    threshold chosen on the out-of-fold predictions), and the training cohort's scan profile
+    (what predict's quality control compares new patients with)."""
+    modalities = list(sources[0]["config"]["modalities"])
+    contract = PreprocessConfig.from_contract(
+        {**sources[0]["preprocess"], "modalities": modalities}, sources[0]["checkpoint"]
+    ).to_contract()
+    contract["decision"] = Decision.from_dict(
+        summary.decision, RunPaths(run).summary, f"rerun python evaluate.py --run {run}"
+    ).to_dict()
+    profiles = [ScanProfile.from_json(p) for p in cached.profiles if p]
+    if profiles:
+        contract["profile"] = cohort_profile(profiles)
+    else:
+        log.warning(f"{cached.root}: prepared before scan profiles were kept: rerun brats.prepare for QC")
+    return contract
 
 
 def check_finished(run: Path, folds: list[int], allowed: bool) -> None:
@@ -414,4 +427,13 @@ def make_provenance(run: Path, sources: list[dict], summary: Summary) -> dict:
             "calibration": summary.calibration,  # Brier, ECE, operating point (raw/calibrated)
         },
         "run": str(run),
+        # who the exported models trained on, as hashed ids (brats.io.names.id_hash): predict
+        # says when it grades one of them, whose grade is then no new patient's
+        "trained_on": sorted({id_hash(p) for s in sources for p in training_patients(run, s["fold"])}),
     }
+
+
+def training_patients(run: Path, k: int) -> list[str]:
+    """Fold k's patients that updated its weights or chose its epoch (splits.json)."""
+    fold = stored_fold(RunPaths(run).splits, k)
+    return [*fold.train, *fold.val] if fold is not None else []

@@ -27,6 +27,11 @@ def hashed_stem(patient_id: str) -> str:
     return f"{safe}-{hashlib.sha256(patient_id.encode()).hexdigest()[:8]}"
 
 
+def id_hash(patient_id: str) -> str:
+    """16 hex digits of the id's SHA-256: names a patient in a shared file without the id."""
+    return hashlib.sha256(patient_id.encode()).hexdigest()[:16]
+
+
 def file_stem(patient_id: str) -> str:
     """The stem of every file named after this patient."""
     if _PLAIN.fullmatch(patient_id) and not _HASHED.fullmatch(patient_id):

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from brats.errors import BratsError
 from brats.io.atomic import atomic_path
 from brats.io.compression import GZIP_MAGIC, UnusableFile, gzip_packer, inflate
+from brats.io.processes import pid_alive
 
 # Largest |voxel| accepted: resampling and z-scoring run in float32, and the sum of squares of up to
 # 2^31 centred voxels (|v| <= 2e12) stays far below float32's 3.4e38. MRI intensities are < 1e7.
@@ -39,6 +40,19 @@ PIXEL_DTYPES = {
     sitk.sitkFloat64: np.float64,
 }
 GZIP_LEVEL = 1  # maps compress little better at higher levels, and far slower
+HEADER_PREFIX = "brats-header-"  # temporary header files: brats-header-<pid>-<image>.header-*.nii
+
+
+def remove_stale_headers() -> int:
+    """Remove the temporary header files (read_geometry) that killed readers left behind; a live
+    process's are kept. Returns how many were removed."""
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob(f"{HEADER_PREFIX}*.nii"):
+        pid = path.name[len(HEADER_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def parse_header(raw: bytes) -> nib.Nifti1Header:
@@ -84,7 +98,7 @@ def read_geometry(header_bytes: bytes, name: str) -> sitk.ImageFileReader:
     """ITK's reading of a header (size, spacing, origin, direction, pixel type); ITK reads only
     from files, so the header goes through a small temporary file named after the image `name`
     (ITK's warnings quote it)."""
-    fd, name = tempfile.mkstemp(prefix=f"{name}.header-", suffix=".nii")
+    fd, name = tempfile.mkstemp(prefix=f"{HEADER_PREFIX}{os.getpid()}-{name}.header-", suffix=".nii")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header_bytes)

@@ -252,6 +252,8 @@ def load_resume_state(path: str | Path, objects: dict[str, Stateful]) -> dict[st
     fix = "delete it to start the fold over, or resume with the settings it was written with"
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's text would advise unpickling: never for this file
+        raise BratsError(f"{path}: damaged, or not a resume state (it does not load as one): {fix}") from e
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise BratsError(f"{path}: cannot read the resume state ({type(e).__name__}: {first}): {fix}") from e

@@ -46,18 +46,33 @@ def setting_differences(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(keys) if old.get(k) != new.get(k)]
 
 
-def write_run_config(run: Path, cfg: TrainConfig) -> None:
-    """RUN/config.json: the resolved config; every fold of a run must share its settings."""
+def check_run_config(run: Path, cfg: TrainConfig) -> bool:
+    """Whether RUN/config.json exists; when it does, every fold of the run must share its settings."""
     path = RunPaths(run).config
-    if path.exists():
-        diff = setting_differences(json.loads(path.read_text()), cfg.to_dict())
-        if diff:
-            raise BratsError(
-                f"{path}: this run was started with other settings ({', '.join(diff[:4])}); "
-                "use a new --run folder so that the folds of one run stay comparable"
-            )
-        return
-    write_json_atomic(path, cfg.to_dict())
+    if not path.exists():
+        return False
+    try:
+        stored = json.loads(path.read_text())
+        diff = setting_differences(stored, cfg.to_dict())
+    except OSError as e:
+        raise BratsError(f"cannot read {path} ({e.strerror}): check its permissions") from e
+    except (ValueError, TypeError, AttributeError) as e:
+        raise BratsError(
+            f"{path} is damaged ({str(e)[:120]}): restore it, or delete it to write it again"
+        ) from e
+    if diff:
+        raise BratsError(
+            f"{path}: this run was started with other settings ({', '.join(diff[:4])}); "
+            "use a new --run folder so that the folds of one run stay comparable"
+        )
+    return True
+
+
+def write_run_config(run: Path, cfg: TrainConfig) -> None:
+    """RUN/config.json: the resolved config, written when missing (after a resume state, if any,
+    has agreed to the settings: a refused resume must not leave its settings behind)."""
+    if not check_run_config(run, cfg):
+        write_json_atomic(RunPaths(run).config, cfg.to_dict())
 
 
 def check_run_preprocess(run: Path, preprocess: dict) -> None:

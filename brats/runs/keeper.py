@@ -79,7 +79,12 @@ class Best:
         return {**best, "labels": self.labels, "p_hgg": self.p_hgg}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best_auc = float(state.get("best_auc", -math.inf))
+        if not isinstance(state, dict):
+            raise ValueError(f"a {type(state).__name__}, not a mapping")
+        auc = float(state.get("best_auc", -math.inf))
+        if not (auc == -math.inf or 0.0 <= auc <= 1.0):
+            raise ValueError(f"best AUC {auc}")
+        self.best_auc = auc
         # a state written before the tie-break: its best was kept on ties, so a tie keeps it now
         self.best_loss = float(state.get("best_loss", -math.inf))
         self.best_epoch = int(state.get("best_epoch", 0))

@@ -31,7 +31,11 @@ def run_config(run: Path) -> dict:
     if not path.is_file():
         raise BratsError(f"{run}: no {path.name}: is this a run folder made by train.py?")
     try:
-        cfg = json.loads(path.read_text())
+        text = path.read_text()
+    except OSError as e:
+        raise BratsError(f"cannot read {path} ({e.strerror}): check its permissions") from e
+    try:
+        cfg = json.loads(text)
         if not isinstance(cfg, dict):
             raise ValueError(f"a JSON {type(cfg).__name__}, not an object")
         validate(TrainConfig.from_dict(cfg))
@@ -74,16 +78,17 @@ def model_config(ckpt: Checkpoint, run_cfg: dict) -> dict:
 
 
 def fold_status(run: Path, k: int) -> dict | None:
-    """How far fold k got ({"epochs", "finished", "stop_reason"}): its status.json or, for a run
-    trained before that was written, the resume state's fold_state (memory-mapped: the weights
-    are not read); None when neither tells."""
+    """How far fold k got ({"epochs", "finished", "stop_reason"}): from the resume state's
+    fold_state (memory-mapped: the weights are not read), which training writes and reads back;
+    its status.json when there is no readable state; None when neither tells."""
     paths = RunPaths(run)
-    try:
-        status = json.loads(paths.status(k).read_text())
-        if isinstance(status, dict) and isinstance(status.get("finished"), bool):
-            return status
-    except (OSError, ValueError):
-        pass
+    if not paths.state(k).is_file():
+        try:
+            status = json.loads(paths.status(k).read_text())
+            if isinstance(status, dict) and isinstance(status.get("finished"), bool):
+                return status
+        except (OSError, ValueError):
+            return None
     try:
         blob = torch.load(paths.state(k), map_location="cpu", weights_only=True, mmap=True)
         fold_state = blob["fold_state"]

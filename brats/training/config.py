@@ -167,7 +167,15 @@ def validate(cfg: TrainConfig) -> None:
     # above ~1e38 Adam's float32 state overflows with a traceback; NaN and inf fail here too
     check(0 < cfg.lr <= 1e30, f"--lr {cfg.lr}: must be > 0 and at most 1e30 (the recipe uses 1e-4)")
     check(cfg.classifier_lr_mult > 0, f"--classifier-lr-mult {cfg.classifier_lr_mult}: must be > 0")
-    check(cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: must be >= 0")
+    check(
+        0 <= cfg.weight_decay <= 1,
+        f"--weight-decay {cfg.weight_decay}: a number from 0 to 1 (the recipe: 1e-4)",
+    )
+    for name in ("seed", "split_seed"):  # numpy and scikit-learn take seeds in [0, 2^32)
+        value = getattr(cfg, name)
+        check(
+            0 <= value < 2**32, f"--{name.replace('_', '-')} {value}: give a whole number from 0 to 2^32 - 1"
+        )
     check(cfg.warmup_epochs >= 0, f"--warmup-epochs {cfg.warmup_epochs}: must be >= 0")
     check(0 <= cfg.warmup_fraction < 1, f"--warmup-fraction {cfg.warmup_fraction}: must be in [0, 1)")
     check(cfg.max_grad_norm >= 0, f"--max-grad-norm {cfg.max_grad_norm}: must be >= 0 (0 = off)")

@@ -55,7 +55,13 @@ from brats.data.folds import load_or_make_splits, protocol
 from brats.errors import BratsError
 from brats.evaluation.metrics import METRICS
 from brats.evaluation.scoring import own_forward, predict, score
-from brats.io.atomic import check_output_dir, remove_stale_temps, write_csv_atomic, write_json_atomic
+from brats.io.atomic import (
+    check_output_dir,
+    refuse_inputs,
+    remove_stale_temps,
+    write_csv_atomic,
+    write_json_atomic,
+)
 from brats.io.processes import die_with_launcher, exclusive_lock
 from brats.models.pretrained import load_pretrained, resolve_pretrained
 from brats.models.resnet import build_model, param_groups
@@ -65,7 +71,13 @@ from brats.runs.checkpoint import (
     load_resume_state,
     save_resume_state,
 )
-from brats.runs.identity import check_one_run, check_resume, check_run_preprocess, write_run_config
+from brats.runs.identity import (
+    check_one_run,
+    check_resume,
+    check_run_config,
+    check_run_preprocess,
+    write_run_config,
+)
 from brats.runs.keeper import Candidate, CheckpointKeeper, FoldRecord
 from brats.runs.paths import RunPaths
 from brats.training.augment import augment_batch
@@ -138,13 +150,19 @@ class FoldState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Fields a later version added keep their defaults; fields it dropped are ignored; a
         field of the wrong type raises ValueError (load_resume_state says which file)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"fold_state is a {type(state).__name__}")
         kinds = {"epoch": int, "bad_epochs": int, "finished": bool, "stop_reason": str, "history": list}
         for name, kind in kinds.items():
             if name in state:
                 value = state[name]
                 if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                     raise ValueError(f"fold_state {name} is {value!r}, not {kind.__name__}")
+                if kind is int and value < 0:
+                    raise ValueError(f"fold_state {name} is {value}")
                 setattr(self, name, value)
+        if len(self.history) != self.epoch:
+            raise ValueError(f"fold_state says {self.epoch} epochs but holds {len(self.history)} rows")
 
 
 def epoch_seed(seed: int, epoch: int, stream: int, process: int = 0) -> int:
@@ -203,7 +221,7 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> Fo
         ids, labels = cached.patient_ids, cached.labels.tolist()
         splits = load_or_make_splits(paths.splits, ids, labels, cfg.folds, cfg.split_seed, cfg.inner_val)
         if accelerator.is_main_process:
-            write_run_config(paths.root, cfg)
+            check_run_config(paths.root, cfg)
             check_run_preprocess(paths.root, cached.preprocess)
     fold = splits.fold(cfg.fold, ids, labels)
     train_idx, val_idx = cached.indices(fold.train), cached.indices(fold.val)
@@ -334,6 +352,7 @@ def train_folds(cfgs: list[TrainConfig]) -> list[dict]:
     cfgs = [apply_effective_batch(cfg) for cfg in cfgs]
     cfg = cfgs[0]
     check_one_run(cfgs)
+    refuse_inputs(cfg.run, {Path(cfg.data): "the training data (--data)"}, "--run")
     check_output_dir(cfg.run, "--run folder")  # before any work: one line if it cannot be written
     precision, note = resolve_mixed_precision(cfg)
     accelerator = Accelerator(
@@ -514,6 +533,7 @@ def resume_or_refuse(fold: Fold) -> FoldState:
         )
     if fold.accelerator.is_main_process:
         fold.folder.mkdir(parents=True, exist_ok=True)
+        write_run_config(paths.root, cfg)
     return state
 
 
