@@ -762,3 +762,73 @@ def test_an_unknown_grade_for_every_lgg_is_named_not_hidden_behind_one_class_onl
     line = r.stderr.strip()
     assert r.returncode == 1 and "Traceback" not in r.stderr and "\n" not in line
     assert "one class only" in line and "could not be used" in line and "unknown grade 'GBM'" in line
+
+
+# --- found by a sweep of bad inputs (bench/RESULTS.md): each was a lost file or a traceback
+
+
+def test_a_cam_file_name_never_replaces_an_input(model_copy, tmp_path, capsys):
+    new = new_patients(tmp_path)
+    case = first_case(new)
+    cams = tmp_path / "cams"
+    cams.mkdir()
+    trap = cams / f"{case.name}_cam.nii.gz"
+    shutil.copy(model_copy, trap)  # the model kept where a map would go
+    before = digest(trap)
+    err = one_line_error(run_cli(capsys, "predict.py", trap, new, "--out", tmp_path / "p.csv", "--cam", cams))
+    assert f"{case.name}'s map" in err and digest(trap) == before
+
+
+def test_predict_out_never_replaces_a_manifest_or_an_evaluation(model_copy, tmp_path, capsys):
+    new = new_patients(tmp_path)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("patient_id,label,t1,t1ce,t2,flair\nX,HGG,a,b,c,d\n")
+    evaluation = tmp_path / "predictions.csv"
+    evaluation.write_text("patient_id,fold,label,p_hgg\nX,0,1,0.7\n")
+    for csv_file in (manifest, evaluation):
+        before = csv_file.read_text()
+        assert "is not a predictions CSV" in one_line_error(
+            run_cli(capsys, "predict.py", model_copy, new, "--out", csv_file)
+        )
+        assert csv_file.read_text() == before
+
+
+def test_prepare_never_replaces_a_json_that_is_not_a_cache_index(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from clitools import run_cli as _unused  # noqa: F401  (the CLI is run as a module below)
+
+    make_cohort(tmp_path / "c", 4, seed=6, shape=TINY_SHAPE, workers=1)
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "index.json").write_text('{"my": "notes"}')
+    r = subprocess.run(
+        [sys.executable, "-m", "brats.prepare", str(tmp_path / "c"), "--out", str(out), "--size", "24"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and "it is not a cache" in r.stderr
+    assert (out / "index.json").read_text() == '{"my": "notes"}'
+
+
+def test_a_refused_resume_leaves_config_json_as_it_was(stopped_fold, fresh_accelerate):
+    import dataclasses
+    import json
+
+    from brats.errors import BratsError
+    from brats.training.engine import train_fold
+
+    cfg, run = stopped_fold
+    (run / "config.json").unlink()
+    with pytest.raises(BratsError, match="written with other settings"):
+        train_fold(dataclasses.replace(cfg, lr=1e-3, resume=True))
+    assert not (run / "config.json").exists() or json.loads((run / "config.json").read_text())["lr"] == cfg.lr
+
+
+@pytest.mark.parametrize(
+    "option", [("--seed", "-1"), ("--split-seed", str(2**32)), ("--weight-decay", "inf")]
+)
+def test_settings_out_of_range_are_one_line(cache20, tmp_path, capsys, option):
+    err = one_line_error(run_cli(capsys, "train.py", "--data", cache20, "--run", tmp_path / "r", *option))
+    assert option[0] in err

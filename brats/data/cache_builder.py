@@ -57,7 +57,13 @@ def check_size(size: int) -> None:
 
 
 def check_cache_dir(out: str | Path) -> Path:
-    """Check, before any work, that a cache can be written at `out` (created if needed)."""
+    """Check, before any work, that a cache can be written at `out` (created if needed), and that
+    an existing folder there is a cache (an index.json without volumes/ is somebody's file)."""
+    if (Path(out) / INDEX).is_file() and not (Path(out) / VOLUMES).is_dir():
+        raise BratsError(
+            f"{out} holds an {INDEX} but no {VOLUMES}/ folder: it is not a cache; choose another --out "
+            f"(or remove that {INDEX} if it is what is left of one)"
+        )
     out = check_output_dir(out, "cache folder")
     check_output_dir(out / VOLUMES, "cache folder")
     if (out / INDEX).is_dir():
@@ -138,11 +144,6 @@ def prepare(
     with other settings (another size) is refused unless `replace`; one prepare at a time.
     """
     check_size(cfg.size)
-    if (Path(out) / INDEX).is_file() and not (Path(out) / VOLUMES).is_dir():
-        raise BratsError(
-            f"{out} holds an {INDEX} but no {VOLUMES}/ folder: it is not a cache; choose another --out "
-            f"(or remove that {INDEX} if it is what is left of one)"
-        )
     out = check_cache_dir(out)
     with exclusive_lock(out, f"cache {out}", "wait for the other prepare to finish"):
         remove_stale_temps(out / VOLUMES)  # left by a killed run
