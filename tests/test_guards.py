@@ -797,8 +797,6 @@ def test_prepare_never_replaces_a_json_that_is_not_a_cache_index(tmp_path, capsy
     import subprocess
     import sys
 
-    from clitools import run_cli as _unused  # noqa: F401  (the CLI is run as a module below)
-
     make_cohort(tmp_path / "c", 4, seed=6, shape=TINY_SHAPE, workers=1)
     out = tmp_path / "notes"
     out.mkdir()
