@@ -244,3 +244,80 @@ def make_cohort(
         for job in jobs:
             write_patient(job)
     return [(job[1], int(job[4])) for job in jobs]
+
+
+# Ways a new patient's scans can be unlike BraTS space, to check that predict notices (bench/qc.py,
+# tests): each maps the four images (MODALITIES order) to corrupted ones.
+CORRUPTIONS = (
+    "skull_on",
+    "thick_slices",
+    "other_grid",
+    "swapped_t1_flair",
+    "cut_by_fov",
+    "lr_flip",
+    "scaled",
+    "not_a_brain",
+)
+
+
+def corrupt(images: list[sitk.Image], kind: str, rng: np.random.Generator) -> list[sitk.Image]:
+    """The four scans as a hospital might send them instead of BraTS space."""
+    if kind not in CORRUPTIONS:
+        raise BratsError(f"corruption {kind!r}: one of {', '.join(CORRUPTIONS)}")
+    if kind == "swapped_t1_flair":
+        return [images[3], images[1], images[2], images[0]]
+    if kind == "other_grid":  # the T2 resampled onto a 1.5 mm grid of its own
+        t2 = images[2]
+        size = [int(n / 1.5) for n in t2.GetSize()]
+        moved = sitk.Resample(
+            t2, size, sitk.Transform(), sitk.sitkLinear, t2.GetOrigin(), (1.5,) * 3, t2.GetDirection()
+        )
+        return [images[0], images[1], moved, images[3]]
+    if kind == "thick_slices":  # 5.5 mm slices, as acquired
+        out = []
+        for img in images:
+            sx, sy, sz = img.GetSpacing()
+            nz = max(2, int(img.GetSize()[2] * sz / 5.5))
+            size = (img.GetSize()[0], img.GetSize()[1], nz)
+            out.append(
+                sitk.Resample(
+                    img,
+                    size,
+                    sitk.Transform(),
+                    sitk.sitkLinear,
+                    img.GetOrigin(),
+                    (sx, sy, 5.5),
+                    img.GetDirection(),
+                )
+            )
+        return out
+    arrays = [sitk.GetArrayFromImage(img).astype(np.float32) for img in images]  # (z, y, x)
+    brain = np.any([a != 0 for a in arrays], axis=0)
+    if kind == "cut_by_fov":  # the top third of the brain outside the field of view
+        zs = np.flatnonzero(brain.any(axis=(1, 2)))
+        top = zs[0] + (zs[-1] - zs[0]) * 2 // 3
+        arrays = [a[:top] for a in arrays]
+    elif kind == "lr_flip":
+        arrays = [a[:, :, ::-1] for a in arrays]
+    elif kind == "scaled":
+        arrays = [a * rng.uniform(3, 8) for a in arrays]
+    elif kind == "skull_on":  # a shell of scalp and bone around the brain, and the scanner's noise in the air
+        from scipy import ndimage
+
+        head = ndimage.binary_dilation(brain, iterations=6)
+        for a in arrays:
+            level = float(np.percentile(a[brain], 75))
+            noise = np.abs(rng.normal(0.0, 0.03 * level, a.shape)).astype(np.float32)
+            a[head & ~brain] = level * rng.uniform(0.6, 1.2)
+            a[~head] = noise[~head]
+    elif kind == "not_a_brain":  # a smooth blob of tissue where the brain was
+        blob = smooth_field(rng, tuple(np.linspace(-1, 1, n, dtype=np.float32) for n in brain.shape), 4, 3.0)
+        arrays = [np.where(brain, (1.2 + blob) * float(np.percentile(a[brain], 50)), 0.0) for a in arrays]
+    out = []
+    for img, a in zip(images, arrays):
+        new = sitk.GetImageFromArray(np.ascontiguousarray(a).astype(np.float32))
+        new.SetSpacing(img.GetSpacing())
+        new.SetOrigin(img.GetOrigin())
+        new.SetDirection(img.GetDirection())
+        out.append(new)
+    return out
