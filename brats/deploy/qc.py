@@ -59,13 +59,14 @@ def hard_checks(p: ScanProfile, reference: dict | None, cube_voxel_mm: float) ->
             f"slices of {p.spacing_max_mm:.3g} mm, much coarser than the {trained:.3g} mm the model was "
             "trained on: resample the scans to BraTS space (1 mm isotropic) first"
         )
-    # a brain cut by the field of view covers much of a face; training scans may touch one a little
+    # a brain cut by the field of view covers much of a face; training scans may touch one a little.
+    # Without skull stripping "brain" is the whole head, so only the first reason is said then.
     touched = (
         reference["features"]["edge_share"]["max"]
         if reference and "edge_share" in reference["features"]
         else 0
     )
-    if p.edge_share > max(EDGE_SHARE, 2 * touched):
+    if p.nonzero_share <= NONZERO_SHARE_MAX and p.edge_share > max(EDGE_SHARE, 2 * touched):
         reasons.append(
             f"the brain is cut by the field of view ({p.edge_share:.0%} of a face of the volume is brain): "
             "use scans that cover the whole brain"
@@ -114,3 +115,31 @@ def check_scan(p: ScanProfile, reference: dict | None, cube_voxel_mm: float) -> 
     if hard:
         return QCResult("fail", hard + soft)
     return QCResult("warn", soft) if soft else QCResult("pass")
+
+
+def describe_checks(reference: dict | None, doubt: dict | None) -> dict:
+    """The checks and their thresholds, for the model card."""
+    hard = {
+        "skull_stripped": f"refused when over {NONZERO_SHARE_MAX:.0%} of the field of view is non-zero",
+        "slices": f"refused when the largest voxel spacing is over {THICK_FACTOR:g}x the training scans'",
+        "cut_by_field_of_view": (
+            f"refused when the brain covers over {EDGE_SHARE:.0%} of a face of the volume (or twice the "
+            "most a training scan covered)"
+        ),
+    }
+    soft = (
+        f"warned when brain volume, extent or a modality's intensity skewness lies beyond the training "
+        f"cohort's 1st-99th percentile range widened by {SOFT_PAD:g} of it"
+    )
+    card = {"hard": hard, "soft": soft if reference else "none: the cohort's profile was not recorded"}
+    if doubt:
+        card["doubt"] = {
+            "out_of_distribution": f"feature distance over {doubt['distance_threshold']:.3g}, the "
+            f"{doubt['quantile']:.0%} quantile of the out-of-fold patients'",
+            **(
+                {"fold_disagreement": f"fold p(HGG) range over {doubt['spread_threshold']:.3g}"}
+                if "spread_threshold" in doubt
+                else {}
+            ),
+        }
+    return card

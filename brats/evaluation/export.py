@@ -37,6 +37,7 @@ from brats.deploy.contract import (
     check_graph_input,
 )
 from brats.deploy.inference import CONTRACT_KEY, PROVENANCE_KEY
+from brats.deploy.qc import describe_checks
 from brats.errors import BratsError
 from brats.evaluation.cross_validation import evaluate_run
 from brats.evaluation.doubt import fit_doubt
@@ -333,6 +334,7 @@ def export(
     if doubt:
         references, contract["doubt"] = fit_doubt(models, folds, run, cached, list(modalities))
     provenance = make_provenance(run, sources, summary)
+    provenance["quality_control"] = describe_checks(contract.get("profile"), contract.get("doubt"))
     wrapper = ExplainedModel(models, references).eval()
     channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
     inputs = np.stack([np.asarray(v[channels], dtype=np.float32) for v in cached.volumes[:3]])
