@@ -103,8 +103,11 @@ demo/cohort/.done: | $(STAMP)
 	$(BIN)/python -m brats.synthetic demo/cohort --patients 60 --seed 0 --shape $(DEMO_SHAPE)
 	touch $@
 
+# The new patients include three as a hospital might send them (the first three: skull on, 5.5 mm
+# slices, T1 and FLAIR swapped): predict refuses the first two and flags the third.
 demo/new/.done: | $(STAMP)
-	$(BIN)/python -m brats.synthetic demo/new --patients 20 --seed 2026 --shape $(DEMO_SHAPE) --prefix Brats18_NEW
+	$(BIN)/python -m brats.synthetic demo/new --patients 20 --seed 2026 --shape $(DEMO_SHAPE) --prefix Brats18_NEW \
+		--corrupt skull_on --corrupt thick_slices --corrupt swapped_t1_flair
 	touch $@
 
 demo/cache/index.json: demo/cohort/.done

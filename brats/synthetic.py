@@ -11,7 +11,14 @@ from typing import Annotated
 
 import typer
 
-from brats.data.phantom import BRATS18_SHAPE, class_counts, make_cohort
+from brats.data.phantom import (
+    BRATS18_SHAPE,
+    CORRUPTIONS,
+    check_corruptions,
+    class_counts,
+    corrupt_patients,
+    make_cohort,
+)
 from brats.errors import BratsError, exit_on_error, run_cli
 from brats.io.atomic import check_output_dir
 
@@ -49,12 +56,25 @@ def main(
     shape: Annotated[tuple[int, int, int], typer.Option(help="volume size X Y Z in voxels")] = BRATS18_SHAPE,
     prefix: Annotated[str, typer.Option(help="patient id prefix")] = "Brats18_SYN",
     workers: Annotated[int, typer.Option(help="parallel processes (0 = all cores)")] = 0,
+    corrupt: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="<kind>",
+            help="corrupt one more patient this way, as a hospital might send it (repeatable; one of "
+            + ", ".join(CORRUPTIONS)
+            + "): predict should refuse or flag it",
+        ),
+    ] = None,
 ) -> None:
     check_options(patients, seed, shape, prefix, workers)
+    kinds = corrupt or []
+    check_corruptions(kinds, patients)
     check_output_dir(out, "output folder")
     made = make_cohort(out, patients, seed, shape, prefix, workers or None)
     n_hgg = sum(label for _, label in made)
     print(f"wrote {len(made)} synthetic patients ({n_hgg} HGG, {len(made) - n_hgg} LGG) to {out}")
+    for pid, kind in corrupt_patients(out, kinds, seed):
+        print(f"  {pid}: corrupted ({kind})")
 
 
 if __name__ == "__main__":

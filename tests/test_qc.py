@@ -14,7 +14,7 @@ from clitools import run_cli
 from support import TINY_SHAPE
 
 from brats.data.cohort import MODALITIES, find_cases
-from brats.data.phantom import corrupt, make_cohort
+from brats.data.phantom import corrupt, corrupt_patients, make_cohort
 from brats.data.preprocess import read_image
 from brats.data.profile import ScanProfile, cohort_profile, profile_images
 from brats.deploy.doubt import assess
@@ -121,10 +121,9 @@ def test_predict_refuses_a_skull_on_patient_unless_asked_and_says_it_plainly(exp
     """--qc fail (the default) refuses a patient that is not in BraTS space; --qc warn grades it
     flagged; --qc off checks nothing. The table and the summary say so."""
     make_cohort(tmp_path / "new", 3, seed=5, shape=TINY_SHAPE, prefix="NEW", workers=1)
+    assert corrupt_patients(tmp_path / "new", ["skull_on"], seed=1) == [("NEW_0000_1", "skull_on")]
     cases = find_cases(tmp_path / "new").cases
     bad = cases[0]
-    for mod, image in zip(MODALITIES, corrupt(images_of(bad), "skull_on", np.random.default_rng(1))):
-        sitk.WriteImage(image, str(bad.path(mod)))
     out = tmp_path / "p.csv"
     runs = {}
     for mode in ("fail", "warn", "off"):
@@ -135,6 +134,7 @@ def test_predict_refuses_a_skull_on_patient_unless_asked_and_says_it_plainly(exp
     rows, said = runs["fail"]
     assert rows[bad.patient_id]["qc"] == "fail" and rows[bad.patient_id]["p_hgg"] == ""
     assert rows[bad.patient_id]["qc_reasons"].startswith("not skull-stripped")
+    assert "brain volume" not in rows[bad.patient_id]["qc_reasons"]  # the whole head is no brain to measure
     assert f"{bad.patient_id}: not skull-stripped" in said and "REFUSED" in said
     assert "2 graded, 0 failed; 1 refused by QC" in said
     assert all(rows[c.patient_id]["qc"] in ("pass", "warn") for c in cases[1:])

@@ -76,6 +76,11 @@ def run_synthetic(*args):
         (["--seed", "-1"], "--seed -1"),
         (["--prefix", "../up"], "--prefix '../up'"),
         (["--prefix", ""], "--prefix ''"),
+        (["--corrupt", "blurry"], "--corrupt blurry"),
+        (
+            ["--patients", "2", "--corrupt", "lr_flip", "--corrupt", "scaled", "--corrupt", "scaled"],
+            "--corrupt given 3",
+        ),
     ],
 )
 def test_cli_bad_options_give_one_line_and_write_nothing(tmp_path, args, named):

@@ -199,18 +199,26 @@ def render(
 def write_patient(args: tuple[Path, str, int, int, bool, tuple[int, int, int]]) -> str:
     out, pid, seed, index, hgg, shape = args
     folder = out / CLASSES[int(hgg)] / pid
-    folder.mkdir(parents=True, exist_ok=True)
-    for mod, vol in zip(MODALITIES, make_patient(seed, index, hgg, shape)):
+    images = []
+    for vol in make_patient(seed, index, hgg, shape):
         img = sitk.GetImageFromArray(vol)  # (z, y, x) -> image of size (x, y, z)
         img.SetSpacing((1.0, 1.0, 1.0))
         img.SetOrigin(ORIGIN)
         img.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))  # LPS
+        images.append(img)
+    write_images(folder, pid, images)
+    return pid
+
+
+def write_images(folder: Path, pid: str, images: list[sitk.Image]) -> None:
+    """The four scans (MODALITIES order) as FOLDER/PID_<modality>.nii.gz, each written whole or not at all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for mod, img in zip(MODALITIES, images):
         with atomic_path(folder / f"{pid}_{mod}.nii.gz") as tmp:
             # the temp name must end in .nii.gz for ITK to pick its writer
             gz = tmp.with_name(tmp.name + ".nii.gz")
             sitk.WriteImage(img, str(gz), useCompression=True)
             gz.replace(tmp)
-    return pid
 
 
 def class_counts(n: int, ratio: tuple[int, int] = BRATS18_RATIO) -> tuple[int, int]:
@@ -321,3 +329,30 @@ def corrupt(images: list[sitk.Image], kind: str, rng: np.random.Generator) -> li
         new.SetDirection(img.GetDirection())
         out.append(new)
     return out
+
+
+def check_corruptions(kinds: list[str], patients: int) -> None:
+    bad = [k for k in kinds if k not in CORRUPTIONS]
+    if bad:
+        raise BratsError(f"--corrupt {bad[0]}: one of {', '.join(CORRUPTIONS)}")
+    if len(kinds) > patients:
+        raise BratsError(
+            f"--corrupt given {len(kinds)} times for {patients} patients: at most one per patient"
+        )
+
+
+def corrupt_patients(out: Path, kinds: list[str], seed: int) -> list[tuple[str, str]]:
+    """Corrupt the first len(kinds) patients of the cohort at OUT in place, one kind each (the
+    demo's new patients include some a hospital might send); returns [(patient_id, kind)]."""
+    from brats.data.cohort import find_cases
+    from brats.data.preprocess import read_image
+
+    cases = find_cases(out).cases
+    check_corruptions(kinds, len(cases))
+    rng = np.random.default_rng(seed)
+    done = []
+    for case, kind in zip(cases, kinds):
+        images = corrupt([read_image(case, m) for m in MODALITIES], kind, rng)
+        write_images(case.path(MODALITIES[0]).parent, case.patient_id, images)
+        done.append((case.patient_id, kind))
+    return done

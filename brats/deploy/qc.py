@@ -111,7 +111,9 @@ def soft_checks(p: ScanProfile, reference: dict) -> list[str]:
 def check_scan(p: ScanProfile, reference: dict | None, cube_voxel_mm: float) -> QCResult:
     """pass, warn (unlike the training cohort) or fail (not BraTS space), with the reasons."""
     hard = hard_checks(p, reference, cube_voxel_mm)
-    soft = soft_checks(p, reference) if reference else []
+    # on a scan with its skull on, "brain" is the whole head: its volume, extent and skewness say nothing more
+    stripped = p.nonzero_share <= NONZERO_SHARE_MAX
+    soft = soft_checks(p, reference) if reference and stripped else []
     if hard:
         return QCResult("fail", hard + soft)
     return QCResult("warn", soft) if soft else QCResult("pass")
