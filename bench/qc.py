@@ -61,9 +61,7 @@ def main() -> None:
         make_cohort(tmp / "new", args.patients, args.cohort_seed, tuple(args.shape), "Brats18_NEW")
         cases = find_cases(tmp / "new", labelled=False).cases
         n_kinds = len(CORRUPTIONS)
-        print(
-            f"{args.model} on {len(cases)} patients (seed {args.cohort_seed}), corrupted {n_kinds} ways"
-        )
+        print(f"{args.model} on {len(cases)} patients (seed {args.cohort_seed}), corrupted {n_kinds} ways")
         print("| corruption | patients | flagged by QC | by the model's doubt | by either |")
         print("|---|---|---|---|---|")
         for kind in ("clean", *CORRUPTIONS):

@@ -150,6 +150,12 @@ def test_predict_without_torch_reports_bad_patient_and_grades_the_rest(exported,
             p = float(row["p_hgg"])
             assert 0 <= p <= 1 and float(row["p_lgg"]) == pytest.approx(1 - p, abs=1e-6)
             assert row["prediction"] == ("HGG" if p >= 0.5 else "LGG") and row["error"] == ""
+            # the input checks and the model's doubt need no torch either
+            assert (
+                row["qc"] in ("pass", "warn")
+                and row["ood"] in ("yes", "no")
+                and float(row["ood_distance"]) > 0
+            )
     assert "3 graded, 1 failed" in r.stdout
 
 

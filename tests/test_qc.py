@@ -51,7 +51,8 @@ def test_a_brats_size_skull_stripped_scan_passes_and_its_skull_on_or_thick_slice
         and profile.orientation == "LPS"
     )
     assert 0.05 < profile.nonzero_share < 0.40
-    trained = {"features": {"spacing_max_mm": {"max": 1.0}, "edge_share": {"max": profile.edge_share}}}
+    assert profile.edge_share == 0  # the brain touches no face of the field of view
+    trained = {"features": {"spacing_max_mm": {"max": 1.0}, "edge_share": {"max": 0.0}}}
     assert hard_checks(profile, trained, cube_voxel_mm=1.1) == []
     rng = np.random.default_rng(0)
     [skull] = hard_checks(profile_images(corrupt(images, "skull_on", rng)), trained, 1.1)
@@ -73,6 +74,11 @@ def test_soft_checks_name_a_scan_unlike_the_training_cohort(phantoms, reference)
     big = dataclasses.replace(profile, brain_ml=10 * reference["features"]["brain_ml"]["max"])
     [said] = soft_checks(big, reference)
     assert said.startswith("brain volume") and "unlike the training patients'" in said
+    wide = dataclasses.replace(
+        profile, extent_mm=(profile.extent_mm[0], 3 * profile.extent_mm[1], profile.extent_mm[2])
+    )
+    [said] = soft_checks(wide, reference)
+    assert said.startswith("brain extent") and "along y" in said
     flair_skew = reference["features"]["skewness_flair"]["q50"]
     swapped = dataclasses.replace(profile, skewness={**profile.skewness, "t1": flair_skew})
     reasons = soft_checks(swapped, reference)
