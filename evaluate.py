@@ -8,7 +8,10 @@ never the resume state. Outputs in RUN/evaluation/: summary.json, report.md, pre
 fold_K/*.png, roc_all_folds.png, reliability.png; with --cam also fold_K/cam_montage.png: the
 fold's most confident right and wrong validation patients with the fold model's class activation
 map. The calibration and threshold chosen on the pooled out-of-fold predictions go into
-summary.json, and export.py puts them in the model.
+summary.json, and export.py puts them in the model; a calibration that makes the cross-fitted
+Brier score or log loss worse is not kept unless --force-calibration. A run trained with
+--test-fraction has its test set scored too (each fold model and their ensemble, which gets its
+own decision there: test_predictions.csv and the report's test-set section).
 """
 
 from __future__ import annotations
@@ -47,6 +50,13 @@ def main(
     threshold: Annotated[
         str, typer.Option(help="decision threshold: a probability, youden, or sensitivity:0.9")
     ] = "0.5",
+    force_calibration: Annotated[
+        bool,
+        typer.Option(
+            "--force-calibration",
+            help="keep --calibrate even where it makes the cross-fitted Brier score or log loss worse",
+        ),
+    ] = False,
     cam: Annotated[
         bool,
         typer.Option(
@@ -70,6 +80,7 @@ def main(
         device=device,
         calibrate=calibrate,
         threshold=threshold,
+        force_calibration=force_calibration,
     )
     paths = RunPaths(run)
     print(paths.report.read_text())

@@ -57,6 +57,13 @@ def main(
     inner_val: Annotated[
         float | None, typer.Option(help="fraction of training patients that choose the epoch [0=off]")
     ] = None,
+    test_fraction: Annotated[
+        float | None,
+        typer.Option(help="stratified test set held out of every fold, scored by evaluate.py [0=off]"),
+    ] = None,
+    group_by: Annotated[
+        str | None, typer.Option(help="collection: each data collection in one validation fold [off]")
+    ] = None,
     select: Annotated[
         str | None,
         typer.Option(help="epoch kept: best (val AUC) or last (no selection, no early stop) [best]"),
@@ -126,6 +133,8 @@ def main(
         folds=folds,
         split_seed=split_seed,
         inner_val=inner_val,
+        test_fraction=test_fraction,
+        group_by=group_by,
         select=select,
         size=size,
         depth=depth,

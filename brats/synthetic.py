@@ -56,6 +56,14 @@ def main(
     shape: Annotated[tuple[int, int, int], typer.Option(help="volume size X Y Z in voxels")] = BRATS18_SHAPE,
     prefix: Annotated[str, typer.Option(help="patient id prefix")] = "Brats18_SYN",
     workers: Annotated[int, typer.Option(help="parallel processes (0 = all cores)")] = 0,
+    sites: Annotated[
+        bool,
+        typer.Option(
+            "--sites",
+            help="patients from BraTS 2018-like collections, each grade from its own sites (the site "
+            "confound), named in the ids and marked by a scanner signature",
+        ),
+    ] = False,
     corrupt: Annotated[
         list[str] | None,
         typer.Option(
@@ -70,7 +78,7 @@ def main(
     kinds = corrupt or []
     check_corruptions(kinds, patients)
     check_output_dir(out, "output folder")
-    made = make_cohort(out, patients, seed, shape, prefix, workers or None)
+    made = make_cohort(out, patients, seed, shape, prefix, workers or None, sites)
     n_hgg = sum(label for _, label in made)
     print(f"wrote {len(made)} synthetic patients ({n_hgg} HGG, {len(made) - n_hgg} LGG) to {out}")
     for pid, kind in corrupt_patients(out, kinds, seed):

@@ -2,7 +2,13 @@ import json
 
 import pytest
 
-from brats.data.folds import cohort_fingerprint, load_or_make_splits, make_splits
+from brats.data.folds import (
+    cohort_fingerprint,
+    load_or_make_splits,
+    make_splits,
+    stored_fold,
+    stored_test_set,
+)
 from brats.errors import BratsError
 
 
@@ -58,7 +64,7 @@ def test_splits_file_reused_and_checked(tmp_path):
     assert load_or_make_splits(path, ids, labels).outer == a.outer and path.stat().st_mtime_ns == mtime
     with pytest.raises(BratsError, match="made for another cohort"):
         load_or_make_splits(path, ids[:-1], labels[:-1])
-    with pytest.raises(BratsError, match="k=5, seed=42.*but this run asks"):
+    with pytest.raises(BratsError, match="has seed=42 but this run asks seed=7: use a new --run"):
         load_or_make_splits(path, ids, labels, seed=7)
 
 
@@ -100,3 +106,45 @@ def test_damaged_splits_file_is_one_line_and_deleting_it_makes_the_same_splits(t
     path.unlink()
     again = load_or_make_splits(path, ids, labels, inner_val=0.15)
     assert again.outer == original.outer and again.inner == original.inner
+
+
+def test_a_test_set_is_held_out_of_every_fold_stratified_and_stored(tmp_path):
+    ids, labels = cohort()
+    s = make_splits(ids, labels, seed=42, inner_val=0.15, test_fraction=0.2)
+    label_of = dict(zip(ids, labels))
+    assert len(s.test) == 11 and sum(label_of[p] == 0 for p in s.test) == 3  # 20% of 42 HGG and 15 LGG
+    assert sorted([p for fold in s.outer for p in fold] + s.test) == sorted(ids)
+    for k in range(5):
+        f = s.fold(k, ids, labels)
+        assert not set(s.test) & (set(f.train) | set(f.val) | set(f.test))
+        assert len(f.train) + len(f.val) + len(f.test) + len(s.test) == len(ids)
+    assert make_splits(ids, labels, seed=42, inner_val=0.15, test_fraction=0.2) == s
+    path = tmp_path / "splits.json"
+    written = load_or_make_splits(path, ids, labels, inner_val=0.15, test_fraction=0.2)
+    d = json.loads(path.read_text())
+    assert d["test"] == written.test and d["test_fraction"] == 0.2
+    assert stored_fold(path, 2) == written.fold(2, ids, labels) and stored_test_set(path) == written.test
+    with pytest.raises(BratsError, match="has test_fraction=0.2 but this run asks test_fraction=0.0"):
+        load_or_make_splits(path, ids, labels, inner_val=0.15)
+    # a fold's fingerprint changes with the test set: a checkpoint of a run without one is refused
+    assert (
+        make_splits(ids, labels, seed=42).fold(0, ids, labels).fingerprint
+        != s.fold(0, ids, labels).fingerprint
+    )
+
+
+def test_group_by_keeps_each_collection_in_one_validation_fold_and_refuses_one_grade_folds():
+    ids, labels = cohort(40, 20)
+    groups = [f"SITE{i % 10}" for i in range(60)]  # ten sites, each with both grades
+    s = make_splits(ids, labels, seed=3, groups=groups, group_by="collection")
+    site = dict(zip(ids, groups))
+    assert all(len({site[p] for p in fold}) >= 1 for fold in s.outer)
+    for a in range(5):
+        for b in range(a + 1, 5):
+            assert not {site[p] for p in s.outer[a]} & {site[p] for p in s.outer[b]}
+    # sites that hold one grade each, too few to give every fold both grades
+    one_grade = [f"HGG_SITE{i % 4}" if y else f"LGG_SITE{i % 2}" for i, y in enumerate(labels)]
+    with pytest.raises(BratsError, match=r"--group-by collection: fold \d's validation patients are all"):
+        make_splits(ids, labels, seed=3, groups=one_grade, group_by="collection")
+    with pytest.raises(BratsError, match="the cohort has 3 collections .* too few for 5 folds"):
+        make_splits(ids, labels, seed=3, groups=[f"S{i % 3}" for i in range(60)], group_by="collection")

@@ -237,6 +237,8 @@ def _plan(
             "file": f"{VOLUMES}/{target.name}",
             "fingerprint": fp,
         }
+        if case.collection:
+            entry["collection"] = case.collection
         entries[case.patient_id] = entry
         if not target.exists():
             jobs.append((case, target, True))

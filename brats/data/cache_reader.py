@@ -27,7 +27,7 @@ from brats.data.cache_format import (
     rerun_hint,
     volume_header,
 )
-from brats.data.cohort import check_trainable, find_cases, summarize
+from brats.data.cohort import UNKNOWN, check_trainable, collection_of, find_cases, summarize
 from brats.data.preprocess import PreprocessConfig
 from brats.errors import BratsError
 
@@ -50,6 +50,7 @@ class CachedCohort:
     files: list[Path] = field(default_factory=list)  # one .npy per patient
     checksums: list[int | None] = field(default_factory=list)  # CRC-32 of each volume's data
     profiles: list[dict | None] = field(default_factory=list)  # each patient's ScanProfile, as JSON
+    collections: list[str] = field(default_factory=list)  # each patient's data collection, or "unknown"
     source: str = ""  # the cohort the cache was prepared from
 
     def __len__(self) -> int:
@@ -159,6 +160,8 @@ def open_cache(path: str | Path) -> CachedCohort:
         checksums=checksums,
         source=source,
         profiles=[e.get("profile") for e in patients],
+        # caches prepared before collections were kept: the BraTS 2018/2019 id still names it
+        collections=[str(e.get("collection") or collection_of(e["patient_id"]) or UNKNOWN) for e in patients],
     )
 
 

@@ -4,7 +4,8 @@ Layouts (channel order is always MODALITIES; label HGG=1, LGG=0):
 - BraTS 2018/2019: ROOT/{HGG,LGG}/<case>/<case>_{t1,t1ce,t2,flair}.nii[.gz]; grade from the folder.
 - BraTS 2020: ROOT/<case>/<case>_{...}.nii[.gz] and ROOT/name_mapping.csv (Grade,
   BraTS_2020_subject_ID); grade only from the CSV.
-- A CSV manifest: patient_id,label,t1,t1ce,t2,flair with paths relative to the CSV.
+- A CSV manifest: patient_id,label,t1,t1ce,t2,flair with paths relative to the CSV (and an
+  optional `collection` column: the site or data collection each patient comes from).
 - For prediction only: a folder of patient folders, or one patient folder, without grades.
 
 In a patient folder each modality file is found by the last word of its name (see MODALITY_NAMES):
@@ -37,6 +38,18 @@ MODALITY_NAMES = {
     "flair": ("flair", "fla", "t2f"),
 }
 _WORD = re.compile(r"(?:^|[_-])([^_-]+)$")  # last word of a file name without its suffix
+# BraTS 2018/2019 ids name the collection each scan came from: Brats18_2013_10_1 (the 2013
+# challenge), Brats18_CBICA_AAB_1, Brats18_TCIA01_131_1, BraTS19_TMC_06290_1. BraTS 2020 ids
+# (BraTS20_Training_001) do not; its name_mapping.csv gives the 2019 or 2018 id beside them.
+_COLLECTION = re.compile(r"^brats(?:20)?1[789]_([a-z]+\d*|\d{4})_", re.IGNORECASE)
+
+UNKNOWN = "unknown"  # the collection of a patient whose layout and id do not name one
+
+
+def collection_of(patient_id: str) -> str | None:
+    """The data collection a BraTS 2017-2019 id names (2013, CBICA, TCIA01, ...), else None."""
+    m = _COLLECTION.match(patient_id.strip())
+    return m.group(1).upper() if m else None
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,7 @@ class Case:
     patient_id: str
     label: int | None
     paths: tuple[Path, ...]  # in MODALITIES order
+    collection: str | None = None  # the site or data collection (collection_of), None when unknown
 
     def path(self, modality: str) -> Path:
         return self.paths[MODALITIES.index(modality)]
@@ -117,9 +131,12 @@ def find_modality_files(folder: Path, patient_id: str) -> tuple[Path, ...]:
     return tuple(found)
 
 
-def _case_from_folder(folder: Path, label: int | None, problems: list[CaseError]) -> Case | None:
+def _case_from_folder(
+    folder: Path, label: int | None, problems: list[CaseError], collection: str | None = None
+) -> Case | None:
     try:
-        return Case(folder.name, label, find_modality_files(folder, folder.name))
+        paths = find_modality_files(folder, folder.name)
+        return Case(folder.name, label, paths, collection or collection_of(folder.name))
     except CaseError as e:
         problems.append(e)
         return None
@@ -190,6 +207,7 @@ def _from_name_mapping(root: Path, mapping: Path) -> Cohort:
     if not need <= set(reader.fieldnames or []):
         raise BratsError(f"{mapping}: needs columns {sorted(need)}, has {reader.fieldnames}")
     grades: dict[str, list[tuple[int, str]]] = {}  # patient -> (line, grade) of every row naming it
+    collections: dict[str, str] = {}  # from the 2019/2018/2017 ids the file gives beside the 2020 one
     problems: list[CaseError] = []
     for row in reader:
         pid = (row["BraTS_2020_subject_ID"] or "").strip()
@@ -198,6 +216,10 @@ def _from_name_mapping(root: Path, mapping: Path) -> Cohort:
             problems.append(CaseError(pid or f"line {reader.line_num}", bad))
             continue
         grades.setdefault(pid, []).append((reader.line_num, row["Grade"]))
+        older = (row.get(f"BraTS_{year}_subject_ID") or "" for year in (2019, 2018, 2017))
+        found = next((c for c in map(collection_of, older) if c), None)
+        if found:
+            collections[pid] = found
     cases = []
     for folder in sorted(p for p in listing(root) if p.is_dir()):
         pid = folder.name
@@ -216,7 +238,7 @@ def _from_name_mapping(root: Path, mapping: Path) -> Cohort:
             rows = ", ".join(f"{CLASSES[label]} on line {line}" for line, label in labels.items())
             problems.append(CaseError(pid, f"{mapping} gives two grades ({rows}): keep one row"))
             continue
-        case = _case_from_folder(folder, next(iter(labels.values())), problems)
+        case = _case_from_folder(folder, next(iter(labels.values())), problems, collections.get(pid))
         if case:
             cases.append(case)
     return Cohort(cases, problems)
@@ -252,7 +274,8 @@ def _from_manifest(csv_path: Path) -> Cohort:
                         pid, f"missing modality {mod}: {p} does not exist (fix the path in {csv_path})"
                     )
                 paths.append(p)
-            cases.append(Case(pid, label, tuple(paths)))
+            given = (row.get("collection") or "").strip()
+            cases.append(Case(pid, label, tuple(paths), given or collection_of(pid)))
             lines[pid] = f"line {reader.line_num} of {csv_path}"
         except CaseError as e:
             problems.append(e)

@@ -3,17 +3,22 @@
 Every patient is in exactly one validation fold and never in train and validation of the same
 fold. An optional inner validation split (a stratified part of each fold's training patients)
 drives early stopping and checkpoint choice so that the outer fold is used only for the report.
+An optional test set (`test_fraction`, stratified) is held out of every fold: no fold model
+trains on it or chooses its epoch on it, so it is the one place where the five folds together
+(the exported ensemble) can be scored on patients none of them saw. `group_by` keeps each
+group of patients (a data collection: brats.data.cohort.collection_of) in one validation fold
+(StratifiedGroupKFold), for a leave-collection-out protocol.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from brats.errors import BratsError
 from brats.io.atomic import write_json_atomic
@@ -47,13 +52,16 @@ class Splits:
     fingerprint: str  # of the cohort the splits were made for
     outer: list[list[str]]  # validation patients of each fold
     inner: list[list[str]] | None = None  # inner validation patients as stored in splits.json
+    test: list[str] = field(default_factory=list)  # held out of every fold (the test set)
+    test_fraction: float = 0.0
+    group_by: str | None = None  # "collection": each collection within one validation fold
 
     def fold(self, k: int, patient_ids: list[str], labels: list[int]) -> Fold:
         """Train/val/test patient ids of fold k (0-based)."""
         if not 0 <= k < self.k:
             raise BratsError(f"--fold {k}: splits have folds 0..{self.k - 1}")
-        test = set(self.outer[k])
-        train = [p for p in patient_ids if p not in test]
+        test, held_out = set(self.outer[k]), set(self.test)
+        train = [p for p in patient_ids if p not in test and p not in held_out]
         if self.inner_val <= 0:
             return Fold(train, sorted(test), sorted(test))
         if self.inner is not None:
@@ -81,6 +89,8 @@ class Splits:
             "protocol": protocol(self.inner_val),
             "cohort_fingerprint": self.fingerprint,
             "folds": folds,
+            **({"test_fraction": self.test_fraction, "test": sorted(self.test)} if self.test else {}),
+            **({"group_by": self.group_by} if self.group_by else {}),
         }
 
 
@@ -113,21 +123,62 @@ def protocol(inner_val: float, select: str = "best") -> str:
 
 
 def make_splits(
-    patient_ids: list[str], labels: list[int], k: int = 5, seed: int = 42, inner_val: float = 0.0
+    patient_ids: list[str],
+    labels: list[int],
+    k: int = 5,
+    seed: int = 42,
+    inner_val: float = 0.0,
+    test_fraction: float = 0.0,
+    groups: list[str] | None = None,
+    group_by: str | None = None,
 ) -> Splits:
-    """Stratified K-fold over patients; deterministic for the same ids, labels and seed."""
+    """Stratified K-fold over patients (after a stratified test set is held out, when asked);
+    deterministic for the same ids, labels, groups and seed."""
     order = sorted(range(len(patient_ids)), key=lambda i: patient_ids[i])
     ids = [patient_ids[i] for i in order]
     y = np.array([labels[i] for i in order])
-    counts = np.bincount(y, minlength=2)
+    held_out: set[str] = set()
+    if test_fraction > 0:
+        held_out = inner_split(ids, y.tolist(), test_fraction, seed + 7919)
+    rest = [i for i, p in enumerate(ids) if p not in held_out]
+    counts = np.bincount(y[rest], minlength=2)
     if counts.min() < k:
+        kept = f" after holding out a test set of {len(held_out)}" if held_out else ""
         raise BratsError(
             f"{k}-fold cross-validation needs at least {k} patients of each grade; "
-            f"the cohort has {counts[1]} HGG and {counts[0]} LGG (use fewer folds)"
+            f"the cohort has {counts[1]} HGG and {counts[0]} LGG{kept} (use fewer folds)"
         )
-    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    outer = [sorted(ids[i] for i in val) for _, val in skf.split(np.zeros(len(ids)), y)]
-    return Splits(k, seed, inner_val, cohort_fingerprint(patient_ids, labels), outer)
+    y_rest = y[rest]
+    if group_by:
+        g = np.array([groups[order[i]] for i in rest])
+        names = sorted(set(g.tolist()))
+        if len(names) < k:
+            raise BratsError(
+                f"--group-by {group_by}: the cohort has {len(names)} {group_by}s ({', '.join(names)}), "
+                f"too few for {k} folds: use fewer folds, or no --group-by"
+            )
+        skf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        parts = [val for _, val in skf.split(np.zeros(len(rest)), y_rest, g)]
+        check_grouped(parts, y_rest, g, k, group_by)
+    else:
+        skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        parts = [val for _, val in skf.split(np.zeros(len(rest)), y_rest)]
+    outer = [sorted(ids[rest[i]] for i in val) for val in parts]
+    fp = cohort_fingerprint(patient_ids, labels)
+    return Splits(k, seed, inner_val, fp, outer, None, sorted(held_out), test_fraction, group_by)
+
+
+def check_grouped(parts: list[np.ndarray], y: np.ndarray, groups: np.ndarray, k: int, group_by: str) -> None:
+    """Every validation fold of a grouped split holds both grades (else it has no AUC)."""
+    for fold, val in enumerate(parts):
+        if len(np.unique(y[val])) < 2:
+            grade = "HGG" if y[val][0] == 1 else "LGG"
+            names = ", ".join(sorted(set(groups[val].tolist()))[:6])
+            raise BratsError(
+                f"--group-by {group_by}: fold {fold}'s validation patients are all {grade} (its "
+                f"{group_by}s: {names}): the grades are not spread over enough {group_by}s for "
+                f"{k} folds; use fewer folds, or no --group-by"
+            )
 
 
 def read_splits(path: Path) -> dict:
@@ -145,6 +196,8 @@ def read_splits(path: Path) -> dict:
         for f in d["folds"]:
             if not isinstance(f["val"], list) or not isinstance(f.get("inner_val", []), list):
                 raise ValueError("a fold without a list of patients")
+        if not isinstance(d.get("test", []), list):
+            raise ValueError("a test set that is not a list of patients")
     except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
         raise BratsError(
             f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}): delete it and rerun; the same "
@@ -166,9 +219,25 @@ def stored_fold(path: Path, k: int) -> Fold | None:
     inner_val = float(d.get("inner_val", 0.0))
     if inner_val > 0 and inner is None:
         return None
-    ids = sorted({p for fold in outer for p in fold})
-    splits = Splits(len(outer), int(d["seed"]), inner_val, str(d["cohort_fingerprint"]), outer, inner)
+    test = [str(p) for p in d.get("test", [])]
+    ids = sorted({p for fold in outer for p in fold} | set(test))
+    splits = Splits(
+        len(outer),
+        int(d["seed"]),
+        inner_val,
+        str(d["cohort_fingerprint"]),
+        outer,
+        inner,
+        test,
+        float(d.get("test_fraction", 0.0)),
+        d.get("group_by"),
+    )
     return splits.fold(k, ids, [0] * len(ids))  # labels choose an inner split only when none is stored
+
+
+def stored_test_set(path: Path) -> list[str]:
+    """The patients splits.json at `path` holds out of every fold (none when it has no test set)."""
+    return sorted(str(p) for p in read_splits(path).get("test", []))
 
 
 def load_or_make_splits(
@@ -179,11 +248,21 @@ def load_or_make_splits(
     seed: int = 42,
     inner_val: float = 0.0,
     write: bool = True,
+    test_fraction: float = 0.0,
+    groups: list[str] | None = None,
+    group_by: str | None = None,
 ) -> Splits:
     """Reuse `path` when present (it must match the cohort and the settings), else make the
     splits and, with `write`, write them (training does; evaluation never writes a run's splits)."""
     path = Path(path)
     fp = cohort_fingerprint(patient_ids, labels)
+    asked = {
+        "k": k,
+        "seed": seed,
+        "inner_val": inner_val,
+        "test_fraction": test_fraction,
+        "group_by": group_by,
+    }
     if path.exists():
         d = read_splits(path)
         if d["cohort_fingerprint"] != fp:
@@ -192,15 +271,33 @@ def load_or_make_splits(
                 f"this cohort {fp}): give --data the cohort (or cache) this run was made for, or use a "
                 "new --run folder"
             )
-        if (d["k"], d["seed"], d.get("inner_val", 0.0)) != (k, seed, inner_val):
+        stored = {
+            "k": d["k"],
+            "seed": d["seed"],
+            "inner_val": d.get("inner_val", 0.0),
+            "test_fraction": d.get("test_fraction", 0.0),
+            "group_by": d.get("group_by"),
+        }
+        if stored != asked:
+            differ = [name for name in asked if stored[name] != asked[name]]
+            has = ", ".join(f"{n}={stored[n]}" for n in differ)
+            wants = ", ".join(f"{n}={asked[n]}" for n in differ)
             raise BratsError(
-                f"{path} has k={d['k']}, seed={d['seed']}, inner_val={d.get('inner_val', 0.0)} "
-                "but this run asks "
-                f"k={k}, seed={seed}, inner_val={inner_val}: use a new --run folder or the same settings"
+                f"{path} has {has} but this run asks {wants}: use a new --run folder or the same settings"
             )
         inner = [f["inner_val"] for f in d["folds"]] if all("inner_val" in f for f in d["folds"]) else None
-        return Splits(d["k"], d["seed"], d.get("inner_val", 0.0), fp, [f["val"] for f in d["folds"]], inner)
-    splits = make_splits(patient_ids, labels, k, seed, inner_val)
+        return Splits(
+            d["k"],
+            d["seed"],
+            stored["inner_val"],
+            fp,
+            [f["val"] for f in d["folds"]],
+            inner,
+            [str(p) for p in d.get("test", [])],
+            stored["test_fraction"],
+            stored["group_by"],
+        )
+    splits = make_splits(patient_ids, labels, k, seed, inner_val, test_fraction, groups, group_by)
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, splits.to_json(patient_ids, labels))

@@ -196,11 +196,59 @@ def render(
     return volumes
 
 
-def write_patient(args: tuple[Path, str, int, int, bool, tuple[int, int, int]]) -> str:
-    out, pid, seed, index, hgg, shape = args
+# BraTS 2018's confound (its collections hold one grade each, but for the 2013 challenge's), as a
+# site option: each grade's share of patients per collection, and each collection's scanner
+# signature (an intensity gamma and extra noise, as another scanner and protocol would give).
+SITE_MIX = {
+    1: (("2013", 0.10), ("CBICA", 0.45), ("TCIA02", 0.25), ("TCIA08", 0.20)),
+    0: (("2013", 0.15), ("TCIA10", 0.45), ("TCIA13", 0.40)),
+}
+SITE_LOOK = {
+    "2013": (1.0, 0.0),
+    "CBICA": (0.8, 0.03),
+    "TCIA02": (0.9, 0.0),
+    "TCIA08": (1.1, 0.02),
+    "TCIA10": (1.3, 0.0),
+    "TCIA13": (1.2, 0.04),
+}
+
+
+def apportion(mix: tuple[tuple[str, float], ...], n: int) -> list[str]:
+    """n collection names in the shares of `mix` (largest remainders; the first, the 2013
+    challenge's, holds at least one patient so that it holds both grades)."""
+    names, shares = zip(*mix)
+    exact = np.array(shares) * n
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts))[: n - counts.sum()]:
+        counts[i] += 1
+    if counts[0] == 0 and n > 1:
+        counts[0], counts[int(np.argmax(counts))] = 1, counts[int(np.argmax(counts))] - 1
+    return [name for name, c in zip(names, counts) for _ in range(c)]
+
+
+def site_look(volumes: list[np.ndarray], site: str, rng: np.random.Generator) -> list[np.ndarray]:
+    """The collection's scanner signature on a patient's int16 scans (background stays 0)."""
+    gamma, noise = SITE_LOOK[site]
+    out = []
+    for v in volumes:
+        brain = v != 0
+        top = float(v.max())
+        x = (v.astype(np.float32) / top) ** gamma
+        x += rng.normal(0.0, noise, x.shape).astype(np.float32) * brain
+        x = np.clip(x * top, 1, 32000)
+        x[~brain] = 0
+        out.append(x.astype(np.int16))
+    return out
+
+
+def write_patient(args: tuple[Path, str, int, int, bool, tuple[int, int, int], str | None]) -> str:
+    out, pid, seed, index, hgg, shape, site = args
     folder = out / CLASSES[int(hgg)] / pid
+    volumes = make_patient(seed, index, hgg, shape)
+    if site:
+        volumes = site_look(volumes, site, np.random.default_rng([seed, index, 7]))
     images = []
-    for vol in make_patient(seed, index, hgg, shape):
+    for vol in volumes:
         img = sitk.GetImageFromArray(vol)  # (z, y, x) -> image of size (x, y, z)
         img.SetSpacing((1.0, 1.0, 1.0))
         img.SetOrigin(ORIGIN)
@@ -237,13 +285,27 @@ def make_cohort(
     shape: tuple[int, int, int] = BRATS18_SHAPE,
     prefix: str = "Brats18_SYN",
     workers: int | None = None,
+    sites: bool = False,
 ) -> list[tuple[str, int]]:
-    """Write a synthetic BraTS 2018 tree; returns [(patient_id, label)]."""
+    """Write a synthetic BraTS 2018 tree; returns [(patient_id, label)]. With `sites`, each
+    patient comes from a collection of SITE_MIX, named in its id as in BraTS 2018
+    (Brats18_CBICA_0003_1; the prefix's first word starts it) and marked by its scanner signature."""
     out = Path(out)
     n_hgg, n_lgg = class_counts(patients)
     labels = np.array([1] * n_hgg + [0] * n_lgg)
     np.random.default_rng(seed).shuffle(labels)
-    jobs = [(out, f"{prefix}_{i:04d}_1", seed, i, bool(labels[i]), tuple(shape)) for i in range(patients)]
+    collections: list[str | None] = [None] * patients
+    if sites:
+        rng = np.random.default_rng([seed, 2018])
+        for grade, mix in SITE_MIX.items():
+            members = np.flatnonzero(labels == grade)
+            for i, site in zip(rng.permutation(members), apportion(mix, len(members))):
+                collections[i] = site
+    ids = [
+        f"{prefix.split('_')[0]}_{c}_{i:04d}_1" if c else f"{prefix}_{i:04d}_1"
+        for i, c in enumerate(collections)
+    ]
+    jobs = [(out, ids[i], seed, i, bool(labels[i]), tuple(shape), collections[i]) for i in range(patients)]
     workers = workers or os.cpu_count() or 1
     if workers > 1 and patients > 1:
         with ProcessPoolExecutor(min(workers, patients)) as pool:

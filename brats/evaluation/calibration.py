@@ -86,6 +86,67 @@ def brier(labels: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean((np.asarray(p, dtype=np.float64) - np.asarray(labels)) ** 2))
 
 
+def log_loss(labels: np.ndarray, p: np.ndarray) -> float:
+    """Mean negative log-likelihood of the grades (probabilities kept inside (0, 1))."""
+    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+SLOPE_CAP = 100.0  # a larger fitted slope means the grades are (nearly) separated: reported as this
+
+
+def _logistic(z: np.ndarray, y: np.ndarray, with_slope: bool) -> tuple[float, float]:
+    """Newton-Raphson fit of P(HGG) = sigmoid(a z + b) (a fixed at 1 without `with_slope`);
+    returns (a, b). Stops at SLOPE_CAP when the grades are separated."""
+    a, b = 1.0, 0.0
+    for _ in range(50):
+        s = np.clip(a * z + b, -30, 30)
+        q = 1 / (1 + np.exp(-s))
+        w = np.maximum(q * (1 - q), 1e-12)
+        if with_slope:
+            grad = np.array([np.sum((y - q) * z), np.sum(y - q)])
+            hess = np.array([[np.sum(w * z * z), np.sum(w * z)], [np.sum(w * z), np.sum(w)]]) + 1e-9 * np.eye(
+                2
+            )
+            step = np.linalg.solve(hess, grad)
+            a, b = a + step[0], b + step[1]
+        else:
+            step = np.array([0.0, np.sum(y - q) / np.sum(w)])
+            b += step[1]
+        if abs(a) > SLOPE_CAP:
+            return float(np.sign(a) * SLOPE_CAP), float(b)
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return float(a), float(b)
+
+
+def calibration_line(labels: np.ndarray, p: np.ndarray, n_boot: int = 500, seed: int = 0) -> dict:
+    """The calibration slope (a of P(HGG) = sigmoid(a logit(p) + b): 1 when the probabilities
+    are as confident as they should be, above 1 underconfident, below 1 overconfident) and the
+    calibration intercept (b with a fixed at 1, calibration-in-the-large: 0 when the mean p(HGG)
+    matches the share of HGG), each with a percentile 95% CI over patient resamples (stratified,
+    seeded). ECE alone cannot tell a calibrated model from an uncalibrated one on a few hundred
+    patients; these two name the direction and come with their uncertainty."""
+    y = np.asarray(labels).astype(np.float64)
+    z = logit(p)
+    slope, _ = _logistic(z, y, True)
+    _, intercept = _logistic(z, y, False)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    slopes, intercepts = [], []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        slopes.append(_logistic(z[idx], y[idx], True)[0])
+        intercepts.append(_logistic(z[idx], y[idx], False)[1])
+    return {
+        "slope": slope,
+        "slope_ci95": [float(v) for v in np.percentile(slopes, [2.5, 97.5])],
+        "intercept": intercept,
+        "intercept_ci95": [float(v) for v in np.percentile(intercepts, [2.5, 97.5])],
+    }
+
+
 def reliability(labels: np.ndarray, p: np.ndarray, bins: int = BINS) -> list[dict]:
     """Per non-empty equal-width bin: its range, patients, mean p(HGG) and fraction HGG."""
     labels, p = np.asarray(labels, dtype=np.float64), np.asarray(p, dtype=np.float64)
@@ -160,18 +221,44 @@ def summarize_calibration(
         how = "fitted and scored on the same patients" if fitted else "nothing fitted"
     figures = {
         "bins": BINS,
-        "raw": {
-            "brier": brier(labels, p_hgg),
-            "ece": ece(labels, p_hgg),
-            "reliability": reliability(labels, p_hgg),
-        },
+        "raw": probability_figures(labels, p_hgg),
         "operating_point": operating_point(labels, grade),
         "how": how,
     }
     if method != "none":
-        figures["calibrated"] = {
-            "brier": brier(labels, p_cal),
-            "ece": ece(labels, p_cal),
-            "reliability": reliability(labels, p_cal),
-        }
+        raw, cal = figures["raw"], probability_figures(labels, p_cal)
+        figures["calibrated"] = cal
+        # judged on the cross-fitted probabilities: a calibration fitted and scored on the same
+        # patients always looks better
+        figures["improves"] = bool(cal["brier"] <= raw["brier"] and cal["log_loss"] <= raw["log_loss"])
+    return decision, figures
+
+
+def probability_figures(labels: np.ndarray, p: np.ndarray) -> dict:
+    """How good these probabilities are as probabilities: Brier, log loss, ECE with its bins,
+    and the calibration slope and intercept with their CIs."""
+    return {
+        "brier": brier(labels, p),
+        "log_loss": log_loss(labels, p),
+        "ece": ece(labels, p),
+        "reliability": reliability(labels, p),
+        **(calibration_line(labels, p) if len(np.unique(labels)) == 2 else {}),
+    }
+
+
+def decide(
+    labels: np.ndarray, p_hgg: np.ndarray, folds: np.ndarray, method: str, rule: str, force: bool = False
+) -> tuple[Decision, dict]:
+    """`summarize_calibration`, keeping a calibration only where it earns its place: when its
+    cross-fitted Brier score or log loss is worse than the raw probabilities', the decision is
+    fitted without it (and the figures say what it would have done) unless `force`."""
+    decision, figures = summarize_calibration(labels, p_hgg, folds, method, rule)
+    if method == "none" or figures["improves"]:
+        return decision, figures
+    if force:
+        figures["forced"] = True
+        return decision, figures
+    tried = {key: figures["calibrated"][key] for key in ("brier", "log_loss", "ece")}
+    decision, figures = summarize_calibration(labels, p_hgg, folds, "none", rule)
+    figures["not_shipped"] = {"method": method, "cross_fitted": tried}
     return decision, figures

@@ -22,18 +22,21 @@ from torch.utils.data import DataLoader
 
 from brats.data.cache_reader import open_data
 from brats.data.folds import load_or_make_splits, optimistic, protocol
+from brats.deploy.contract import Decision
 from brats.errors import BratsError
-from brats.evaluation.calibration import METHODS, parse_rule, summarize_calibration
+from brats.evaluation.calibration import METHODS, decide, parse_rule
+from brats.evaluation.confound import site_confound
 from brats.evaluation.metrics import METRICS, bootstrap_auc_ci, mean_std
 from brats.evaluation.plots import reliability_diagram, roc_all_folds, save_plots
 from brats.evaluation.report import RELIABILITY, report_markdown
 from brats.evaluation.scoring import predict, resolve_device, score
+from brats.evaluation.test_set import score_test_set
 from brats.evaluation.verification import rescore_precision, verify
 from brats.io.atomic import check_output_dir, refuse_inputs, remove_stale_temps, staged
 from brats.runs.paths import RunPaths
 from brats.runs.reader import check_preprocessing, fold_status, load_best_model, model_config, run_config
 from brats.runs.summary import FoldRow, Summary
-from brats.training.config import TrainConfig
+from brats.training.config import TrainConfig, split_spec
 from brats.training.datasets import CachedVolumes
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class FoldResult:
     p_hgg: np.ndarray
     verification: dict = field(default_factory=dict)  # Verification.row()
     status: dict | None = None  # how far the fold trained (runs.reader.fold_status)
+    test_p: np.ndarray | None = None  # p(HGG) of the held-out test set (splits.test order)
 
 
 def evaluate_fold(
@@ -95,6 +99,7 @@ def evaluate_fold(
         return metrics, y, p_hgg
 
     scored, y, p_hgg = rescore(fold.test)
+    test_p = rescore(splits.test)[2] if splits.test else None
     chosen, _, chosen_p = (scored, y, p_hgg) if fold.val == fold.test else rescore(fold.val)
     check = verify(ckpt, dict(zip(fold.val, chosen_p)), chosen["auc"], precision)
     msg = f"fold {k}: {check.text} ({path})"
@@ -117,6 +122,7 @@ def evaluate_fold(
         p_hgg=p_hgg,
         verification=check.row(),
         status=fold_status(run, k),
+        test_p=test_p,
     )
 
 
@@ -175,10 +181,12 @@ def evaluate_run(
     batch: int = 4,
     calibrate: str = "none",
     threshold: str = "0.5",
+    force_calibration: bool = False,
 ) -> Summary:
     """Evaluate `folds` (default: all K) of a run; writes RUN/evaluation/; returns the summary.
     `calibrate` and `threshold` choose the decision fitted on the pooled out-of-fold predictions
-    (brats/calibration.py)."""
+    (brats.evaluation.calibration; a calibration that makes the cross-fitted Brier score or log
+    loss worse is not kept unless `force_calibration`)."""
     if calibrate not in METHODS:
         raise BratsError(f"--calibrate {calibrate!r}: choose one of {', '.join(METHODS)}")
     parse_rule(threshold)
@@ -204,26 +212,66 @@ def evaluate_run(
     # made again from the cohort and the seed if missing, but never written: evaluation must not
     # leave a run with splits of another cohort
     splits = load_or_make_splits(
-        paths.splits, ids, labels, cfg.folds, cfg.split_seed, cfg.inner_val, write=False
+        paths.splits, ids, labels, write=False, groups=cached.collections, **split_spec(cfg)
     )
     results = [evaluate_fold(run, k, run_cfg, cached, splits, trust, strict, dev, batch) for k in wanted]
 
-    labels, p_oof = summary_arrays(results)
-    folds_of = np.concatenate([np.full(len(r.labels), r.fold) for r in results])
-    decision, calibration = summarize_calibration(labels, p_oof, folds_of, calibrate, threshold)
-    calibration["balanced_sampler"] = cfg.sampler == "inverse_freq"
     summary = dataclasses.replace(
         summarize_folds(results, run, cfg.inner_val, select=cfg.select),
-        calibration=calibration,
-        decision=decision.to_dict(),
+        **decisions(results, cached, splits, cfg, calibrate, threshold, force_calibration),
     )
+    write_evaluation(out, paths, summary, results, splits.test)
+    return summary
+
+
+def decisions(
+    results: list[FoldResult],
+    cached,
+    splits,
+    cfg: TrainConfig,
+    calibrate: str,
+    threshold: str,
+    force: bool,
+) -> dict:
+    """The summary's decision fields: the decision fitted on the pooled out-of-fold predictions
+    (with the figures that judge it), the site confound, and with a test set the test set's
+    figures and the ensemble's own decision."""
+    labels, p_oof = summary_arrays(results)
+    folds_of = np.concatenate([np.full(len(r.labels), r.fold) for r in results])
+    decision, calibration = decide(labels, p_oof, folds_of, calibrate, threshold, force)
+    calibration["balanced_sampler"] = cfg.sampler == "inverse_freq"
+    collection = dict(zip(cached.patient_ids, cached.collections))
+    scored = [p for r in results for p in r.patient_ids]
+    fields = {
+        "calibration": calibration,
+        "decision": decision.to_dict(),
+        "confound": site_confound([collection[p] for p in scored], labels, p_oof),
+    }
+    if splits.test:
+        y_test = cached.labels[cached.indices(splits.test)]
+        fold_p = {r.fold: r.test_p for r in results}
+        test_set, ensemble = score_test_set(
+            splits.test, y_test, fold_p, decision, calibrate, threshold, force
+        )
+        fields.update(test_set=test_set, ensemble_decision=ensemble.to_dict())
+    return fields
+
+
+def write_evaluation(
+    out: Path, paths: RunPaths, summary: Summary, results: list[FoldResult], test_ids: list[str]
+) -> None:
+    """RUN/evaluation/, all files at once (staged): plots, the per-patient predictions (of the
+    test set too, when there is one), summary.json and report.md."""
+    decision = Decision.from_dict(summary.decision, paths.summary, "rerun evaluate.py")
     rows = [
         {"patient_id": p, "fold": r.fold, "label": int(y), "p_hgg": float(prob)}
         for r in results
         for p, y, prob in zip(r.patient_ids, r.labels, r.p_hgg)
     ]
+    _, p_oof = summary_arrays(results)
     for row, p_cal in zip(rows, decision.calibrate(p_oof)):
         row["p_hgg_calibrated"] = float(p_cal)
+    calibration = summary.calibration
     with staged(out) as stage:
         for r in results:
             title = f"fold {r.fold} epoch {r.epoch}"
@@ -231,15 +279,35 @@ def evaluate_run(
         roc_all_folds({r.fold: (r.labels, r.p_hgg) for r in results}, stage / "roc_all_folds.png")
         curves = {"raw": calibration["raw"]["reliability"]}
         if "calibrated" in calibration:
-            curves[f"{calibrate} (cross-fitted)"] = calibration["calibrated"]["reliability"]
+            curves[f"{decision.calibration} (cross-fitted)"] = calibration["calibrated"]["reliability"]
         reliability_diagram(stage / RELIABILITY, curves)
-        with open(stage / paths.predictions.name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows(stage / paths.predictions.name, rows)
+        if summary.test_set:
+            write_rows(stage / paths.test_predictions.name, test_rows(summary, results, test_ids))
         (stage / paths.summary.name).write_text(json.dumps(summary.to_json(), indent=2) + "\n")
-        (stage / paths.report.name).write_text(report_markdown(summary, run))
-    return summary
+        (stage / paths.report.name).write_text(report_markdown(summary, run=Path(summary.run)))
+
+
+def test_rows(summary: Summary, results: list[FoldResult], test_ids: list[str]) -> list[dict]:
+    """One row per test patient: its grade, each fold model's p(HGG), the ensemble's, and the
+    ensemble's p(HGG) under its own decision's calibration."""
+    ensemble = summary.test_set["ensemble"]
+    decision = Decision.from_dict(summary.ensemble_decision, Path(summary.run), "rerun evaluate.py")
+    rows = []
+    for i, p in enumerate(test_ids):
+        row = {"patient_id": p, "label": summary.test_set["labels"][i]}
+        row.update({f"p_hgg_fold_{r.fold}": float(r.test_p[i]) for r in results})
+        row["p_hgg_ensemble"] = ensemble["p_hgg"][i]
+        row["p_hgg_ensemble_calibrated"] = float(decision.calibrate(np.array([ensemble["p_hgg"][i]]))[0])
+        rows.append(row)
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def check_outputs(paths: RunPaths, folds: list[int], cache: Path) -> Path:
@@ -257,7 +325,14 @@ def check_outputs(paths: RunPaths, folds: list[int], cache: Path) -> Path:
     refuse_inputs(out, protected, "the evaluation folder")
     check_output_dir(out, "evaluation results")
     remove_stale_temps(out)
-    for f in (paths.summary, paths.report, paths.predictions, out / "roc_all_folds.png", out / RELIABILITY):
+    for f in (
+        paths.summary,
+        paths.report,
+        paths.predictions,
+        paths.test_predictions,
+        out / "roc_all_folds.png",
+        out / RELIABILITY,
+    ):
         if f.is_dir():
             raise BratsError(f"{f} is a folder, where the evaluation writes a file: move it away")
     for k in folds:

@@ -76,7 +76,13 @@ def fit_doubt(
         "oof_distances": [round(float(d), 5) for d in distances],
     }
     if len(models) > 1:
-        spreads = np.sort(np.ptp(np.stack(p_folds), axis=0))
+        stacked = np.stack(p_folds)
+        spreads = np.sort(np.ptp(stacked, axis=0))
         doubt["spread_threshold"] = float(np.quantile(spreads, QUANTILE))
         doubt["cohort_spreads"] = [round(float(s), 5) for s in spreads]
+        # how far the fold models' logits lie apart per patient: the risk that a decision fitted on
+        # single-fold predictions does not transfer to their average
+        clipped = np.clip(stacked, 1e-7, 1 - 1e-7)
+        sd = np.std(np.log(clipped / (1 - clipped)), axis=0, ddof=1)
+        doubt["fold_logit_sd"] = {"median": float(np.median(sd)), "q90": float(np.quantile(sd, 0.9))}
     return references, doubt

@@ -335,6 +335,7 @@ def export(
         references, contract["doubt"] = fit_doubt(models, folds, run, cached, list(modalities))
     provenance = make_provenance(run, sources, summary)
     provenance["quality_control"] = describe_checks(contract.get("profile"), contract.get("doubt"))
+    provenance["performance"] = performance(summary, folds, contract.get("doubt"))
     wrapper = ExplainedModel(models, references).eval()
     channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
     inputs = np.stack([np.asarray(v[channels], dtype=np.float32) for v in cached.volumes[:3]])
@@ -363,8 +364,9 @@ def make_contract(run: Path, sources: list[dict], summary: Summary, cached: Cach
     contract = PreprocessConfig.from_contract(
         {**sources[0]["preprocess"], "modalities": modalities}, sources[0]["checkpoint"]
     ).to_contract()
+    decision, _ = shipped_decision(summary, [s["fold"] for s in sources])
     contract["decision"] = Decision.from_dict(
-        summary.decision, RunPaths(run).summary, f"rerun python evaluate.py --run {run}"
+        decision, RunPaths(run).summary, f"rerun python evaluate.py --run {run}"
     ).to_dict()
     profiles = [ScanProfile.from_json(p) for p in cached.profiles if p]
     if profiles:
@@ -372,6 +374,76 @@ def make_contract(run: Path, sources: list[dict], summary: Summary, cached: Cach
     else:
         log.warning(f"{cached.root}: prepared before scan profiles were kept: rerun brats.prepare for QC")
     return contract
+
+
+def shipped_decision(summary: Summary, folds: list[int]) -> tuple[dict, str]:
+    """The decision an export of `folds` ships, and what it was fitted on. An ensemble gets its
+    own decision, fitted on its test-set predictions, when the run has a test set and it
+    averages the folds scored there (brats.evaluation.test_set); otherwise every export gets the
+    decision fitted on the single fold models' pooled out-of-fold predictions."""
+    test = summary.test_set
+    if len(folds) > 1 and test and summary.ensemble_decision and test["ensemble"]["folds"] == sorted(folds):
+        return summary.ensemble_decision, "ensemble_test_set"
+    return summary.decision, "single_fold_out_of_fold"
+
+
+def performance(summary: Summary, folds: list[int], doubt: dict | None) -> dict:
+    """What the exported model can be expected to do, and what that rests on (model card and
+    ONNX metadata; predict prints `expected`)."""
+    pooled, test = summary.pooled, summary.test_set
+    oof = "no pooled out-of-fold AUC"
+    if "auc" in pooled:
+        lo, hi = pooled["auc_ci95"]
+        oof = f"pooled out-of-fold AUC {pooled['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})"
+    out: dict = {"decision_fitted_on": shipped_decision(summary, folds)[1], "expected": oof}
+    if len(folds) == 1:
+        return {**out, **single_fold_performance(summary, folds[0], oof)}
+    if out["decision_fitted_on"] == "ensemble_test_set":
+        ens = test["ensemble"]
+        own = ens["own_decision"]
+        probabilities = own["calibrated" if "calibrated" in own else "raw"]
+        out["expected"] = (
+            f"test-set AUC {ens['single_fold_decision']['auc']:.3f} on {test['n']} held-out patients"
+        )
+        out["test_set"] = {
+            "n": test["n"],
+            "auc": ens["single_fold_decision"]["auc"],
+            "auc_ci95": ens["single_fold_decision"]["auc_ci95"],
+            "operating_point": own["operating_point"],
+            "how": own["how"],
+            **{k: v for k, v in probabilities.items() if k != "reliability"},
+        }
+        return out
+    out["expected"] = f"unmeasured for the ensemble; its folds' {oof}"
+    out["transfer"] = (
+        "the decision (calibration and threshold) was fitted on the single fold models' out-of-fold "
+        "predictions; the ensemble averages them, and how well the decision transfers to it is "
+        "unmeasured: train with --test-fraction to measure it and to fit the ensemble its own"
+    )
+    if doubt and "fold_logit_sd" in doubt:
+        out["fold_logit_sd"] = doubt["fold_logit_sd"]
+    return out
+
+
+def single_fold_performance(summary: Summary, k: int, oof: str) -> dict:
+    """A single-fold export: its validation AUC is said for what it is, the largest of K."""
+    row, n = summary.fold(k), len(summary.folds)
+    out = {
+        "expected": oof,
+        "selection": (
+            f"fold {k} has the best re-scored validation AUC of the {n} folds ({row.rescored_val_auc:.3f}): "
+            f"the largest of {n} noisy figures, each on its own fold's patients, which overstates this "
+            "model; it is not its expected performance"
+            if n > 1
+            else f"the only fold evaluated (validation AUC {row.rescored_val_auc:.3f})"
+        ),
+    }
+    test = summary.test_set
+    if test and str(k) in test["folds"]:
+        figures = test["folds"][str(k)]
+        out["test_set"] = {"n": test["n"], **figures}
+        out["expected"] = f"test-set AUC {figures['auc']:.3f} on {test['n']} held-out patients; {oof}"
+    return out
 
 
 def check_finished(run: Path, folds: list[int], allowed: bool) -> None:

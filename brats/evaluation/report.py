@@ -31,6 +31,7 @@ def report_markdown(summary: Summary, run: Path) -> str:
             f"**Pooled out-of-fold AUC: {pooled['auc']:.4f}** (bootstrap 95% CI {lo:.4f}-{hi:.4f}, "
             f"{pooled['n']} patients: {pooled['hgg']} HGG, {pooled['lgg']} LGG)."
         )
+    lines += pooled_versus_mean(summary)
     lines += ["", f"Protocol: {summary.protocol}."]
     if summary.optimistic:
         lines += [
@@ -81,17 +82,135 @@ def report_markdown(summary: Summary, run: Path) -> str:
     ]
     if summary.calibration:
         lines += ["", *calibration_markdown(summary.calibration, summary.decision)]
+    if summary.test_set:
+        lines += ["", *test_set_markdown(summary.test_set)]
+    if summary.confound:
+        lines += ["", *confound_markdown(summary.confound)]
     return "\n".join(lines) + "\n"
+
+
+AUC_GAP = 0.05  # pooled and mean per-fold AUC further apart than this: the report says why
+
+
+def pooled_versus_mean(summary: Summary) -> list[str]:
+    """Why the report leads with the pooled AUC, when it and the mean of the folds' AUCs differ."""
+    pooled, mean = summary.pooled.get("auc"), summary.mean_std["auc"]["mean"]
+    if pooled is None or not abs(pooled - mean) > AUC_GAP:
+        return []
+    return [
+        "",
+        f"The pooled AUC ({pooled:.4f}) and the mean of the folds' AUCs ({mean:.4f} +- "
+        f"{summary.mean_std['auc']['std']:.4f}) differ by more than {AUC_GAP}. A fold's AUC only ranks "
+        "that fold's patients against each other; the pooled AUC ranks every patient against every "
+        "other, so it also pays when the folds' models put their scores on different scales (one fold's "
+        "LGG scored above another fold's HGG). A deployed model, and any single threshold, meets "
+        "patients on one scale: the pooled figure is the one that describes it, and the gap measures "
+        "how much the fold models disagree.",
+    ]
+
+
+def line_of(figures: dict) -> str:
+    """The calibration slope and intercept with their CIs (brats.evaluation.calibration)."""
+    if "slope" not in figures:
+        return ""
+    s, i = figures["slope_ci95"], figures["intercept_ci95"]
+    return (
+        f"calibration slope {figures['slope']:.2f} (95% CI {s[0]:.2f} to {s[1]:.2f}), intercept "
+        f"{figures['intercept']:.2f} ({i[0]:.2f} to {i[1]:.2f})"
+    )
+
+
+def test_set_markdown(test: dict) -> list[str]:
+    """The held-out test set: each fold model and the ensemble (brats.evaluation.test_set)."""
+    ens = test["ensemble"]
+    single, own = ens["single_fold_decision"], ens["own_decision"]
+    lo, hi = single["auc_ci95"]
+    lines = [
+        "## The held-out test set",
+        "",
+        f"{test['n']} patients ({test['hgg']} HGG, {test['lgg']} LGG) held out of every fold: no fold model "
+        "trained on them or chose its epoch on them.",
+        "",
+        f"**Ensemble of folds {', '.join(map(str, ens['folds']))}: AUC {single['auc']:.4f}** "
+        f"(bootstrap 95% CI {lo:.4f}-{hi:.4f}).",
+        "",
+        "| Model | AUC (95% CI) | Accuracy | Sensitivity | Specificity | Brier | Calibration slope |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = [(f"fold {k}", f) for k, f in test["folds"].items()]
+    rows.append(("ensemble, single-fold decision", single))
+    for name, f in rows:
+        op, (a, b) = f["operating_point"], f["auc_ci95"]
+        lines.append(
+            f"| {name} | {f['auc']:.3f} ({a:.3f}-{b:.3f}) | {op['accuracy']:.3f} | {op['sensitivity']:.3f} | "
+            f"{op['specificity']:.3f} | {f['brier']:.3f} | {line_of(f).split(', intercept')[0]} |"
+        )
+    op = own["operating_point"]
+    brier = own["calibrated" if "calibrated" in own else "raw"]["brier"]
+    lines += [
+        "",
+        "Rows at the single-fold decision use the calibration and threshold fitted on the pooled "
+        "out-of-fold predictions (what a single-fold export ships). The ensemble averages the folds' "
+        "probabilities, which makes it another model: that decision need not transfer to it.",
+        "",
+        f"The ensemble's own decision ({ens['decision']['calibration']}, threshold "
+        f"{ens['decision']['threshold']:.4f}, rule {ens['decision']['rule']}), which an ensemble export "
+        f"ships: accuracy {op['accuracy']:.3f}, sensitivity {op['sensitivity']:.3f}, specificity "
+        f"{op['specificity']:.3f}, Brier {brier:.3f} ({own['how']}).",
+        f"Protocol: {test['protocol']}.",
+    ]
+    if test["n"] < 40:
+        lines.append(
+            f"With {test['n']} test patients every figure here is uncertain (see the CIs); the decision "
+            "fitted on them is too."
+        )
+    return lines
+
+
+def confound_markdown(c: dict) -> list[str]:
+    """The site confound section (brats.evaluation.confound)."""
+    table = c["collections"]
+    lines = ["## Site confound", ""]
+    if len(table) < 2:
+        name = next(iter(table), "unknown")
+        return [*lines, f"One data collection ({name}): no site can stand in for the grade here."]
+    if c.get("flagged"):
+        lines += [
+            f"**Flagged: the collection alone grades these patients with AUC {c['site_only_auc']:.3f}** "
+            f"({c['one_grade_share']:.0%} of them come from collections holding one grade only). A model can "
+            "separate the grades by site (scanner, protocol) without looking at the tumour, and the AUCs "
+            "above cannot tell. Trust the AUC within the collections that hold both grades, and train with "
+            "`--group-by collection` (each collection in one validation fold) to see what survives a site "
+            "the model has not trained on.",
+            "",
+        ]
+    else:
+        lines += [
+            f"The collection alone grades these patients with AUC {c.get('site_only_auc', 0.5):.3f}: "
+            "not flagged.",
+            "",
+        ]
+    lines += ["| Collection | HGG | LGG | AUC within |", "|---|---|---|---|"]
+    for name, t in table.items():
+        within = c["within"].get(name)
+        auc = f"{within['auc']:.3f}" if within else "-"
+        lines.append(f"| {name} | {t['hgg']} | {t['lgg']} | {auc} |")
+    return lines
 
 
 def calibration_markdown(figures: dict, decision: dict) -> list[str]:
     """The report's section on probabilities and the threshold (figures of summarize_calibration)."""
-    raw = figures["raw"]
+    raw, nan = figures["raw"], float("nan")
+    slope = line_of(raw)
     lines = [
         "## Probabilities and the decision threshold",
         "",
-        f"Raw p(HGG), pooled out-of-fold: Brier {raw['brier']:.4f}, ECE {raw['ece']:.4f} "
-        f"({figures['bins']} bins; {RELIABILITY}).",
+        f"Raw p(HGG), pooled out-of-fold: Brier {raw['brier']:.4f}, log loss {raw.get('log_loss', nan):.4f}, "
+        f"ECE {raw['ece']:.4f} ({figures['bins']} bins; {RELIABILITY}){'; ' + slope if slope else ''}.",
+        "ECE alone cannot tell a calibrated model from an uncalibrated one on a few hundred patients "
+        "(a perfectly calibrated model scores about 0.05 at n = 285); the slope (1 = as confident as it "
+        "should be, above 1 underconfident, below 1 overconfident) and the intercept (0 = the mean "
+        "p(HGG) matches the share of HGG) come with their CIs.",
     ]
     if figures.get("balanced_sampler"):
         lines.append(
@@ -108,8 +227,24 @@ def calibration_markdown(figures: dict, decision: dict) -> list[str]:
             else f"a = {decision['slope']:.4f}, b = {decision['intercept']:.4f}"
         )
         lines.append(
-            f"Calibrated ({decision['calibration']}, {params}): Brier {cal['brier']:.4f}, "
-            f"ECE {cal['ece']:.4f}."
+            f"Calibrated ({decision['calibration']}, {params}), cross-fitted: Brier {cal['brier']:.4f}, "
+            f"log loss {cal['log_loss']:.4f}, ECE {cal['ece']:.4f}; {line_of(cal)}."
+        )
+        if figures.get("forced"):
+            lines.append(
+                "**This calibration makes the cross-fitted Brier score or log loss worse than the raw "
+                "probabilities'**; it is kept because `--force-calibration` asked for it."
+            )
+        else:
+            lines.append("It improves the cross-fitted Brier score and log loss: it is kept.")
+    if "not_shipped" in figures:
+        tried = figures["not_shipped"]
+        lines.append(
+            f"`--calibrate {tried['method']}` was fitted but **not kept**: cross-fitted, it made the "
+            f"probabilities worse (Brier {tried['cross_fitted']['brier']:.4f}, log loss "
+            f"{tried['cross_fitted']['log_loss']:.4f} against the raw {raw['brier']:.4f} and "
+            f"{raw['log_loss']:.4f}). The decision uses the raw probabilities; `--force-calibration` keeps "
+            "it anyway."
         )
     op = figures["operating_point"]
     lines += [

@@ -5,7 +5,7 @@ RUN/
   splits.json                 patient-level folds (and inner validation)
   preprocess.json             the preprocessing contract of the cache the folds train on
   fold_K/                     best.pt, best_ema.pt, state.pt, status.json, metrics.csv, plots, train.log
-  evaluation/                 summary.json, report.md, predictions.csv, plots
+  evaluation/                 summary.json, report.md, predictions.csv, test_predictions.csv, plots
   model.onnx | model_ensemble.onnx (+ <stem>_card.json beside each)
 """
 
@@ -87,6 +87,11 @@ class RunPaths:
     @property
     def predictions(self) -> Path:
         return self.evaluation / "predictions.csv"
+
+    @property
+    def test_predictions(self) -> Path:
+        """Each fold model's and the ensemble's p(HGG) on the held-out test set (runs with one)."""
+        return self.evaluation / "test_predictions.csv"
 
     def cam_montage(self, k: int) -> Path:
         """Fold k's most confident right and wrong patients with their CAM (evaluate.py --cam)."""

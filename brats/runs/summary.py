@@ -94,6 +94,10 @@ class Summary:
     pooled: dict[str, Any]  # n, hgg, lgg, majority_class_accuracy, auc and auc_ci95 when defined
     calibration: dict[str, Any] | None = None  # brats.evaluation.calibration.summarize_calibration
     decision: dict[str, Any] = field(default_factory=dict)  # brats.deploy.contract.Decision.to_dict
+    confound: dict[str, Any] | None = None  # brats.evaluation.confound.site_confound
+    test_set: dict[str, Any] | None = None  # brats.evaluation.test_set.score_test_set (runs with one)
+    # the decision an ensemble ships: fitted on its own test-set predictions (empty without a test set)
+    ensemble_decision: dict[str, Any] = field(default_factory=dict)
 
     def fold(self, k: int) -> FoldRow:
         return next(row for row in self.folds if row.fold == k)
@@ -101,6 +105,9 @@ class Summary:
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["folds"] = [row.to_json() for row in self.folds]
+        for optional in ("confound", "test_set", "ensemble_decision"):  # absent from older files
+            if not d[optional]:
+                del d[optional]
         return d
 
     def write(self, path: str | Path) -> None:
@@ -121,8 +128,11 @@ class Summary:
         if "auc" in pooled:
             _proportion(pooled["auc"], "pooled auc")
         decision = d.get("decision") or {}
-        if not isinstance(decision, dict):
-            raise ValueError(f"decision is a {type(decision).__name__}")
+        for name in ("decision", "ensemble_decision", "confound", "test_set"):
+            if not isinstance(d.get(name) or {}, dict):
+                raise ValueError(f"{name} is a {type(d[name]).__name__}")
+        if d.get("test_set"):
+            _proportion(d["test_set"]["ensemble"]["single_fold_decision"]["auc"], "test-set auc")
         return cls(
             run=str(d.get("run", "")),
             protocol=protocol,
@@ -134,6 +144,9 @@ class Summary:
             pooled=pooled,
             calibration=d.get("calibration"),
             decision=decision,
+            confound=d.get("confound"),
+            test_set=d.get("test_set"),
+            ensemble_decision=d.get("ensemble_decision") or {},
         )
 
     @classmethod

@@ -23,6 +23,7 @@ LOSSES = ("ce", "ldam")
 SAMPLERS = ("inverse_freq", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 CACHE_DEVICES = ("auto", "cuda", "cpu", "off")
+GROUP_BY = ("collection",)  # what --group-by keeps together (brats.data.cohort.collection_of)
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # eager backends trace but generate no code
 
 
@@ -35,6 +36,8 @@ class TrainConfig:
     folds: int = 5  # K of the stratified K-fold (seed: 5-fold CV)
     split_seed: int = 42  # seed of the fold assignment, shared by every policy
     inner_val: float = 0.0  # >0: this fraction of the training patients chooses the epoch (unbiased)
+    test_fraction: float = 0.0  # >0: a stratified test set held out of every fold (scores the ensemble)
+    group_by: str | None = None  # "collection": each data collection in one validation fold
     select: str = "best"  # best: the epoch of the best val AUC (RECIPE.md 6.6); last: each fold's last epoch
     size: int = 128  # cube side when `data` is raw (RECIPE.md 6.2: 128^3)
     # --- model
@@ -132,6 +135,17 @@ def make_config(policy: str = "final", **overrides: Any) -> TrainConfig:
     return cfg
 
 
+def split_spec(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings the run's splits are made with (brats.data.folds.load_or_make_splits)."""
+    return {
+        "k": cfg.folds,
+        "seed": cfg.split_seed,
+        "inner_val": cfg.inner_val,
+        "test_fraction": cfg.test_fraction,
+        "group_by": cfg.group_by,
+    }
+
+
 def validate(cfg: TrainConfig) -> None:
     """Collect every problem, raise once with all of them."""
     problems = []
@@ -152,6 +166,11 @@ def validate(cfg: TrainConfig) -> None:
     check(0 <= cfg.fold < cfg.folds, f"--fold {cfg.fold}: must be in 0..{cfg.folds - 1}")
     check(cfg.select in SELECT, f"--select {cfg.select!r}: choose one of {SELECT}")
     check(0.0 <= cfg.inner_val < 0.5, f"--inner-val {cfg.inner_val}: use 0 (off) or a fraction below 0.5")
+    check(
+        0.0 <= cfg.test_fraction < 0.5,
+        f"--test-fraction {cfg.test_fraction}: use 0 (off) or a fraction below 0.5",
+    )
+    check(cfg.group_by in (None, *GROUP_BY), f"--group-by {cfg.group_by!r}: choose {' or '.join(GROUP_BY)}")
     check(cfg.size >= 16, f"--size {cfg.size}: at least 16 voxels")
     check(
         len(cfg.modalities) > 0 and all(m in MODALITIES for m in cfg.modalities),

@@ -81,7 +81,7 @@ from brats.runs.identity import (
 from brats.runs.keeper import Candidate, CheckpointKeeper, FoldRecord
 from brats.runs.paths import RunPaths
 from brats.training.augment import augment_batch
-from brats.training.config import TrainConfig
+from brats.training.config import TrainConfig, split_spec
 from brats.training.datasets import (
     CachedVolumes,
     ResidentVolumes,
@@ -219,7 +219,7 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> Fo
     with accelerator.main_process_first():
         cached = open_data(cfg.data, cfg.size)
         ids, labels = cached.patient_ids, cached.labels.tolist()
-        splits = load_or_make_splits(paths.splits, ids, labels, cfg.folds, cfg.split_seed, cfg.inner_val)
+        splits = load_or_make_splits(paths.splits, ids, labels, groups=cached.collections, **split_spec(cfg))
         if accelerator.is_main_process:
             check_run_config(paths.root, cfg)
             check_run_preprocess(paths.root, cached.preprocess)
@@ -229,7 +229,8 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> Fo
     class_counts = np.bincount(train_labels, minlength=2).tolist()
     log.info(
         f"fold {cfg.fold}: {len(train_idx)} train ({class_counts[1]} HGG, {class_counts[0]} LGG), "
-        f"{len(val_idx)} val; {protocol(splits.inner_val, cfg.select)}; "
+        f"{len(val_idx)} val{f', {len(splits.test)} held out as the test set' if splits.test else ''}; "
+        f"{protocol(splits.inner_val, cfg.select)}; "
         f"policy {cfg.policy}; channels {','.join(cfg.modalities)}; "
         f"{accelerator.num_processes} process(es) on {accelerator.device.type}; effective batch "
         f"{cfg.batch_size} x {cfg.grad_accum} x {accelerator.num_processes} = "
