@@ -244,3 +244,36 @@ def test_missing_modality_lists_the_names_tried(cohort18, tmp_path):
     (folder / "P_t1ce.nii.gz").rename(folder / "P_t1_contrast.nii.gz")
     (msg,) = [str(e) for e in find_cases(folder, labelled=False).problems]
     assert msg.startswith("P: missing modality t1ce (looked for P_t1ce.nii[.gz]") and "t1gd" in msg
+
+
+def test_the_collection_comes_from_the_id_the_2020_mapping_or_a_manifest_column(cohort18, tmp_path):
+    from brats.data.cohort import collection_of
+
+    ids = ["Brats18_2013_10_1", "Brats18_CBICA_AAB_1", "Brats18_TCIA01_131_1", "BraTS19_TMC_06290_1"]
+    assert [collection_of(p) for p in ids] == ["2013", "CBICA", "TCIA01", "TMC"]
+    assert collection_of("BraTS20_Training_001") is None and collection_of("BraTS-GLI-00000-000") is None
+    assert {c.collection for c in find_cases(cohort18).cases} == {"SYN"}  # Brats18_SYN_0000_1
+    # BraTS 2020: the id names no collection; name_mapping.csv gives the 2019 id beside it
+    root = tmp_path / "brats20"
+    root.mkdir()
+    rows = []
+    for i, d in enumerate(case_dirs(cohort18)):
+        new = f"BraTS20_Training_{i:03d}"
+        shutil.copytree(d, root / new)
+        for f in (root / new).iterdir():
+            f.rename(f.with_name(f.name.replace(d.name, new)))
+        older = ["Brats18_CBICA_A{i}_1", "NA"][i % 2].format(i=i)
+        rows.append([d.parent.name, older, new])
+    with (root / "name_mapping.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["Grade", "BraTS_2019_subject_ID", "BraTS_2020_subject_ID"], *rows])
+    got = {c.patient_id: c.collection for c in find_cases(root).cases}
+    assert got["BraTS20_Training_000"] == "CBICA" and got["BraTS20_Training_001"] is None
+    # a manifest's collection column wins over the id
+    manifest = tmp_path / "m.csv"
+    with manifest.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient_id", "label", *MODALITIES, "collection"])
+        for c in find_cases(cohort18).cases:
+            w.writerow([c.patient_id, c.label, *c.paths, "HOSPITAL_A" if c.label else ""])
+    got = {c.label: c.collection for c in find_cases(manifest).cases}
+    assert got == {1: "HOSPITAL_A", 0: "SYN"}

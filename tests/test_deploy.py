@@ -77,6 +77,10 @@ def test_ensemble_export(exported, cache20, tmp_path):
     assert card["ensemble"] and [s["fold"] for s in card["sources"]] == [0, 1, 2, 3, 4]
     assert card["parity_max_abs_diff"] <= 1e-4 and card["cam_parity_max_rel_diff"] <= 1e-4
     assert out.stat().st_size > 4 * (run / "model.onnx").stat().st_size
+    # no test set: the decision was fitted on single fold models, and the card says its transfer is unmeasured
+    perf = card["performance"]
+    assert perf["decision_fitted_on"] == "single_fold_out_of_fold" and "unmeasured" in perf["transfer"]
+    assert perf["expected"].startswith("unmeasured for the ensemble") and perf["fold_logit_sd"]["q90"] > 0
     # Its map is the mean of the folds' maps, each fold's model as the policy chose it.
     x = np.stack([np.asarray(v, dtype=np.float32) for v in open_cache(cache20).volumes[:2]])
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -690,13 +694,52 @@ def test_new_patients_beside_the_out_of_fold_accuracy_say_why_they_differ():
         provenance = {"cv_summary": {**cv, "optimistic": optimistic}, "ensemble": ensemble}
         return SimpleNamespace(provenance=provenance, decision=SimpleNamespace(threshold=0.7))
 
-    agree = compare_out_of_fold(grader(True, False), None, 0.8, 0.95)
-    assert "accuracy 0.87" in agree and "over 60 patients" in agree and agree.endswith("the two agree")
-    apart = compare_out_of_fold(grader(True, False), None, 0.48, 0.85)
+    agree = compare_out_of_fold(grader(True, False), None, 17, 20)  # 0.85 beside 0.87 of 60
+    assert "accuracy 0.87" in agree and "over 60 patients" in agree
+    assert "new minus evaluated -0.02 (95% CI" in agree and agree.endswith("the difference is within chance")
+    apart = compare_out_of_fold(grader(True, False), None, 8, 20)
     assert "more than chance separates the two" in apart and "the ensemble averages" in apart
     assert "optimistic" not in apart  # the last epoch of each fold: nothing was chosen on the scored fold
-    single = compare_out_of_fold(grader(False, True), None, 0.48, 0.85)
+    single = compare_out_of_fold(grader(False, True), None, 8, 20)
     assert "optimistic" in single and "ensemble" not in single
-    assert "not at --threshold 0.5" in compare_out_of_fold(grader(False, False), 0.5, 0.48, 0.85)
+    assert "not at --threshold 0.5" in compare_out_of_fold(grader(False, False), 0.5, 8, 20)
+
+
+def test_newcombe_interval_of_a_difference_of_two_proportions():
+    """Newcombe (Statistics in Medicine 1998), method 10, his worked examples."""
+    from brats.deploy.report import newcombe_interval
+
+    assert [round(v, 4) for v in newcombe_interval(56, 70, 48, 80)] == [0.0524, 0.3339]
+    assert [round(v, 4) for v in newcombe_interval(9, 10, 3, 10)] == [0.1705, 0.8090]
+
+
+def test_an_ensemble_with_a_test_set_is_compared_with_its_own_test_set_figures():
+    from types import SimpleNamespace
+
+    from brats.deploy.report import compare_out_of_fold, describe_decision
+
+    test = {"n": 30, "operating_point": {"accuracy": 0.9, "sensitivity": 0.95, "specificity": 0.75}}
+    perf = {
+        "decision_fitted_on": "ensemble_test_set",
+        "test_set": test,
+        "expected": "test-set AUC 0.930 on 30",
+    }
+    provenance = {"performance": perf, "ensemble": True, "cv_summary": {"pooled": {"n": 60}}}
+    decision = SimpleNamespace(threshold=0.6, calibration="none", rule="youden", slope=1.0, intercept=0.0)
+    grader = SimpleNamespace(provenance=provenance, decision=decision, threshold=0.6)
+    said = compare_out_of_fold(grader, None, 18, 20)
+    assert said.startswith(
+        "the ensemble on its held-out test set (cross-fitted) at the same decision: accuracy 0.90"
+    )
+    assert "over 30 patients" in said and "each fold model's probabilities" not in said
+    assert "\nexpected: test-set AUC 0.930 on 30" in describe_decision(grader, None)
+    unmeasured = {
+        "transfer": "how well the decision transfers to it is unmeasured",
+        "fold_logit_sd": {"median": 0.8},
+    }
+    grader.provenance = {**provenance, "performance": unmeasured}
+    assert "unmeasured (the fold models' logits differ by SD 0.80 per patient" in describe_decision(
+        grader, None
+    )
     empty = SimpleNamespace(provenance={}, decision=SimpleNamespace(threshold=0.5))
-    assert "not in this model's metadata" in compare_out_of_fold(empty, None, 0.0, 1.0)
+    assert "not in this model's metadata" in compare_out_of_fold(empty, None, 0, 1)

@@ -115,41 +115,65 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
-def compare_out_of_fold(grader: Grader, override: float | None, lo: float, hi: float) -> str:
-    """One line setting the new patients' accuracy beside the model's out-of-fold accuracy at the
-    same decision, and whether the two agree within the new patients' CI."""
+def newcombe_interval(k1: int, n1: int, k2: int, n2: int, z: float = 1.96) -> tuple[float, float]:
+    """95% CI of the difference k1/n1 - k2/n2 of two independent proportions (Newcombe's hybrid
+    score interval, from each proportion's Wilson interval): sound for small n and for
+    proportions near 0 or 1, where the simple Wald interval is not."""
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson_interval(k1, n1, z)
+    l2, u2 = wilson_interval(k2, n2, z)
+    d = p1 - p2
+    return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
+def reference_point(grader: Grader) -> tuple[dict | None, int, str]:
+    """The accuracy the model's own evaluation measured at its decision, over how many
+    patients, and where: the ensemble's own test-set figures when its decision was fitted there,
+    else the single fold models' pooled out-of-fold figures."""
+    perf = grader.provenance.get("performance") or {}
+    if perf.get("decision_fitted_on") == "ensemble_test_set" and "test_set" in perf:
+        test = perf["test_set"]
+        return test["operating_point"], int(test["n"]), "the ensemble on its held-out test set (cross-fitted)"
     cv = grader.provenance.get("cv_summary") or {}
     point = (cv.get("calibration") or {}).get("operating_point")
-    if not point:
+    n = int((cv.get("pooled") or {}).get("n", 0))
+    ensemble = bool(grader.provenance.get("ensemble"))
+    who = "the fold models this ensemble averages" if ensemble else "the fold models"
+    return point, n, f"out-of-fold ({who}, each on patients it never trained on)"
+
+
+def compare_out_of_fold(grader: Grader, override: float | None, right: int, graded: int) -> str:
+    """One line setting the new patients' accuracy beside the accuracy the model's evaluation
+    measured at the same decision, with the 95% CI of their difference (both are estimates)."""
+    point, n, where = reference_point(grader)
+    if not point or not n:
         return "out-of-fold accuracy: not in this model's metadata (export it again to compare)"
-    n = (cv.get("pooled") or {}).get("n", "?")
     if override is not None and override != grader.decision.threshold:
         return (
-            f"out-of-fold accuracy {point['accuracy']:.2f} over {n} patients was measured at threshold "
+            f"{where}: accuracy {point['accuracy']:.2f} over {n} patients was measured at threshold "
             f"{grader.decision.threshold:.4g}, not at --threshold {override:g}"
         )
-    acc, ensemble = point["accuracy"], bool(grader.provenance.get("ensemble"))
-    reasons = ["these patients differ from the cross-validation cohort"]
-    if cv.get("optimistic"):
+    acc = point["accuracy"]
+    lo, hi = newcombe_interval(right, graded, round(acc * n), n)
+    cv = grader.provenance.get("cv_summary") or {}
+    reasons = ["these patients differ from the patients the model was evaluated on"]
+    if cv.get("optimistic") and where.startswith("out-of-fold"):
         reasons.append(
             "the out-of-fold figure is optimistic (each fold's epoch was chosen on the patients scored)"
         )
-    if ensemble:
+    if grader.provenance.get("ensemble") and where.startswith("out-of-fold"):
         reasons.append(
             "the decision was fitted on each fold model's probabilities, and the ensemble averages them"
         )
     verdict = (
-        "inside the new patients' 95% CI: the two agree"
-        if lo <= acc <= hi
-        else "outside the new patients' 95% CI: more than chance separates the two (either "
-        + ", or ".join(reasons)
-        + ")"
+        "the difference is within chance"
+        if lo <= 0 <= hi
+        else "more than chance separates the two (either " + ", or ".join(reasons) + ")"
     )
-    who = "the fold models this ensemble averages" if ensemble else "the fold models"
     return (
-        f"out-of-fold ({who}, each on patients it never trained on) at the same decision: "
-        f"accuracy {acc:.2f} (sensitivity {point['sensitivity']:.2f}, "
-        f"specificity {point['specificity']:.2f}) over {n} patients, {verdict}"
+        f"{where} at the same decision: accuracy {acc:.2f} (sensitivity {point['sensitivity']:.2f}, "
+        f"specificity {point['specificity']:.2f}) over {n} patients; new minus evaluated "
+        f"{right / graded - acc:+.2f} (95% CI {lo:+.2f} to {hi:+.2f}, Newcombe): {verdict}"
     )
 
 
@@ -163,7 +187,17 @@ def describe_decision(grader: Grader, override: float | None) -> str:
     else:
         cal = "p_hgg as the model gives it (not calibrated)"
     source = "--threshold" if override is not None else f"the model's, rule {d.rule}"
-    return f"{cal}; HGG when p_hgg >= {grader.threshold:.4g} ({source})"
+    line = f"{cal}; HGG when p_hgg >= {grader.threshold:.4g} ({source})"
+    perf = grader.provenance.get("performance") or {}
+    if perf.get("expected"):
+        line += f"\nexpected: {perf['expected']}"
+    if perf.get("transfer"):
+        sd = perf.get("fold_logit_sd")
+        spread = (
+            f" (the fold models' logits differ by SD {sd['median']:.2f} per patient, median)" if sd else ""
+        )
+        line += f"\nnote: {perf['transfer']}{spread}"
+    return line
 
 
 def seen_in_training(grader: Grader, results: list[Prediction]) -> set[str]:
@@ -262,5 +296,4 @@ def accuracy_lines(
             f"{right}/{len(group)} {who} patients match the grade on disk (95% CI {lo:.0%}-{hi:.0%})"
         )
     right = sum(r.prediction == truth[r.patient_id] for r in graded)
-    lo, hi = wilson_interval(right, len(graded))
-    return [*lines, compare_out_of_fold(grader, override, lo, hi)]
+    return [*lines, compare_out_of_fold(grader, override, right, len(graded))]
