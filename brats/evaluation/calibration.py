@@ -97,26 +97,37 @@ SLOPE_CAP = 100.0  # a larger fitted slope means the grades are (nearly) separat
 
 
 def _logistic(z: np.ndarray, y: np.ndarray, with_slope: bool) -> tuple[float, float]:
-    """Newton-Raphson fit of P(HGG) = sigmoid(a z + b) (a fixed at 1 without `with_slope`);
-    returns (a, b). Stops at SLOPE_CAP when the grades are separated."""
+    """Maximum-likelihood fit of P(HGG) = sigmoid(a z + b) (a fixed at 1 without `with_slope`)
+    by Newton's method with step halving (each step must raise the likelihood); returns (a, b).
+    When the grades are (nearly) separated the likelihood keeps rising with |a|: the fit stops
+    at SLOPE_CAP."""
+
+    def loglik(a: float, b: float) -> float:
+        s = a * z + b
+        return float(np.sum(y * s - np.logaddexp(0.0, s)))
+
     a, b = 1.0, 0.0
-    for _ in range(50):
-        s = np.clip(a * z + b, -30, 30)
-        q = 1 / (1 + np.exp(-s))
+    current = loglik(a, b)
+    for _ in range(100):
+        q = 1 / (1 + np.exp(-np.clip(a * z + b, -500, 500)))
         w = np.maximum(q * (1 - q), 1e-12)
         if with_slope:
             grad = np.array([np.sum((y - q) * z), np.sum(y - q)])
-            hess = np.array([[np.sum(w * z * z), np.sum(w * z)], [np.sum(w * z), np.sum(w)]]) + 1e-9 * np.eye(
-                2
-            )
-            step = np.linalg.solve(hess, grad)
-            a, b = a + step[0], b + step[1]
+            hess = np.array([[np.sum(w * z * z), np.sum(w * z)], [np.sum(w * z), np.sum(w)]])
+            step = np.linalg.solve(hess + 1e-9 * np.eye(2), grad)
         else:
             step = np.array([0.0, np.sum(y - q) / np.sum(w)])
-            b += step[1]
-        if abs(a) > SLOPE_CAP:
+        for _ in range(30):
+            trial = loglik(a + step[0], b + step[1])
+            if trial >= current:
+                break
+            step = step / 2
+        else:
+            break  # no step raises the likelihood: at the optimum to machine precision
+        a, b, current = a + step[0], b + step[1], trial
+        if abs(a) >= SLOPE_CAP:
             return float(np.sign(a) * SLOPE_CAP), float(b)
-        if np.max(np.abs(step)) < 1e-10:
+        if np.max(np.abs(step)) < 1e-9:
             break
     return float(a), float(b)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from brats.evaluation.calibration import SLOPE_CAP
 from brats.evaluation.verification import precision_name
 from brats.runs.summary import Summary
 
@@ -109,14 +110,26 @@ def pooled_versus_mean(summary: Summary) -> list[str]:
     ]
 
 
+def _number(v: float) -> str:
+    return f"{'>=' if v >= SLOPE_CAP else '<=' if v <= -SLOPE_CAP else ''}{v:.2f}"
+
+
+def slope_text(figures: dict) -> str:
+    """The calibration slope and its CI ("-" where not defined)."""
+    if "slope" not in figures:
+        return "-"
+    lo, hi = figures["slope_ci95"]
+    return f"{_number(figures['slope'])} ({_number(lo)} to {_number(hi)})"
+
+
 def line_of(figures: dict) -> str:
     """The calibration slope and intercept with their CIs (brats.evaluation.calibration)."""
     if "slope" not in figures:
         return ""
-    s, i = figures["slope_ci95"], figures["intercept_ci95"]
+    i = figures["intercept_ci95"]
     return (
-        f"calibration slope {figures['slope']:.2f} (95% CI {s[0]:.2f} to {s[1]:.2f}), intercept "
-        f"{figures['intercept']:.2f} ({i[0]:.2f} to {i[1]:.2f})"
+        f"calibration slope {slope_text(figures)}, intercept {figures['intercept']:.2f} "
+        f"({i[0]:.2f} to {i[1]:.2f})"
     )
 
 
@@ -143,7 +156,7 @@ def test_set_markdown(test: dict) -> list[str]:
         op, (a, b) = f["operating_point"], f["auc_ci95"]
         lines.append(
             f"| {name} | {f['auc']:.3f} ({a:.3f}-{b:.3f}) | {op['accuracy']:.3f} | {op['sensitivity']:.3f} | "
-            f"{op['specificity']:.3f} | {f['brier']:.3f} | {line_of(f).split(', intercept')[0]} |"
+            f"{op['specificity']:.3f} | {f['brier']:.3f} | {slope_text(f)} |"
         )
     op = own["operating_point"]
     brier = own["calibrated" if "calibrated" in own else "raw"]["brier"]

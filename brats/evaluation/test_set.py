@@ -71,7 +71,13 @@ def score_test_set(
     own decision) and that decision."""
     labels = np.asarray(labels).astype(int)
     p_ens = np.mean(list(fold_p.values()), axis=0)
-    decision, own = decide(labels, p_ens, cross_fit_folds(labels), calibrate, threshold, force)
+    parts = cross_fit_folds(labels)
+    decision, own = decide(labels, p_ens, parts, calibrate, threshold, force)
+    if len(np.unique(parts)) > 1 and own["how"].startswith("cross-fitted"):
+        own["how"] = (
+            f"cross-fitted: the test set in {len(np.unique(parts))} stratified parts, each decided by a "
+            "decision fitted on the others"
+        )
     return {
         "n": int(len(labels)),
         "hgg": int(labels.sum()),
