@@ -66,7 +66,7 @@ cv: $(STAMP)
 ifeq ($(strip $(GPUS)),)
 	$(ACCEL) train.py --fold "$(FOLDS)" --data $(DATA) --run $(RUN) --resume $(TRAIN_ARGS)
 else
-	$(BIN)/python -m brats.cv --gpus "$(GPUS)" --folds "$(FOLDS)" --data $(DATA) --run $(RUN) --size $(SIZE) -- $(TRAIN_ARGS)
+	$(BIN)/python -m brats.cv --gpus "$(GPUS)" --fold "$(FOLDS)" --data $(DATA) --run $(RUN) --size $(SIZE) -- $(TRAIN_ARGS)
 endif
 	$(BIN)/python evaluate.py --run $(RUN) $(EVAL_ARGS)
 

@@ -1,6 +1,6 @@
 """Re-score every fold's best checkpoint by the explicit policy, verify it, write the CV report.
 
-    python evaluate.py --run runs/cv [--folds 0,1] [--strict] [--trust-checkpoints] [--cam]
+    python evaluate.py --run runs/cv [--fold 0,1] [--strict] [--trust-checkpoints] [--cam]
     python evaluate.py --run runs/cv --calibrate platt --threshold youden
 
 Policy (RECIPE.md 6.6): best_ema.pt if the run used EMA and it exists, else best.pt, else an error;
@@ -22,28 +22,36 @@ from typing import Annotated
 
 import typer
 
-from brats.errors import BratsError, exit_on_error, run_cli
+from brats.errors import BratsError, command_app, exit_on_error, run_cli
 from brats.runs.paths import RunPaths
 
-app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+app = command_app(__doc__)
 
 
 @app.command()
 @exit_on_error
 def main(
     run: Annotated[Path, typer.Option(help="run folder written by train.py")] = Path("runs/cv"),
-    folds: Annotated[str | None, typer.Option(help="comma list of folds to evaluate [all]")] = None,
+    folds: Annotated[
+        str | None,
+        typer.Option("--fold", "--folds", help="fold(s) to evaluate: 0,1,2 or all [default: all]"),
+    ] = None,
     strict: Annotated[
-        bool, typer.Option("--strict", help="re-scored vs stored AUC > 0.01 is an error")
+        bool,
+        typer.Option(
+            "--strict",
+            help="a checkpoint whose re-score differs from what it stored is an error [default: off]",
+        ),
     ] = False,
     trust_checkpoints: Annotated[
         bool,
         typer.Option(
-            "--trust-checkpoints", help="allow full unpickling of checkpoints you made (PyTorch >= 2.6)"
+            "--trust-checkpoints",
+            help="allow full unpickling of checkpoints you made (PyTorch >= 2.6) [default: off]",
         ),
     ] = False,
-    data: Annotated[str | None, typer.Option(help="cache to score on [the run's --data]")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda [cuda when available]")] = None,
+    data: Annotated[str | None, typer.Option(help="cache to score on [default: the run's --data]")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda [default: cuda when available]")] = None,
     calibrate: Annotated[
         str, typer.Option(help="fit p(HGG) on the out-of-fold predictions: none, temperature or platt")
     ] = "none",
@@ -54,21 +62,25 @@ def main(
         bool,
         typer.Option(
             "--force-calibration",
-            help="keep --calibrate even where it makes the cross-fitted Brier score or log loss worse",
+            help="keep --calibrate even where it makes the cross-fitted Brier score or log loss worse "
+            "[default: off]",
         ),
     ] = False,
     cam: Annotated[
         bool,
         typer.Option(
-            "--cam", help="also draw each fold's most confident right and wrong patients with the model's CAM"
+            "--cam",
+            help="also draw each fold's most confident right and wrong patients with the model's CAM "
+            "[default: off]",
         ),
     ] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        wanted = [int(f) for f in folds.split(",")] if folds else None
+        chosen = folds.strip().lower() if folds else "all"
+        wanted = None if chosen == "all" else [int(f) for f in chosen.replace(",", " ").split()]
     except ValueError as e:
-        raise BratsError(f"--folds {folds!r}: give fold numbers like 0,1,2") from e
+        raise BratsError(f"--fold {folds!r}: give fold numbers like 0,1,2, or all") from e
     from brats.evaluation.cross_validation import evaluate_run
 
     summary = evaluate_run(

@@ -20,9 +20,9 @@ from typing import Annotated
 
 import typer
 
-from brats.errors import BratsError, exit_on_error, run_cli
+from brats.errors import BratsError, command_app, exit_on_error, run_cli
 
-app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+app = command_app(__doc__)
 
 
 @app.command()
@@ -31,24 +31,35 @@ def main(
     run: Annotated[Path, typer.Option(help="run folder (trained; evaluated first when needed)")] = Path(
         "runs/cv"
     ),
-    fold: Annotated[int | None, typer.Option(help="export this fold [best re-scored val AUC]")] = None,
-    ensemble: Annotated[bool, typer.Option("--ensemble", help="every trained fold in one graph")] = False,
-    out: Annotated[Path | None, typer.Option(help="output .onnx [RUN/model.onnx]")] = None,
+    fold: Annotated[
+        int | None, typer.Option(help="export this fold [default: the fold with the best re-scored val AUC]")
+    ] = None,
+    ensemble: Annotated[
+        bool, typer.Option("--ensemble", help="every trained fold in one graph [default: off]")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="output .onnx [default: RUN/model.onnx, or RUN/model_ensemble.onnx]")
+    ] = None,
     exporter: Annotated[str, typer.Option(help="torchscript (fast) or dynamo")] = "torchscript",
     data: Annotated[
-        str | None, typer.Option(help="cache to evaluate on and take parity inputs from [the run's --data]")
+        str | None,
+        typer.Option(help="cache to evaluate on and take parity inputs from [default: the run's --data]"),
     ] = None,
     trust_checkpoints: Annotated[
-        bool, typer.Option("--trust-checkpoints", help="allow unpickling your own old checkpoints")
+        bool,
+        typer.Option("--trust-checkpoints", help="allow unpickling your own old checkpoints [default: off]"),
     ] = False,
     allow_unfinished: Annotated[
-        bool, typer.Option("--allow-unfinished", help="export folds whose training did not finish")
+        bool,
+        typer.Option("--allow-unfinished", help="export folds whose training did not finish [default: off]"),
     ] = False,
     doubt: Annotated[
         bool,
         typer.Option(
             "--doubt/--no-doubt",
-            help="measure the model's doubt on the cohort (each fold model on each patient) for predict",
+            help="measure the model's doubt on the cohort (each fold model on each patient) for predict "
+            "[default: on]",
+            show_default=False,
         ),
     ] = True,
 ) -> None:

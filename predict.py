@@ -41,7 +41,7 @@ from brats.deploy.report import (
     summary_line,
     table_lines,
 )
-from brats.errors import BratsError, exit_on_error, run_cli
+from brats.errors import BratsError, command_app, exit_on_error, run_cli
 from brats.io.atomic import (
     check_output_dir,
     check_output_file,
@@ -50,7 +50,7 @@ from brats.io.atomic import (
     write_csv_atomic,
 )
 
-app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+app = command_app(__doc__)
 
 
 @app.command()
@@ -61,10 +61,12 @@ def main(
         list[Path] | None, typer.Argument(readable=False, help="patient folders or cohort roots")
     ] = None,
     out: Annotated[Path, typer.Option(help="CSV to write")] = Path("predictions.csv"),
-    t1: Annotated[Path | None, typer.Option(readable=False, help="one patient's T1 file")] = None,
-    t1ce: Annotated[Path | None, typer.Option(readable=False, help="... T1ce file")] = None,
-    t2: Annotated[Path | None, typer.Option(readable=False, help="... T2 file")] = None,
-    flair: Annotated[Path | None, typer.Option(readable=False, help="... FLAIR file")] = None,
+    t1: Annotated[
+        Path | None, typer.Option(readable=False, help="one patient's T1 file [default: none]")
+    ] = None,
+    t1ce: Annotated[Path | None, typer.Option(readable=False, help="... T1ce file [default: none]")] = None,
+    t2: Annotated[Path | None, typer.Option(readable=False, help="... T2 file [default: none]")] = None,
+    flair: Annotated[Path | None, typer.Option(readable=False, help="... FLAIR file [default: none]")] = None,
     patient_id: Annotated[
         str, typer.Option("--id", help="patient id for --t1/--t1ce/--t2/--flair")
     ] = "patient",
@@ -78,11 +80,14 @@ def main(
         ),
     ] = "fail",
     threshold: Annotated[
-        float | None, typer.Option(help="HGG when p_hgg >= this [the model's, chosen at evaluation]")
+        float | None, typer.Option(help="HGG when p_hgg >= this [default: the model's, chosen at evaluation]")
     ] = None,
     cam: Annotated[
         Path | None,
-        typer.Option(help="folder for each patient's class activation map (<id>_cam.nii.gz, <id>_cam.png)"),
+        typer.Option(
+            help="folder for each patient's class activation map (<id>_cam.nii.gz, <id>_cam.png) "
+            "[default: none]"
+        ),
     ] = None,
 ) -> None:
     if batch_size < 1:

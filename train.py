@@ -18,10 +18,10 @@ from typing import Annotated
 
 import typer
 
-from brats.errors import BratsError, exit_on_error, run_cli
-from brats.training.config import make_config
+from brats.errors import BratsError, command_app, exit_on_error, run_cli
+from brats.training.config import BASELINE, TrainConfig, make_config
 
-app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+app = command_app(__doc__)
 
 
 def parse_folds(text: str, k_total: int) -> list[int]:
@@ -39,98 +39,219 @@ def parse_folds(text: str, k_total: int) -> list[int]:
     return list(dict.fromkeys(folds))  # in the order given, each once
 
 
+FINAL = TrainConfig()
+
+
+def default(name: str, zero: str = "") -> str:
+    """The option's default under the final policy and, where it differs, the baseline's; `zero`
+    says what 0 means for this option."""
+
+    def show(v) -> str:
+        if isinstance(v, tuple):
+            return ",".join(v)
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        if v is None:
+            return "none"
+        if v == 0 and zero:
+            return f"0 ({zero})"
+        if isinstance(v, float):
+            return f"{v:.0e}".replace("e-0", "e-") if 0 < abs(v) < 1e-3 else f"{v:g}"
+        return str(v)
+
+    text = f"default: {show(getattr(FINAL, name))}"
+    if name in BASELINE and BASELINE[name] != getattr(FINAL, name):
+        text += f"; baseline: {show(BASELINE[name])}"
+    return f"[{text}]"
+
+
+DATA, MODEL, OPTIM, POLICY, HARDWARE, RUN = (
+    "Data and folds",
+    "Model",
+    "Optimisation",
+    "Policy (the training report's two setups)",
+    "Hardware",
+    "Run",
+)
+
+
+def opt(help: str, panel: str, *names: str, **kw):
+    return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
+
+
 @app.command()
 @exit_on_error
 def main(
-    data: Annotated[
-        str, typer.Option(help="prepared cache, or a BraTS folder / CSV manifest (prepared first)")
-    ],
+    data: Annotated[str, opt("prepared cache, or a BraTS folder / CSV manifest (prepared first)", DATA)],
     fold: Annotated[
-        str, typer.Option(help="fold(s) to train, 0-based: 1, 0,2,4 or all (in turn, in this process)")
+        str, opt("fold(s) to train, 0-based: 1, 0,2,4 or all (one after the other, in this process)", DATA)
     ] = "0",
-    run: Annotated[Path, typer.Option(help="run folder (splits.json, config.json, fold_K/)")] = Path(
-        "runs/cv"
-    ),
-    policy: Annotated[str, typer.Option(help="final (RECIPE.md 6) or baseline (RECIPE.md 1)")] = "final",
-    folds: Annotated[int | None, typer.Option(help="K of the K-fold [5]")] = None,
-    split_seed: Annotated[int | None, typer.Option(help="fold assignment seed [42]")] = None,
+    run: Annotated[Path, opt("run folder (splits.json, config.json, fold_K/)", DATA)] = Path("runs/cv"),
+    k_folds: Annotated[
+        int | None, opt(f"K, the number of folds {default('folds')}", DATA, "--k-folds", "--folds")
+    ] = None,
+    split_seed: Annotated[int | None, opt(f"fold assignment seed {default('split_seed')}", DATA)] = None,
     inner_val: Annotated[
-        float | None, typer.Option(help="fraction of training patients that choose the epoch [0=off]")
+        float | None,
+        opt(
+            f"fraction of each fold's training patients that chooses the epoch {default('inner_val', 'off')}",
+            DATA,
+        ),
     ] = None,
     test_fraction: Annotated[
         float | None,
-        typer.Option(help="stratified test set held out of every fold, scored by evaluate.py [0=off]"),
+        opt(
+            "stratified test set held out of every fold, scored by evaluate.py (the exported ensemble is "
+            f"fitted and measured there) {default('test_fraction', 'off')}",
+            DATA,
+        ),
     ] = None,
     group_by: Annotated[
-        str | None, typer.Option(help="collection: each data collection in one validation fold [off]")
+        str | None, opt("collection: each data collection in one validation fold [default: off]", DATA)
     ] = None,
     select: Annotated[
         str | None,
-        typer.Option(help="epoch kept: best (val AUC) or last (no selection, no early stop) [best]"),
+        opt(f"epoch kept: best (val AUC) or last (no selection, no early stop) {default('select')}", DATA),
     ] = None,
-    size: Annotated[int | None, typer.Option(help="cube side when --data is raw [128]")] = None,
-    depth: Annotated[int | None, typer.Option(help="ResNet depth 10/18/34/50 [50]")] = None,
+    size: Annotated[int | None, opt(f"cube side when --data is raw {default('size')}", DATA)] = None,
+    policy: Annotated[
+        str,
+        opt(
+            "final: the training report's final setup (4 modalities, cross-entropy with a balanced sampler, "
+            "batch 4 x 2, backbone lr 1e-4, classifier 2x; RECIPE.md 6); baseline: its first setup (FLAIR "
+            "only, LDAM + DRW, batch 2 x 2, classifier 10x; RECIPE.md 1). Options left unset take the "
+            "policy's value",
+            POLICY,
+        ),
+    ] = "final",
+    loss: Annotated[str | None, opt(f"ce or ldam {default('loss')}", POLICY)] = None,
+    drw_start_epoch: Annotated[
+        int | None,
+        opt(f"deferred re-weighting from this epoch {default('drw_start_epoch', 'off')}", POLICY),
+    ] = None,
+    sampler: Annotated[str | None, opt(f"inverse_freq or none {default('sampler')}", POLICY)] = None,
+    augment: Annotated[
+        bool | None,
+        opt(f"spatial and intensity augmentation {default('augment')}", POLICY, "--augment/--no-augment"),
+    ] = None,
+    depth: Annotated[int | None, opt(f"ResNet depth 10/18/34/50 {default('depth')}", MODEL)] = None,
     layout: Annotated[
-        str | None, typer.Option(help="strided or medicalnet [strided; medicalnet with --pretrained]")
+        str | None, opt("strided or medicalnet [default: strided; medicalnet with --pretrained]", MODEL)
     ] = None,
-    modalities: Annotated[str | None, typer.Option(help="comma list of t1,t1ce,t2,flair [policy]")] = None,
-    dropout: Annotated[float | None, typer.Option(help="[0.4]")] = None,
+    modalities: Annotated[
+        str | None, opt(f"comma list of t1,t1ce,t2,flair {default('modalities')}", MODEL)
+    ] = None,
+    dropout: Annotated[float | None, opt(f"before the classifier {default('dropout')}", MODEL)] = None,
     pretrained: Annotated[
-        str | None, typer.Option(help="medicalnet (fetched for --depth, cached) or a MedicalNet .pth")
+        str | None,
+        opt("medicalnet (fetched for --depth, cached) or a MedicalNet .pth [default: none]", MODEL),
     ] = None,
-    max_epochs: Annotated[int | None, typer.Option(help="[60]")] = None,
-    min_epochs: Annotated[int | None, typer.Option(help="[15; baseline 10]")] = None,
-    patience: Annotated[int | None, typer.Option(help="[10; baseline 7]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="per process [4; baseline 2]")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="[2]")] = None,
-    lr: Annotated[float | None, typer.Option(help="backbone lr [1e-4]")] = None,
-    classifier_lr_mult: Annotated[float | None, typer.Option(help="[2; baseline 10]")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="[1e-4]")] = None,
-    warmup_epochs: Annotated[float | None, typer.Option(help="[3]")] = None,
+    max_epochs: Annotated[int | None, opt(f"{default('max_epochs')}", OPTIM)] = None,
+    min_epochs: Annotated[
+        int | None, opt(f"no early stop before this epoch {default('min_epochs')}", OPTIM)
+    ] = None,
+    patience: Annotated[
+        int | None, opt(f"epochs without a better val AUC before stopping {default('patience')}", OPTIM)
+    ] = None,
+    batch_size: Annotated[int | None, opt(f"per process {default('batch_size')}", OPTIM)] = None,
+    grad_accum: Annotated[int | None, opt(f"micro-batches per update {default('grad_accum')}", OPTIM)] = None,
+    effective_batch: Annotated[
+        int | None,
+        opt(
+            f"keep batch x accumulation x processes at this, e.g. 8 {default('effective_batch', 'off')}",
+            OPTIM,
+        ),
+    ] = None,
+    lr: Annotated[float | None, opt(f"backbone learning rate (Adam) {default('lr')}", OPTIM)] = None,
+    classifier_lr_mult: Annotated[
+        float | None, opt(f"classifier lr = lr x this {default('classifier_lr_mult')}", OPTIM)
+    ] = None,
+    weight_decay: Annotated[float | None, opt(f"{default('weight_decay')}", OPTIM)] = None,
+    warmup_epochs: Annotated[
+        float | None, opt(f"linear warm-up, then cosine {default('warmup_epochs')}", OPTIM)
+    ] = None,
     warmup_fraction: Annotated[
-        float | None, typer.Option(help="warm-up as a fraction of --max-epochs [0; baseline 0.1]")
-    ] = None,
-    max_grad_norm: Annotated[float | None, typer.Option(help="[0 = off]")] = None,
-    loss: Annotated[str | None, typer.Option(help="ce or ldam [policy]")] = None,
-    drw_start_epoch: Annotated[int | None, typer.Option(help="[0 = off; baseline 25]")] = None,
-    sampler: Annotated[str | None, typer.Option(help="inverse_freq or none [inverse_freq]")] = None,
-    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="[on]")] = None,
-    ema_decay: Annotated[float | None, typer.Option(help="0 = off; 0.995 when enabled [0]")] = None,
-    mixed_precision: Annotated[str | None, typer.Option(help="no/fp16/bf16 [accelerate config]")] = None,
-    sync_bn: Annotated[bool | None, typer.Option("--sync-bn/--no-sync-bn", help="[off]")] = None,
-    seed: Annotated[int | None, typer.Option(help="[42]")] = None,
-    state_every: Annotated[
         float | None,
-        typer.Option(help="seconds between state.pt writes (a new best always writes) [0: every epoch]"),
+        opt(f"warm-up as a fraction of --max-epochs {default('warmup_fraction', 'off')}", OPTIM),
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers, --cache-device off [2]")] = None,
+    max_grad_norm: Annotated[
+        float | None, opt(f"gradient clipping {default('max_grad_norm', 'off')}", OPTIM)
+    ] = None,
+    ema_decay: Annotated[
+        float | None, opt(f"EMA of the weights; 0.995 when used {default('ema_decay', 'off')}", OPTIM)
+    ] = None,
+    seed: Annotated[
+        int | None, opt(f"initialisation, sampling, augmentation {default('seed')}", OPTIM)
+    ] = None,
+    mixed_precision: Annotated[
+        str | None, opt("no, fp16 or bf16 [default: the accelerate config's; fp32 on a CPU]", HARDWARE)
+    ] = None,
+    sync_bn: Annotated[
+        bool | None,
+        opt(f"SyncBatchNorm across processes {default('sync_bn')}", HARDWARE, "--sync-bn/--no-sync-bn"),
+    ] = None,
     cache_device: Annotated[
-        str | None, typer.Option(help="fold volumes held on: auto (GPU if they fit), cuda, cpu, off [auto]")
+        str | None,
+        opt(
+            f"fold volumes held on: auto (GPU if they fit), cuda, cpu, off {default('cache_device')}",
+            HARDWARE,
+        ),
     ] = None,
-    val_batch_size: Annotated[int | None, typer.Option(help="validation batch [2 x batch]")] = None,
+    workers: Annotated[
+        int | None, opt(f"DataLoader workers with --cache-device off {default('workers')}", HARDWARE)
+    ] = None,
+    val_batch_size: Annotated[
+        int | None, opt(f"validation batch {default('val_batch_size', '2 x --batch-size')}", HARDWARE)
+    ] = None,
     channels_last: Annotated[
-        bool | None, typer.Option("--channels-last/--no-channels-last", help="channels_last_3d on GPU [on]")
+        bool | None,
+        opt(
+            f"channels_last_3d on a GPU {default('channels_last')}",
+            HARDWARE,
+            "--channels-last/--no-channels-last",
+        ),
     ] = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile (one-off cost)")] = False,
+    compile: Annotated[
+        bool, opt("torch.compile the model (one-off cost) [default: off]", HARDWARE, "--compile")
+    ] = False,
     compile_backend: Annotated[
-        str | None, typer.Option(help="torch.compile backend: inductor or aot_eager (no code generation)")
+        str | None, opt(f"inductor, or aot_eager (no code generation) {default('compile_backend')}", HARDWARE)
     ] = None,
     deterministic: Annotated[
-        bool, typer.Option("--deterministic", help="cuDNN deterministic kernels on a GPU")
+        bool, opt("deterministic algorithms on a GPU (slower) [default: off]", HARDWARE, "--deterministic")
     ] = False,
-    effective_batch: Annotated[
-        int | None, typer.Option(help="keep batch x accumulation x processes at this, e.g. 8 [off]")
+    cpu: Annotated[
+        bool,
+        opt(
+            "train on the CPU even with a GPU (gloo for several processes) [default: off]", HARDWARE, "--cpu"
+        ),
+    ] = False,
+    resume: Annotated[
+        bool,
+        opt(
+            "continue each fold after its last completed epoch; skip finished folds [default: off]",
+            RUN,
+            "--resume",
+        ),
+    ] = False,
+    state_every: Annotated[
+        float | None,
+        opt(
+            "seconds between state.pt writes (a new best always writes) "
+            f"{default('state_every', 'every epoch')}",
+            RUN,
+        ),
     ] = None,
-    cpu: Annotated[bool, typer.Option("--cpu", help="force the CPU (gloo for multi-process)")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="continue after the last completed epoch")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    progress: Annotated[
+        bool, opt("progress bars [default: on]", RUN, "--progress/--no-progress", show_default=False)
+    ] = True,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     cfg = make_config(
         policy,
         data=str(Path(data).resolve()),
         run=str(run),
-        folds=folds,
+        folds=k_folds,
         split_seed=split_seed,
         inner_val=inner_val,
         test_fraction=test_fraction,

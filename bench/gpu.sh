@@ -90,7 +90,7 @@ rows=$(($(cat "$tmp/run/fold_2/metrics.csv" 2> /dev/null | wc -l) - 1))
 check "kill -9 mid-fold, then --resume" $status "$survivors training(s) outlived the launcher; $rows epochs in metrics.csv"
 
 # 5. evaluate's re-score on the GPU
-$PY evaluate.py --run "$tmp/run" --folds 0,1,2 --device $DEV --strict > "$tmp/eval.log" 2>&1
+$PY evaluate.py --run "$tmp/run" --fold 0,1,2 --device $DEV --strict > "$tmp/eval.log" 2>&1
 check "evaluate re-scores on $DEV (--strict)" $? "$(grep -o 'per-patient max |dp| [^,(]*' "$tmp/eval.log" | sort | tail -n 1)"
 
 # 6. export

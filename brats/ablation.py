@@ -10,11 +10,11 @@ from typing import Annotated
 
 import typer
 
-from brats.errors import exit_on_error, run_cli
+from brats.errors import command_app, exit_on_error, run_cli
 from brats.evaluation.ablation import ablation_markdown
 from brats.io.atomic import check_output_file, write_text_atomic
 
-app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+app = command_app(__doc__)
 
 
 @app.command()
@@ -22,7 +22,9 @@ app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=F
 def main(
     before: Annotated[Path, typer.Argument(help="run of the baseline policy")],
     after: Annotated[Path, typer.Argument(help="run of the final policy")],
-    out: Annotated[Path | None, typer.Option(help="markdown file to write")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="markdown file to write [default: none, the table is printed]")
+    ] = None,
 ) -> None:
     if out:
         check_output_file(out, "--out")

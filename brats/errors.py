@@ -46,4 +46,38 @@ def run_cli(app: Callable[[], object]) -> None:
     ends (not after an in-process call, as in tests), after the handlers registered since; only
     reference cycles alive at exit go uncollected."""
     atexit.register(gc.freeze)
+    if hasattr(app, "registered_commands"):
+        prepare_help(app)
     app()
+
+
+def describe(doc: str) -> str:
+    """A module docstring as a command's --help description (Markdown, as `command_app` renders
+    help): each block of indented example lines becomes a code block, one command a line."""
+    out, block = [], []
+    for line in doc.strip().splitlines() + [""]:
+        if line.startswith("    "):
+            block.append(line.strip())
+            continue
+        if block:
+            out += ["```", *block, "```"]
+            block = []
+        out.append(line)
+    return "\n".join(out).strip()
+
+
+def command_app(doc: str):
+    """A typer app for one command: help in Markdown (text in brackets, as in "[default: best]",
+    stays as written; Rich markup would swallow it), described by `doc` (see `describe`)."""
+    import typer
+
+    return typer.Typer(
+        add_completion=False, help=describe(doc), rich_markup_mode="markdown", pretty_exceptions_enable=False
+    )
+
+
+def prepare_help(app) -> None:
+    """A one-command app shows its command's help, not its own: give the command the app's."""
+    for command in app.registered_commands:
+        if command.help is None and app.info.help:
+            command.help = app.info.help

@@ -18,10 +18,10 @@ import typer
 from brats.data.cache_builder import check_cache_dir, check_size, prepare
 from brats.data.cohort import check_trainable, find_cases, summarize
 from brats.data.preprocess import PreprocessConfig
-from brats.errors import BratsError, exit_on_error, run_cli
+from brats.errors import BratsError, command_app, exit_on_error, run_cli
 from brats.io.atomic import refuse_inputs
 
-app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+app = command_app(__doc__)
 
 
 @app.command()
@@ -31,11 +31,21 @@ def main(
     out: Annotated[Path, typer.Option(help="cache folder to create or update")],
     size: Annotated[int, typer.Option(help="output cube side S in voxels (RECIPE.md 6.2: 128)")] = 128,
     workers: Annotated[int, typer.Option(help="parallel processes (0 = all cores)")] = 0,
-    skip_bad: Annotated[bool, typer.Option(help="index the cache without the patients that failed")] = False,
-    replace: Annotated[
-        bool, typer.Option("--replace", help="prepare again a cache made with other settings (e.g. --size)")
+    skip_bad: Annotated[
+        bool,
+        typer.Option(
+            help="index the cache without the patients that failed [default: off]", show_default=False
+        ),
     ] = False,
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace", help="prepare again a cache made with other settings (e.g. --size) [default: off]"
+        ),
+    ] = False,
+    progress: Annotated[
+        bool, typer.Option(help="show a progress bar [default: on]", show_default=False)
+    ] = True,
 ) -> None:
     check_size(size)
     if workers < 0:

@@ -19,12 +19,10 @@ from brats.data.phantom import (
     corrupt_patients,
     make_cohort,
 )
-from brats.errors import BratsError, exit_on_error, run_cli
+from brats.errors import BratsError, command_app, exit_on_error, run_cli
 from brats.io.atomic import check_output_dir
 
-app = typer.Typer(
-    add_completion=False, help="Write a synthetic BraTS 2018-like cohort.", pretty_exceptions_enable=False
-)
+app = command_app(__doc__)
 SHAPE_MIN, SHAPE_MAX = 8, 1024  # voxels per side: a brain and a tumour need room; BraTS is 240x240x155
 _PREFIX = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -61,7 +59,7 @@ def main(
         typer.Option(
             "--sites",
             help="patients from BraTS 2018-like collections, each grade from its own sites (the site "
-            "confound), named in the ids and marked by a scanner signature",
+            "confound), named in the ids and marked by a scanner signature [default: off]",
         ),
     ] = False,
     corrupt: Annotated[
@@ -70,7 +68,7 @@ def main(
             metavar="<kind>",
             help="corrupt one more patient this way, as a hospital might send it (repeatable; one of "
             + ", ".join(CORRUPTIONS)
-            + "): predict should refuse or flag it",
+            + "): predict should refuse or flag it [default: none]",
         ),
     ] = None,
 ) -> None:

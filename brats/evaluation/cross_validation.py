@@ -198,12 +198,12 @@ def evaluate_run(
     wanted = k_all if folds is None else sorted(set(folds))
     bad = [k for k in wanted if k not in k_all]
     if bad:
-        raise BratsError(f"--folds {bad}: this run has folds 0..{cfg.folds - 1}")
+        raise BratsError(f"--fold {bad}: this run has folds 0..{cfg.folds - 1}")
     missing = [k for k in wanted if not paths.fold(k).is_dir()]
     if missing:
         raise BratsError(
             f"{run}: fold(s) {', '.join(map(str, missing))} not trained; "
-            "train them or leave them out with --folds"
+            "train them or leave them out with --fold"
         )
     dev = resolve_device(device)
     out = check_outputs(paths, wanted, Path(data or cfg.data))

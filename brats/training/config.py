@@ -162,7 +162,7 @@ def validate(cfg: TrainConfig) -> None:
         cfg.mixed_precision is None or cfg.mixed_precision in MIXED_PRECISION,
         f"--mixed-precision {cfg.mixed_precision!r}: choose one of {MIXED_PRECISION}",
     )
-    check(cfg.folds >= 2, f"--folds {cfg.folds}: need at least 2")
+    check(cfg.folds >= 2, f"--k-folds {cfg.folds}: need at least 2")
     check(0 <= cfg.fold < cfg.folds, f"--fold {cfg.fold}: must be in 0..{cfg.folds - 1}")
     check(cfg.select in SELECT, f"--select {cfg.select!r}: choose one of {SELECT}")
     check(0.0 <= cfg.inner_val < 0.5, f"--inner-val {cfg.inner_val}: use 0 (off) or a fraction below 0.5")
