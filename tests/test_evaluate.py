@@ -31,7 +31,7 @@ def test_evaluate_reproduces_stored_auc_and_writes_everything(cv_copy):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     for k in range(5):
-        assert f"fold {k}: EMA best checkpoint {cv_copy / f'fold_{k}' / BEST_EMA}" in r.stderr
+        assert f"fold {k}: EMA checkpoint {cv_copy / f'fold_{k}' / BEST_EMA} (epoch" in r.stderr
     out = cv_copy / "evaluation"
     summary = json.loads((out / "summary.json").read_text())
     assert {p.name for p in out.iterdir()} >= {
@@ -71,11 +71,14 @@ def test_evaluate_reproduces_stored_auc_and_writes_everything(cv_copy):
     assert summary["mean_std"]["auc"]["mean"] == pytest.approx(np.mean(aucs))
     assert summary["mean_std"]["auc"]["std"] == pytest.approx(np.std(aucs, ddof=1))
     report = (out / "report.md").read_text()
-    assert "optimistic" in report and "| Fold | Best Epoch |" in report
+    assert "optimistic" in report and "| Fold | Epoch kept |" in report
     # what deserves trust comes first: the pooled out-of-fold AUC with its CI, then the protocol
-    lead = [line for line in report.splitlines()[1:] if line.strip()][:2]
+    lead = [line for line in report.splitlines()[1:] if line.strip()][:3]
     assert lead[0].startswith(f"**Pooled out-of-fold AUC: {summary['pooled']['auc']:.4f}** (bootstrap 95% CI")
     assert lead[1] == f"Protocol: {summary['protocol']}."
+    # 20 patients, 5 of them LGG: the figures are said to mean little
+    assert lead[2].startswith("**Warning**: only 20 patients were scored (15 HGG, 5 LGG): too few")
+    assert summary["warnings"][0].startswith("only 20 patients")
 
 
 def test_policy_selection(cv_copy):

@@ -164,8 +164,26 @@ def make_splits(
         skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
         parts = [val for _, val in skf.split(np.zeros(len(rest)), y_rest)]
     outer = [sorted(ids[rest[i]] for i in val) for val in parts]
+    if inner_val > 0:
+        check_inner(outer, [ids[i] for i in rest], y_rest, inner_val)
     fp = cohort_fingerprint(patient_ids, labels)
     return Splits(k, seed, inner_val, fp, outer, None, sorted(held_out), test_fraction, group_by)
+
+
+def check_inner(outer: list[list[str]], ids: list[str], y: np.ndarray, inner_val: float) -> None:
+    """Every fold's training patients can spare inner validation patients of both grades (each
+    grade needs two: one to validate, one to train), so that no fold stops after an epoch for
+    want of validation patients."""
+    label = dict(zip(ids, y.tolist()))
+    for k, val in enumerate(outer):
+        held = set(val)
+        counts = np.bincount([label[p] for p in ids if p not in held], minlength=2)
+        if counts.min() < 2:
+            raise BratsError(
+                f"--inner-val {inner_val:g}: fold {k}'s training patients hold {counts[1]} HGG and "
+                f"{counts[0]} LGG, too few to set inner validation patients of both grades aside; "
+                "use more patients, fewer folds (--k-folds), or --inner-val 0"
+            )
 
 
 def check_grouped(parts: list[np.ndarray], y: np.ndarray, groups: np.ndarray, k: int, group_by: str) -> None:

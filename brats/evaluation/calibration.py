@@ -93,6 +93,9 @@ def log_loss(labels: np.ndarray, p: np.ndarray) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
+# A calibration slope above this sharpens the model's logits more than tenfold: fitted on
+# (nearly) separated grades, it turns p = 0.49-0.51 into 0 and 1. Such a fit is refused.
+CALIBRATION_SLOPE_MAX = 10.0
 SLOPE_CAP = 100.0  # a larger fitted slope means the grades are (nearly) separated: reported as this
 
 
@@ -264,12 +267,19 @@ def decide(
     cross-fitted Brier score or log loss is worse than the raw probabilities', the decision is
     fitted without it (and the figures say what it would have done) unless `force`."""
     decision, figures = summarize_calibration(labels, p_hgg, folds, method, rule)
-    if method == "none" or figures["improves"]:
+    sane = decision.slope <= CALIBRATION_SLOPE_MAX
+    if method == "none" or (figures["improves"] and sane):
         return decision, figures
-    if force:
+    if force and sane:
         figures["forced"] = True
         return decision, figures
     tried = {key: figures["calibrated"][key] for key in ("brier", "log_loss", "ece")}
+    slope = decision.slope
     decision, figures = summarize_calibration(labels, p_hgg, folds, "none", rule)
-    figures["not_shipped"] = {"method": method, "cross_fitted": tried}
+    figures["not_shipped"] = {"method": method, "cross_fitted": tried, "slope": slope}
+    if not sane:
+        figures["not_shipped"]["reason"] = (
+            f"its slope {slope:.4g} is beyond {CALIBRATION_SLOPE_MAX:g}: it would turn p(HGG) near the "
+            "threshold into 0 or 1 (the grades are separated on these few patients, or nearly)"
+        )
     return decision, figures

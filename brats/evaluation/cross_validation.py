@@ -75,8 +75,9 @@ def evaluate_fold(
     model.to(device)
     stored, epoch, is_ema = ckpt.val_auc, ckpt.epoch, ckpt.is_ema
     log.info(
-        f"fold {k}: {'EMA' if is_ema else 'regular'} best checkpoint {path} "
-        f"(epoch {epoch}, stored val AUC {stored:.4f})"
+        f"fold {k}: {'EMA' if is_ema else 'regular'} checkpoint {path} "
+        f"(epoch {epoch}, {'the last' if run_cfg.get('select') == 'last' else 'the best val AUC'}, "
+        f"stored val AUC {stored:.4f})"
     )
 
     fp = ckpt.splits_fingerprint
@@ -220,8 +221,32 @@ def evaluate_run(
         summarize_folds(results, run, cfg.inner_val, select=cfg.select),
         **decisions(results, cached, splits, cfg, calibrate, threshold, force_calibration),
     )
+    summary = dataclasses.replace(summary, warnings=result_warnings(summary, cfg))
+    for w in summary.warnings:
+        log.warning(w)
     write_evaluation(out, paths, summary, results, splits.test)
     return summary
+
+
+SMALL = 10  # patients of a grade: fewer, and the figures' CIs mean little
+
+
+def result_warnings(summary: Summary, cfg: TrainConfig) -> list[str]:
+    """What makes these figures mean less than they seem: said in the log and the report."""
+    out = []
+    pooled = summary.pooled
+    if min(pooled["hgg"], pooled["lgg"]) < SMALL:
+        out.append(
+            f"only {pooled['n']} patients were scored ({pooled['hgg']} HGG, {pooled['lgg']} LGG): too few "
+            f"for the AUC and its CI to mean much (below {SMALL} of a grade, a bootstrap mostly redraws the "
+            "same few patients); treat every figure here as a smoke test"
+        )
+    if cfg.schedule_warning():
+        out.append(cfg.schedule_warning())
+    refused = (summary.calibration or {}).get("not_shipped", {})
+    if "reason" in refused:
+        out.append(f"--calibrate {refused['method']} was refused: {refused['reason']}")
+    return out
 
 
 def decisions(

@@ -32,8 +32,9 @@ def report_markdown(summary: Summary, run: Path) -> str:
             f"**Pooled out-of-fold AUC: {pooled['auc']:.4f}** (bootstrap 95% CI {lo:.4f}-{hi:.4f}, "
             f"{pooled['n']} patients: {pooled['hgg']} HGG, {pooled['lgg']} LGG)."
         )
-    lines += pooled_versus_mean(summary)
     lines += ["", f"Protocol: {summary.protocol}."]
+    lines += [line for w in summary.warnings for line in ("", f"**Warning**: {w}.")]
+    lines += pooled_versus_mean(summary)
     if summary.optimistic:
         lines += [
             "",
@@ -43,7 +44,7 @@ def report_markdown(summary: Summary, run: Path) -> str:
     cols = [name for _, name in TABLE_1]
     lines += [
         "",
-        "| Fold | Best Epoch | Checkpoint | " + " | ".join(cols) + " | Stored val AUC |",
+        "| Fold | Epoch kept | Checkpoint | " + " | ".join(cols) + " | Stored val AUC |",
         "|" + "|".join("---" for _ in range(len(cols) + 4)) + "|",
     ]
     for r in summary.folds:
@@ -75,8 +76,8 @@ def report_markdown(summary: Summary, run: Path) -> str:
     lines += [
         "",
         "F1 (macro) is the mean of the HGG and LGG F1 scores (the F1 of the training report's Table 1, "
-        "RECIPE.md 4); F1 (HGG) is the "
-        "F1 of the HGG class alone, which the HGG majority keeps high.",
+        "RECIPE.md 4); F1 (HGG) is the F1 of the HGG class alone"
+        + (", which the HGG majority keeps high." if pooled["hgg"] > pooled["lgg"] else "."),
         "",
         f"Majority-class accuracy (always {'HGG' if pooled['hgg'] >= pooled['lgg'] else 'LGG'}): "
         f"{pooled['majority_class_accuracy']:.4f}.",
@@ -252,13 +253,15 @@ def calibration_markdown(figures: dict, decision: dict) -> list[str]:
             lines.append("It improves the cross-fitted Brier score and log loss: it is kept.")
     if "not_shipped" in figures:
         tried = figures["not_shipped"]
-        lines.append(
-            f"`--calibrate {tried['method']}` was fitted but **not kept**: cross-fitted, it made the "
-            f"probabilities worse (Brier {tried['cross_fitted']['brier']:.4f}, log loss "
-            f"{tried['cross_fitted']['log_loss']:.4f} against the raw {raw['brier']:.4f} and "
-            f"{raw['log_loss']:.4f}). The decision uses the raw probabilities; `--force-calibration` keeps "
-            "it anyway."
+        cross = tried["cross_fitted"]
+        why = (
+            f"{tried['reason']}. The decision uses the raw probabilities."
+            if "reason" in tried
+            else f"cross-fitted, it made the probabilities worse (Brier {cross['brier']:.4f}, log loss "
+            f"{cross['log_loss']:.4f} against the raw {raw['brier']:.4f} and {raw['log_loss']:.4f}). The "
+            "decision uses the raw probabilities; `--force-calibration` keeps it anyway."
         )
+        lines.append(f"`--calibrate {tried['method']}` was fitted but **not kept**: {why}")
     op = figures["operating_point"]
     lines += [
         "",

@@ -98,6 +98,7 @@ class Summary:
     test_set: dict[str, Any] | None = None  # brats.evaluation.test_set.score_test_set (runs with one)
     # the decision an ensemble ships: fitted on its own test-set predictions (empty without a test set)
     ensemble_decision: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # results that may mean nothing, and why
 
     def fold(self, k: int) -> FoldRow:
         return next(row for row in self.folds if row.fold == k)
@@ -105,7 +106,7 @@ class Summary:
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["folds"] = [row.to_json() for row in self.folds]
-        for optional in ("confound", "test_set", "ensemble_decision"):  # absent from older files
+        for optional in ("confound", "test_set", "ensemble_decision", "warnings"):  # absent from older files
             if not d[optional]:
                 del d[optional]
         return d
@@ -147,6 +148,7 @@ class Summary:
             confound=d.get("confound"),
             test_set=d.get("test_set"),
             ensemble_decision=d.get("ensemble_decision") or {},
+            warnings=[str(w) for w in d.get("warnings") or []],
         )
 
     @classmethod

@@ -91,6 +91,15 @@ class TrainConfig:
         """Warm-up length in epochs."""
         return self.warmup_fraction * self.max_epochs if self.warmup_fraction > 0 else self.warmup_epochs
 
+    def schedule_warning(self) -> str | None:
+        """A schedule that never leaves its warm-up, said plainly (the run still trains)."""
+        if self.warmup >= self.max_epochs:
+            return (
+                f"--max-epochs {self.max_epochs} is not longer than the {self.warmup:g} warm-up epochs: the "
+                "learning rate never reaches its peak and never decays (lower --warmup-epochs)"
+            )
+        return None
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["modalities"] = list(self.modalities)

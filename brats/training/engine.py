@@ -50,8 +50,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from brats.data.cache_reader import open_data
-from brats.data.folds import load_or_make_splits, protocol
+from brats.data.cache_reader import is_cache, open_cache, open_data
+from brats.data.cohort import UNKNOWN, check_trainable, find_cases
+from brats.data.folds import load_or_make_splits, make_splits, protocol
 from brats.errors import BratsError
 from brats.evaluation.metrics import METRICS
 from brats.evaluation.scoring import own_forward, predict, score
@@ -338,6 +339,23 @@ def train_fold(cfg: TrainConfig) -> dict:
     return train_folds([cfg])[0]
 
 
+def check_cohort(cfg: TrainConfig) -> None:
+    """Before anything slow (preparing a raw cohort, the accelerator, the model): the cohort
+    can be split as asked (enough patients of each grade for the folds, the inner validation and
+    the test set). A run whose splits.json exists is checked against it when its data is read."""
+    if RunPaths(cfg.run).splits.exists():
+        return
+    if is_cache(cfg.data):
+        cached = open_cache(cfg.data)
+        ids, labels, groups = cached.patient_ids, cached.labels.tolist(), cached.collections
+    else:
+        cases = find_cases(cfg.data).cases
+        check_trainable(cases, cfg.data)
+        ids, labels = [c.patient_id for c in cases], [c.label for c in cases]
+        groups = [c.collection or UNKNOWN for c in cases]
+    make_splits(ids, labels, groups=groups, **split_spec(cfg))
+
+
 def train_folds(cfgs: list[TrainConfig]) -> list[dict]:
     """Train the folds of `cfgs` (one run: settings equal but for the fold) one after the other
     in this process, under one Accelerator; returns their summaries.
@@ -355,6 +373,7 @@ def train_folds(cfgs: list[TrainConfig]) -> list[dict]:
     check_one_run(cfgs)
     refuse_inputs(cfg.run, {Path(cfg.data): "the training data (--data)"}, "--run")
     check_output_dir(cfg.run, "--run folder")  # before any work: one line if it cannot be written
+    check_cohort(cfg)
     precision, note = resolve_mixed_precision(cfg)
     accelerator = Accelerator(
         cpu=cfg.cpu,
@@ -370,6 +389,8 @@ def train_folds(cfgs: list[TrainConfig]) -> list[dict]:
     try:
         if note:
             log.info(note)
+        if cfg.schedule_warning():
+            log.warning(cfg.schedule_warning())
         for cfg in cfgs:
             if scaler is not None:  # fp16's loss scale as a new process starts with it
                 accelerator.scaler.load_state_dict(scaler)

@@ -1,0 +1,69 @@
+"""A researcher's first hour: results that warn when they mean nothing, guards that refuse a
+setting before any file is written, and messages that say what was kept."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import numpy as np
+from clitools import one_line_error, run_cli
+from support import TINY_SHAPE
+
+from brats.data.phantom import make_cohort
+from brats.evaluation.calibration import decide
+from brats.evaluation.cross_validation import result_warnings
+from brats.evaluation.report import report_markdown
+from brats.runs.summary import Summary
+from brats.training.config import make_config
+
+
+def test_an_inner_validation_a_small_fold_cannot_spare_is_refused_before_anything_is_written(
+    tmp_path, capsys
+):
+    """6 patients (4 HGG, 2 LGG) in 2 folds: each fold trains on one LGG, none to validate on.
+    Refused in one line before the raw cohort is prepared or splits.json written."""
+    root = tmp_path / "cohort"
+    make_cohort(root, 6, seed=2, shape=TINY_SHAPE, workers=1)
+    run = tmp_path / "run"
+    args = ("--data", root, "--run", run, "--k-folds", "2", "--inner-val", "0.15", "--size", "24")
+    err = one_line_error(run_cli(capsys, "train.py", *args, "--depth", "10", "--no-progress"))
+    assert (
+        "--inner-val 0.15: fold 0's training patients hold 2 HGG and 1 LGG" in err and "--inner-val 0" in err
+    )
+    assert not (run / "splits.json").exists() and not (tmp_path / "cohort_cache24").exists()
+
+
+def test_figures_that_mean_little_are_said_to(tmp_path):
+    small = SimpleNamespace(pooled={"n": 4, "hgg": 2, "lgg": 2}, calibration={})
+    cfg = make_config(data="x", max_epochs=2)  # the final policy warms up for 3 epochs
+    warned = result_warnings(small, cfg)
+    assert warned[0].startswith("only 4 patients were scored (2 HGG, 2 LGG): too few for the AUC")
+    assert warned[1].startswith("--max-epochs 2 is not longer than the 3 warm-up epochs")
+    fine = SimpleNamespace(pooled={"n": 285, "hgg": 210, "lgg": 75}, calibration={})
+    assert result_warnings(fine, make_config(data="x")) == []
+
+
+def test_a_calibration_fitted_on_separated_grades_is_refused_even_when_forced():
+    """Four patients ranked perfectly: Platt's slope runs off and would turn p = 0.49-0.51 into 0 and 1."""
+    labels = np.array([0, 0, 1, 1, 0, 1, 0, 1])
+    p = np.array([0.49, 0.495, 0.505, 0.51, 0.492, 0.508, 0.494, 0.506])
+    folds = np.arange(8) % 2
+    for force in (False, True):
+        decision, figures = decide(labels, p, folds, "platt", "0.5", force=force)
+        assert decision.calibration == "none" and "beyond 10" in figures["not_shipped"]["reason"]
+    summary = SimpleNamespace(pooled={"n": 8, "hgg": 4, "lgg": 4}, calibration=figures)
+    assert any(
+        w.startswith("--calibrate platt was refused: its slope")
+        for w in result_warnings(summary, make_config(data="x"))
+    )
+
+
+def test_the_report_names_the_epoch_kept_and_says_f1_is_kept_high_only_by_a_majority(exported):
+    run, _ = exported
+    summary = Summary.from_json(json.loads((run / "evaluation" / "summary.json").read_text()))
+    report = report_markdown(summary, run)
+    assert "| Fold | Epoch kept |" in report and "which the HGG majority keeps high" in report
+    flipped = dataclasses.replace(summary, pooled={**summary.pooled, "hgg": 5, "lgg": 15})
+    assert "majority keeps high" not in report_markdown(flipped, run)
