@@ -33,7 +33,7 @@ from brats.deploy.report import (
     CSV_FIELDS,
     accuracy_lines,
     csv_rows,
-    describe_decision,
+    describe_model,
     gather_cases,
     is_predictions_csv,
     protected_paths,
@@ -120,7 +120,7 @@ def main(
         f"{model}: {len(cases) + len(problems)} patient(s), "
         f"input {grader.cfg.size}^3 {','.join(grader.cfg.modalities)}"
     )
-    print(describe_decision(grader, threshold))
+    print(describe_model(grader, threshold))
     results = grader.grade(cases, batch_size, cam_dir=cam)
     results += [Prediction(e.patient_id, None, e.reason, grader.threshold) for e in problems]
     write_csv_atomic(out, csv_rows(results, seen_in_training(grader, results)), CSV_FIELDS)

@@ -649,7 +649,10 @@ def test_calibrated_decision_travels_from_evaluation_to_predict(cv_run, cache20,
         return {row["patient_id"]: row for row in read_csv(out)}, r.stdout
 
     rows, stdout = predict()
-    assert f"HGG when p_hgg >= {decision.threshold:.4g} (the model's, rule youden)" in stdout
+    said = " ".join(stdout.split())  # the paragraph about the model, unwrapped
+    assert (
+        f"is at least {decision.threshold:.2f}, the threshold at which sensitivity plus specificity" in said
+    )
     # the cohort the model trained on: said, and left out of any new-patient accuracy
     assert "20 graded patient(s) are in the model's training cohort (by id)" in stdout
     assert {row["trained_on"] for row in rows.values()} == {"yes"}
@@ -716,7 +719,7 @@ def test_newcombe_interval_of_a_difference_of_two_proportions():
 def test_an_ensemble_with_a_test_set_is_compared_with_its_own_test_set_figures():
     from types import SimpleNamespace
 
-    from brats.deploy.report import compare_out_of_fold, describe_decision
+    from brats.deploy.report import compare_out_of_fold, describe_model
 
     test = {"n": 30, "operating_point": {"accuracy": 0.9, "sensitivity": 0.95, "specificity": 0.75}}
     perf = {
@@ -732,14 +735,17 @@ def test_an_ensemble_with_a_test_set_is_compared_with_its_own_test_set_figures()
         "the ensemble on its held-out test set (cross-fitted) at the same decision: accuracy 0.90"
     )
     assert "over 30 patients" in said and "each fold model's probabilities" not in said
-    assert "\nexpected: test-set AUC 0.930 on 30" in describe_decision(grader, None)
-    unmeasured = {
-        "transfer": "how well the decision transfers to it is unmeasured",
-        "fold_logit_sd": {"median": 0.8},
-    }
+    grader.cfg, grader.path = SimpleNamespace(modalities=("t1", "flair")), Path("m.onnx")
+    grader.provenance["performance"]["test_set"] = {**test, "auc": 0.93, "auc_ci95": [0.8, 1.0]}
+    said = " ".join(describe_model(grader, None).split())
+    assert said.startswith("This model grades a glioma as HGG or LGG from T1, FLAIR scans in BraTS space")
+    assert "On 30 patients held out of all training: AUC 0.93 (95% CI 0.80-1.00)" in said
+    assert "is at least 0.60, the threshold at which sensitivity plus specificity is highest" in said
+    assert "on the held-out patients" in said and said.endswith("Details: m_card.md.")
+    unmeasured = {"transfer": "its transfer is unmeasured", "fold_logit_sd": {"median": 0.8}}
     grader.provenance = {**provenance, "performance": unmeasured}
-    assert "unmeasured (the fold models' logits differ by SD 0.80 per patient" in describe_decision(
-        grader, None
-    )
+    said = " ".join(describe_model(grader, 0.7).split())
+    assert "unmeasured (its fold models' logits differ by SD 0.80 per patient" in said
+    assert "called HGG when its probability of HGG is at least 0.7 (--threshold)" in said
     empty = SimpleNamespace(provenance={}, decision=SimpleNamespace(threshold=0.5))
     assert "not in this model's metadata" in compare_out_of_fold(empty, None, 0, 1)

@@ -44,6 +44,12 @@ CALIBRATIONS = ("none", "temperature", "platt")
 _EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before taking logits
 
 
+def card_path(model: str | Path, suffix: str = ".json") -> Path:
+    """model.onnx -> model_card.json (or model_card.md) beside it: the model card export writes."""
+    p = Path(model)
+    return p.with_name(f"{p.stem}_card{suffix}")
+
+
 def logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
     return np.log(p) - np.log1p(-p)

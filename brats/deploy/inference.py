@@ -92,6 +92,7 @@ class Grader:
         import onnxruntime as ort
 
         model = Path(model)
+        self.path = model
         if not model.is_file():
             raise BratsError(f"{model}: model file not found (make one with python export.py)")
         if not os.access(model, os.R_OK):

@@ -7,11 +7,13 @@ No torch here: predict.py runs without it.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 from brats.data.cohort import MODALITIES, Case, find_cases
+from brats.deploy.contract import card_path, parse_rule
 from brats.deploy.inference import Grader, Prediction
 from brats.errors import BratsError, CaseError
 from brats.io.names import id_hash
@@ -177,27 +179,60 @@ def compare_out_of_fold(grader: Grader, override: float | None, right: int, grad
     )
 
 
-def describe_decision(grader: Grader, override: float | None) -> str:
-    """One line: how p_hgg is calibrated and where the threshold came from."""
-    d = grader.decision
-    if d.calibration == "temperature":
-        cal = f"p_hgg calibrated by temperature {1 / d.slope:.4g}"
-    elif d.calibration == "platt":
-        cal = f"p_hgg calibrated by Platt scaling (a {d.slope:.4g}, b {d.intercept:.4g})"
+MODALITY_NAMES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
+
+
+def rule_in_words(rule: str) -> str:
+    """How a decision rule chose its threshold, for a reader who has not seen the code."""
+    if rule == "youden":
+        return "the threshold at which sensitivity plus specificity is highest (Youden's J)"
+    if rule.startswith("sensitivity:"):
+        return f"the highest threshold reaching a sensitivity of {float(rule.split(':')[1]):.0%}"
+    return "a fixed threshold"
+
+
+def describe_model(grader: Grader, override: float | None) -> str:
+    """One plain paragraph: what the model grades from what, what it was trained and measured on,
+    and its decision rule in words. Details stay in the model card."""
+    prov, d = grader.provenance, grader.decision
+    cv, perf = prov.get("cv_summary") or {}, prov.get("performance") or {}
+    pooled = cv.get("pooled") or {}
+    mods = ", ".join(MODALITY_NAMES.get(m, m) for m in grader.cfg.modalities)
+    text = [
+        f"This model grades a glioma as HGG or LGG from {mods} scans in BraTS space (co-registered, "
+        "1 mm, skull-stripped)."
+    ]
+    n = len(prov.get("sources") or []) or 1
+    if pooled.get("n"):
+        who = f"an ensemble of {n} fold models" if n > 1 else "one fold model"
+        grades = f" ({pooled['hgg']} HGG, {pooled['lgg']} LGG)" if "hgg" in pooled and "lgg" in pooled else ""
+        text.append(f"It is {who} of a cross-validation over {pooled['n']} patients{grades}.")
+    if "auc" in pooled:
+        lo, hi = pooled["auc_ci95"]
+        caveat = " (optimistic: each fold chose its epoch on the patients it was scored on)"
+        caveat = caveat if cv.get("optimistic") else ""
+        text.append(f"Cross-validated AUC {pooled['auc']:.2f} (95% CI {lo:.2f}-{hi:.2f}){caveat}.")
+    test = perf.get("test_set")
+    if test and "auc" in test:
+        lo, hi = test["auc_ci95"]
+        held = f"On {test['n']} patients held out of all training"
+        text.append(f"{held}: AUC {test['auc']:.2f} (95% CI {lo:.2f}-{hi:.2f}).")
+    prob = "its probability of HGG"
+    if d.calibration != "none":
+        prob += f" (recalibrated, {d.calibration} scaling)"
+    if override is not None:
+        text.append(f"Here a patient is called HGG when {prob} is at least {override:g} (--threshold).")
     else:
-        cal = "p_hgg as the model gives it (not calibrated)"
-    source = "--threshold" if override is not None else f"the model's, rule {d.rule}"
-    line = f"{cal}; HGG when p_hgg >= {grader.threshold:.4g} ({source})"
-    perf = grader.provenance.get("performance") or {}
-    if perf.get("expected"):
-        line += f"\nexpected: {perf['expected']}"
+        own = perf.get("decision_fitted_on") == "ensemble_test_set"
+        where = "the held-out patients" if own else "the cross-validation"
+        chosen = "" if parse_rule(d.rule)[0] == "fixed" else f", {rule_in_words(d.rule)} on {where}"
+        text.append(f"It calls a patient HGG when {prob} is at least {d.threshold:.2f}{chosen}.")
     if perf.get("transfer"):
         sd = perf.get("fold_logit_sd")
-        spread = (
-            f" (the fold models' logits differ by SD {sd['median']:.2f} per patient, median)" if sd else ""
-        )
-        line += f"\nnote: {perf['transfer']}{spread}"
-    return line
+        spread = f" (its fold models' logits differ by SD {sd['median']:.2f} per patient, median)"
+        text.append(f"Note: {perf['transfer']}{spread if sd else ''}.")
+    text.append(f"Details: {card_path(grader.path, '.md')}.")
+    return textwrap.fill(" ".join(text), width=100, break_on_hyphens=False)
 
 
 def seen_in_training(grader: Grader, results: list[Prediction]) -> set[str]:

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from brats.deploy.contract import card_path
+
 BEST = "best.pt"
 BEST_EMA = "best_ema.pt"
 STATE = "state.pt"  # resume state: never used for evaluation
@@ -103,5 +105,4 @@ class RunPaths:
     @staticmethod
     def card(model_path: str | Path) -> Path:
         """model.onnx -> model_card.json beside it."""
-        p = Path(model_path)
-        return p.with_name(f"{p.stem}_card.json")
+        return card_path(model_path)
