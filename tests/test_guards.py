@@ -91,15 +91,19 @@ def test_export_out_never_replaces_a_checkpoint_or_another_file(exported, tmp_pa
     other.write_text("not a model")
     card = tmp_path / "z_card.json"
     card.write_text('{"mine": 1}')
+    notes = tmp_path / "w_card.md"
+    notes.write_text("# my notes on w")
     for out, said in (
         (best, "ends in .onnx"),
         (link, "fold 0's best_ema.pt"),
         (other, "is not an ONNX model"),
         (tmp_path / "z.onnx", "is not a model card"),
+        (tmp_path / "w.onnx", "is not a model card"),
     ):
         r = run_cli(capsys, "export.py", "--run", run, "--fold", "1", "--out", out)
         assert said in one_line_error(r), r.err
     assert digest(best) == before and other.read_text() == "not a model" and card.read_text() == '{"mine": 1}'
+    assert notes.read_text() == "# my notes on w" and not (tmp_path / "w_card.json").exists()
 
 
 def test_evaluate_never_writes_into_the_cache_through_a_link(cv_run, cache20, tmp_path, capsys):

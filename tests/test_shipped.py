@@ -106,6 +106,68 @@ def test_the_ensemble_ships_its_own_test_set_decision_and_a_single_fold_says_wha
     )
 
 
+def test_the_markdown_model_card_says_use_data_figures_decision_limits_and_how_to_reproduce(
+    test_set_run, tmp_path
+):
+    import typer.main
+
+    from brats.evaluation.export import export
+    from train import app
+
+    run = copy_run(test_set_run, tmp_path / "run")
+    export(run, tmp_path / "ens.onnx", ensemble=True, doubt=False)
+    card = json.loads((tmp_path / "ens_card.json").read_text())
+    text = (tmp_path / "ens_card.md").read_text()
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert sections == [
+        "## Intended use",
+        "## Model",
+        "## Training data",
+        "## Evaluation",
+        "## Decision",
+        "## Input checks at prediction",
+        "## Known limitations",
+        "## How to reproduce",
+    ]
+    assert text.startswith("# Model card: ens.onnx") and "not a medical device" in text
+    pooled, test = card["cv_summary"]["pooled"], card["performance"]["test_set"]
+    lo, hi = pooled["auc_ci95"]
+    assert (
+        f"| pooled out-of-fold AUC ({pooled['n']} patients) | {pooled['auc']:.3f} "
+        f"(95% CI {lo:.3f} to {hi:.3f}) |" in text
+    )
+    assert f"| test-set AUC, the ensemble (9 patients) | {test['auc']:.3f}" in text
+    assert f"({pooled['hgg']} HGG, {pooled['lgg']} LGG)" in text and "9 further patients held out" in text
+    decision = card["contract"]["decision"]
+    prob = (
+        "p(HGG)" if decision["calibration"] == "none" else f"p(HGG) after {decision['calibration']} scaling"
+    )
+    assert (
+        f"HGG when {prob} >= {decision['threshold']:.4g}: the threshold at which sensitivity plus specificity"
+        in text
+    )
+    assert "fitted on the held-out test set" in text
+    # the sites give the grade away in this cohort: the limitation says so, with the figure
+    assert (
+        "Site confound (flagged: the data collection alone grades the cohort with AUC "
+        f"{card['confound']['site_only_auc']:.2f}" in text
+    )
+    assert "may not hold there" in text and "Refused" not in text and "- Skull stripped:" in text
+    # the reproduce commands use options the commands have, with the run's own settings
+    block = text.split("```")[1].strip().splitlines()
+    train, evaluate_line, export_line = block
+    options = {o for p in typer.main.get_command(app).params for o in (*p.opts, *p.secondary_opts)}
+    words = train.split()
+    assert words[:3] == ["accelerate", "launch", "train.py"]
+    assert all(w in options for w in words if w.startswith("--")), words
+    flags = card["training"]["flags"]
+    assert "--test-fraction" in flags and " ".join(flags) in train
+    assert (
+        evaluate_line.startswith(f"python evaluate.py --run {run}") and "--threshold youden" in evaluate_line
+    )
+    assert export_line.endswith("--ensemble")
+
+
 def test_a_cohort_whose_sites_give_away_the_grade_is_flagged(test_set_run, site_cache):
     cached = open_cache(site_cache)
     assert set(cached.collections) == {"2013", "CBICA", "TCIA02", "TCIA08", "TCIA10", "TCIA13"}

@@ -34,6 +34,7 @@ from brats.deploy.contract import (
     OUTPUT_NAMES,
     OUTPUTS,
     Decision,
+    card_path,
     check_graph_input,
 )
 from brats.deploy.inference import CONTRACT_KEY, PROVENANCE_KEY
@@ -41,6 +42,7 @@ from brats.deploy.qc import describe_checks
 from brats.errors import BratsError
 from brats.evaluation.cross_validation import evaluate_run
 from brats.evaluation.doubt import fit_doubt
+from brats.evaluation.model_card import card_markdown
 from brats.io.atomic import (
     atomic_path,
     check_output_file,
@@ -48,10 +50,12 @@ from brats.io.atomic import (
     refuse_other_kind,
     remove_stale_temps,
     write_json_atomic,
+    write_text_atomic,
 )
 from brats.io.names import id_hash
 from brats.models.explained import ExplainedModel
 from brats.models.resnet import ResNet3D
+from brats.runs.identity import recipe_flags
 from brats.runs.paths import BEST, BEST_EMA, RunPaths
 from brats.runs.reader import (
     check_preprocessing,
@@ -191,15 +195,14 @@ def write_onnx(
         if not all(v <= PARITY_TOLERANCE for v in doubt.values()):
             raise BratsError(f"ONNX parity failed on the model's doubt ({doubt}); nothing written")
         if card is not None:
-            write_json_atomic(
-                RunPaths.card(out),
-                {
-                    **card,
-                    "parity_max_abs_diff": parity["probabilities"],
-                    "cam_parity_max_rel_diff": parity["cam"],
-                    "doubt_parity_max_diff": doubt,
-                },
-            )
+            card = {
+                **card,
+                "parity_max_abs_diff": parity["probabilities"],
+                "cam_parity_max_rel_diff": parity["cam"],
+                "doubt_parity_max_diff": doubt,
+            }
+            write_json_atomic(RunPaths.card(out), card)
+            write_text_atomic(card_path(out, ".md"), card_markdown(card))
     return parity
 
 
@@ -218,13 +221,14 @@ def check_model_outputs(out: Path, run: Path, cache: Path) -> None:
     """Before any work: the model and its card can be written (the folder is created if missing)
     without replacing a run's or a cache's file, or any file that is not a model (card) this
     command wrote; temp files of a killed export there are removed."""
-    card = RunPaths.card(out)
+    card, readable = RunPaths.card(out), card_path(out, ".md")
     if out.is_dir():
         raise BratsError(
             f"{out} is a folder: give the model a file name with --out, e.g. {out / 'model.onnx'}"
         )
-    if card.is_dir():
-        raise BratsError(f"{card} is a folder, where export writes the model card: move it away")
+    for path in (card, readable):
+        if path.is_dir():
+            raise BratsError(f"{path} is a folder, where export writes the model card: move it away")
     if out.suffix != ".onnx":
         raise BratsError(
             f"--out {out}: an exported model's file name ends in .onnx, e.g. {out.with_suffix('.onnx')}"
@@ -232,11 +236,15 @@ def check_model_outputs(out: Path, run: Path, cache: Path) -> None:
     protected = run_files(run) | {cache: "the cache", cache / INDEX: "the cache's index"}
     refuse_inputs(out, protected, "--out")
     refuse_inputs(card, protected, "the model card of --out")
+    refuse_inputs(readable, protected, "the Markdown model card of --out")
     refuse_other_kind(
         out, lambda head: head[:1] == b"\x08", "an ONNX model", "--out"
     )  # ModelProto.ir_version
     refuse_other_kind(
         card, lambda head: head.lstrip().startswith(b'{\n  "model"'), "a model card", "--out's card"
+    )
+    refuse_other_kind(
+        readable, lambda head: head.startswith(b"# Model card: "), "a model card", "--out's Markdown card"
     )
     check_output_file(out, "the model (--out)")
     for stale in remove_stale_temps(out.parent):
@@ -334,6 +342,7 @@ def export(
     if doubt:
         references, contract["doubt"] = fit_doubt(models, folds, run, cached, list(modalities))
     provenance = make_provenance(run, sources, summary)
+    provenance["training"] = training_recipe(run_cfg, summary)
     provenance["quality_control"] = describe_checks(contract.get("profile"), contract.get("doubt"))
     provenance["performance"] = performance(summary, folds, contract.get("doubt"))
     wrapper = ExplainedModel(models, references).eval()
@@ -351,7 +360,7 @@ def export(
     )
     log.info(
         f"wrote {out} (parity max |dp| {parity['probabilities']:.1e}, CAM {parity['cam']:.1e} of its "
-        f"largest value) and {RunPaths.card(out)}"
+        f"largest value), {RunPaths.card(out)} and {card_path(out, '.md')}"
     )
     return out
 
@@ -501,9 +510,31 @@ def make_provenance(run: Path, sources: list[dict], summary: Summary) -> dict:
             "calibration": summary.calibration,  # Brier, ECE, operating point (raw/calibrated)
         },
         "run": str(run),
+        "warnings": summary.warnings,  # results that may mean nothing (evaluate.py's report says why)
+        "confound": summary.confound,
         # who the exported models trained on, as hashed ids (brats.io.names.id_hash): predict
         # says when it grades one of them, whose grade is then no new patient's
         "trained_on": sorted({id_hash(p) for s in sources for p in training_patients(run, s["fold"])}),
+    }
+
+
+def training_recipe(run_cfg: dict, summary: Summary) -> dict:
+    """How the run was trained and evaluated, as the options that redo it (the model card's "How
+    to reproduce")."""
+    cfg = TrainConfig.from_dict(run_cfg)
+    calibration = summary.calibration or {}
+    method = summary.decision.get("calibration", "none")
+    if method == "none" and calibration.get("not_shipped"):
+        method = calibration["not_shipped"]["method"]  # asked for, and not kept
+    evaluate = ["--calibrate", method, "--threshold", str(summary.decision.get("rule", "0.5"))]
+    return {
+        "data": cfg.data,
+        "policy": cfg.policy,
+        "k": cfg.folds,
+        "split_seed": cfg.split_seed,
+        "group_by": cfg.group_by,
+        "flags": recipe_flags(run_cfg),
+        "evaluate_flags": evaluate + (["--force-calibration"] if calibration.get("forced") else []),
     }
 
 

@@ -18,7 +18,7 @@ from brats.data.preprocess import PreprocessConfig
 from brats.errors import BratsError
 from brats.io.atomic import write_json_atomic
 from brats.runs.paths import RunPaths
-from brats.training.config import TrainConfig
+from brats.training.config import TrainConfig, make_config
 
 # Settings that may differ between the folds of one run without making them incomparable.
 # Speed settings change no result on the CPU and only float noise on a GPU.
@@ -126,3 +126,30 @@ def check_one_run(cfgs: list[TrainConfig]) -> None:
     folds = [c.fold for c in cfgs]
     if len(set(folds)) != len(folds):
         raise BratsError(f"--fold {','.join(map(str, folds))}: a fold is given twice")
+
+
+# train.py option names that are not the setting's name in kebab case
+OPTION_NAMES = {"folds": "--k-folds"}
+NO_RESULT = PER_PROCESS + SPEED + LOCATION + ("policy", "state_every")
+
+
+def recipe_flags(d: dict) -> list[str]:
+    """The train.py options that turn the run's policy defaults into its settings: with
+    `--policy` they retrain it (settings that change no result, and where it lies, left out)."""
+    cfg = TrainConfig.from_dict(d)
+    base = make_config(cfg.policy, data=cfg.data or "-")
+    if cfg.pretrained and cfg.layout == "medicalnet":  # --pretrained brings its layout
+        base = dataclasses.replace(base, layout="medicalnet")
+    flags = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in NO_RESULT or value == getattr(base, f.name):
+            continue
+        name = OPTION_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        if isinstance(value, bool):
+            flags.append(name if value else name.replace("--", "--no-", 1))
+        elif isinstance(value, tuple):
+            flags += [name, ",".join(value)]
+        else:
+            flags += [name, f"{value:g}" if isinstance(value, float) else str(value)]
+    return flags
