@@ -136,6 +136,13 @@ def main(
         print(
             f"wrote {mapped} class activation map(s) to {cam} (<id>_cam.nii.gz over the FLAIR, <id>_cam.png)"
         )
+        flat = [r.patient_id for r in results if r.cam_flat]
+        if flat:
+            print(
+                f"{len(flat)} of the maps are flat (one value over the brain: they show nothing about where; "
+                "the model's last feature map is a single cell at its input size, train at a larger --size "
+                "for maps that localise): " + ", ".join(flat[:5]) + (" ..." if len(flat) > 5 else "")
+            )
     if failed:
         print(f"{len(failed)} patient(s) could not be graded:", file=sys.stderr)
         for r in failed:

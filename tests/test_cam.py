@@ -14,12 +14,16 @@ from brats.data.cohort import MODALITIES, Case, find_cases
 from brats.data.phantom import make_cohort, make_patient_with_lesion
 from brats.data.preprocess import CubeGrid, PreprocessConfig, preprocess_with_grid
 from brats.deploy.cam import (
+    BAR_PIXELS,
+    GAP_PIXELS,
     HGG_RGB,
     LGG_RGB,
     PLANE_PIXELS,
     cam_on_reference,
     cam_path,
     cube_image,
+    is_flat,
+    labelled_planes,
     peak_index,
     render_planes,
     write_case_cam,
@@ -151,13 +155,53 @@ def test_failed_write_keeps_the_old_file(patient, tmp_path):
 def test_png_through_the_peak_over_the_flair(patient, tmp_path):
     case, reference, volume, grid = patient
     out = tmp_path / "png" / "P1_cam.png"
-    png = write_case_png(out, cam_on_reference(volume[3], grid, reference), reference)
-    assert png == out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png, flat = write_case_png(
+        out, cam_on_reference(volume[3], grid, reference), reference, title="P1: p 0.7"
+    )
+    assert png == out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not flat
     assert [p.name for p in out.parent.iterdir()] == ["P1_cam.png"]
     drawn = sitk.ReadImage(str(png))
     assert drawn.GetNumberOfComponentsPerPixel() == 3 and drawn.GetSize()[1] >= PLANE_PIXELS
     pixels = sitk.GetArrayFromImage(drawn)  # (H, W, 3)
     assert (pixels.max(axis=2) == 0).mean() > 0.2 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+    said = png_text(png)
+    assert said["Title"] == "P1: p 0.7" and "Flat map" not in said["Description"]
+    words = said["Description"].split(" | ")
+    assert words[0] == "P1: p 0.7" and [w.split("=")[0] for w in words[1:7:2]] == [
+        "axial z",
+        "coronal y",
+        "sagittal x",
+    ]
+    assert words[2:7:2] == ["R L", "R L", "A P"] and words[-1] == "logit/voxel"
+    limit = float(np.abs(sitk.GetArrayFromImage(cam_on_reference(volume[3], grid, reference))).max())
+    assert words[-4:-1] == [f"+{limit:.2g}  HGG", "0", f"-{limit:.2g}  LGG"]
+
+
+def png_text(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
+def test_a_flat_map_says_so_and_is_not_drawn_over_the_scan(tmp_path):
+    """As the strided layout's map at 32^3: one value over the brain. The picture says it and
+    shows the scan without a red wash; a map with a place keeps its overlay."""
+    underlay = np.zeros((12, 14, 16), np.float32)
+    underlay[2:-2, 2:-2, 2:-2] = np.random.default_rng(0).uniform(50, 150, (8, 10, 12))
+    flat = np.full(underlay.shape, 3.15, np.float32)
+    assert is_flat(flat, underlay != 0) and not is_flat(flat + (underlay > 100), underlay != 0)
+    path, was_flat = write_planes_png(tmp_path / "f.png", underlay, flat, title="P2: p(HGG) 0.96, graded HGG")
+    said = png_text(path)["Description"]
+    assert was_flat and "Flat map: the model's evidence is one value (+3.15)" in said
+    red = {}
+    for name, cam in (("flat", flat), ("placed", flat * (underlay > 100))):
+        drawn, _ = labelled_planes(underlay, cam, "t")
+        planes = drawn[:, : render_planes(underlay, cam)[0].shape[1] - BAR_PIXELS - GAP_PIXELS].astype(int)
+        red[name] = ((planes[..., 0] - planes[..., 1] > 60) & (planes[..., 0] - planes[..., 2] > 60)).sum()
+    assert red["flat"] == 0 and red["placed"] > 100  # no red wash; a map with a place is drawn
+    _, placed = write_planes_png(tmp_path / "g.png", underlay, flat * (underlay > 100))
+    assert not placed and "Flat map" not in png_text(tmp_path / "g.png")["Description"]
 
 
 def test_peak_is_the_centre_of_a_plateau_and_can_be_kept_inside_a_mask():

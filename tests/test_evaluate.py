@@ -426,3 +426,46 @@ def test_rescore_precision_and_cross_precision_tolerance():
         compared=0,
     )
     assert older.ok and "per patient" not in older.text
+
+
+def png_text(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
+def test_the_evaluation_pictures_say_what_they_show(cv_copy):
+    """Read from the PNGs' text chunks, which hold every word the figure draws."""
+    summary = evaluate_run(cv_copy, calibrate="platt", threshold="youden", force_calibration=True)
+    out = cv_copy / "evaluation"
+    roc = png_text(out / "roc_all_folds.png")
+    assert roc["Title"] == "ROC of every fold and pooled out of fold (HGG positive)"
+    words = roc["Description"].split(" | ")
+    assert words[:2] == ["false positive rate (LGG called HGG)", "true positive rate (HGG called HGG)"]
+    assert "Positive label" not in roc["Description"]
+    pooled = summary.pooled["auc"]
+    assert words[-1] == f"pooled out-of-fold, 20 patients (AUC = {pooled:.2f})"
+    assert [w.split(",")[0] for w in words[2:7]] == [f"fold {k}" for k in range(5)]
+    rel = png_text(out / "reliability.png")
+    legend = [w for w in rel["Description"].split(" | ") if "Brier" in w]
+    cal = summary.calibration
+    assert legend == [
+        f"raw (Brier {cal['raw']['brier']:.3f})",
+        f"platt, cross-fitted (Brier {cal['calibrated']['brier']:.3f})",
+    ]
+    counts = [int(w[2:]) for w in rel["Description"].split(" | ") if w.startswith("n=")]
+    assert counts == [r["n"] for r in cal["raw"]["reliability"]] + [
+        r["n"] for r in cal["calibrated"]["reliability"]
+    ]
+    assert sum(counts) == 2 * 20
+    threshold = summary.decision["threshold"]
+    for k in range(5):
+        confusion = png_text(out / f"fold_{k}" / "confusion_matrix.png")
+        row = summary.fold(k)
+        assert confusion["Title"] == (
+            f"fold {k} epoch {row.best_epoch}: confusion matrix\n"
+            f"HGG when p(HGG) (platt-calibrated) >= {threshold:.3g}, the run's decision"
+        )
+        assert confusion["Description"].split(" | ")[:2] == ["graded", "true grade"]
+        assert png_text(out / f"fold_{k}" / "roc_curve.png")["Description"].startswith("false positive rate")

@@ -42,6 +42,7 @@ class Prediction:
     error: str = ""  # why this patient could not be graded
     threshold: float = 0.5  # HGG when p_hgg >= threshold
     cam_error: str = ""  # why its CAM was not written, though it was graded
+    cam_flat: bool = False  # its CAM was written, and is one value over the brain (says nothing of where)
     qc: QCResult = QCResult("off")  # input quality control (brats.deploy.qc)
     doubt: Doubt = Doubt()  # the model's own doubt (brats.deploy.doubt)
 
@@ -203,10 +204,8 @@ class Grader:
                 )
                 if cam_dir is not None and q.place is not None:
                     # the picture goes through the evidence for the grade predicted, at the model's threshold
-                    error = write_cam(
-                        cam_dir, q.patient_id, out[CAM_OUTPUT][j], q.place, graded.prediction == "HGG"
-                    )
-                    graded = replace(graded, cam_error=error)
+                    error, flat = write_cam(cam_dir, graded, out[CAM_OUTPUT][j], q.place)
+                    graded = replace(graded, cam_error=error, cam_flat=flat)
                 report(q.position, graded)
             pending.clear()
 
@@ -252,18 +251,22 @@ class Pending:
 
 
 def write_cam(
-    cam_dir: str | Path,
-    patient_id: str,
-    cam: np.ndarray,
-    place: tuple[CubeGrid, sitk.Image],
-    toward_hgg: bool,
-) -> str:
-    """Write one patient's CAM files (brats.cam.write_case_maps); returns why not, or ""."""
+    cam_dir: str | Path, graded: Prediction, cam: np.ndarray, place: tuple[CubeGrid, sitk.Image]
+) -> tuple[str, bool]:
+    """Write one graded patient's CAM files (brats.deploy.cam.write_case_maps), the picture
+    through the evidence for the grade predicted at the model's threshold and titled with the
+    patient, p(HGG) and grade; returns (why not, or "", whether the map is flat)."""
     grid, flair = place
+    title = (
+        f"{graded.patient_id}: p(HGG) {graded.p_hgg:.3f}, graded {graded.prediction} "
+        f"(HGG when p >= {graded.threshold:.3g}); red: evidence for HGG, blue: for LGG"
+    )
     try:
-        write_case_maps(cam_dir, patient_id, cam, grid, flair, toward_hgg)
+        *_, flat = write_case_maps(
+            cam_dir, graded.patient_id, cam, grid, flair, graded.prediction == "HGG", title
+        )
     except BratsError as e:
-        return str(e)
+        return str(e), False
     except Exception as e:  # one patient's map must not stop the others
-        return f"{type(e).__name__}: {str(e)[:200]}"
-    return ""
+        return f"{type(e).__name__}: {str(e)[:200]}", False
+    return "", flat

@@ -273,7 +273,7 @@ def decide(
     if force and sane:
         figures["forced"] = True
         return decision, figures
-    tried = {key: figures["calibrated"][key] for key in ("brier", "log_loss", "ece")}
+    tried = {key: figures["calibrated"][key] for key in ("brier", "log_loss", "ece", "reliability")}
     slope = decision.slope
     decision, figures = summarize_calibration(labels, p_hgg, folds, "none", rule)
     figures["not_shipped"] = {"method": method, "cross_fitted": tried, "slope": slope}

@@ -300,11 +300,14 @@ def write_evaluation(
     with staged(out) as stage:
         for r in results:
             title = f"fold {r.fold} epoch {r.epoch}"
-            save_plots(stage / RunPaths.fold_name(r.fold), r.labels, r.p_hgg, title=title)
+            save_plots(stage / RunPaths.fold_name(r.fold), r.labels, r.p_hgg, title=title, decision=decision)
         roc_all_folds({r.fold: (r.labels, r.p_hgg) for r in results}, stage / "roc_all_folds.png")
-        curves = {"raw": calibration["raw"]["reliability"]}
+        curves = {"raw": calibration["raw"]}
         if "calibrated" in calibration:
-            curves[f"{decision.calibration} (cross-fitted)"] = calibration["calibrated"]["reliability"]
+            curves[f"{decision.calibration}, cross-fitted"] = calibration["calibrated"]
+        elif "reliability" in calibration.get("not_shipped", {}).get("cross_fitted", {}):
+            dropped = calibration["not_shipped"]
+            curves[f"{dropped['method']}, cross-fitted, not kept"] = dropped["cross_fitted"]
         reliability_diagram(stage / RELIABILITY, curves)
         write_rows(stage / paths.predictions.name, rows)
         if summary.test_set:
