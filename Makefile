@@ -22,7 +22,7 @@ CACHE  ?= $(DATA)_cache$(SIZE)
 RUN    ?= runs/cv
 SIZE   ?= 128
 FOLDS  ?= 0 1 2 3 4
-ACCEL  := $(BIN)/accelerate launch --config_file accelerate_config.yaml
+ACCEL  := $(BIN)/accelerate launch --quiet --config_file accelerate_config.yaml
 TRAIN_ARGS ?=
 EVAL_ARGS  ?=
 
@@ -116,12 +116,23 @@ demo/cache/index.json: demo/cohort/.done
 	$(BIN)/python -m brats.prepare demo/cohort --out demo/cache --size 32 --no-progress
 
 # What a user should deploy: the five folds as one ensemble, deciding at the threshold chosen on
-# the out-of-fold predictions (Youden's J, on Platt-calibrated probabilities); predict prints the
-# new patients' accuracy beside the out-of-fold accuracy at that same threshold.
-demo: $(STAMP) demo/cache/index.json demo/new/.done
+# the held-out test set; predict prints the new patients' accuracy beside the test set's.
+# A rerun redoes only what is out of date (make compares the files' times): the training and its
+# evaluation when the cache changed (a killed training resumes), the export when the evaluation
+# changed, the prediction when the model or the new patients changed. Delete demo/run to train
+# again with other DEMO_ARGS; `make clean` removes everything the demo wrote.
+demo/run/evaluation/summary.json: demo/cache/index.json | $(STAMP)
 	$(MAKE) --no-print-directory cv DATA=demo/cache RUN=demo/run TRAIN_ARGS="$(DEMO_ARGS)" EVAL_ARGS="$(DEMO_EVAL)"
+
+demo/run/model_ensemble.onnx: demo/run/evaluation/summary.json
 	$(BIN)/python export.py --run demo/run --ensemble
+
+demo/predictions.csv: demo/run/model_ensemble.onnx demo/new/.done
 	$(BIN)/python predict.py demo/run/model_ensemble.onnx demo/new --out demo/predictions.csv
+
+demo: $(STAMP) demo/predictions.csv
+	@echo "demo: the report demo/run/evaluation/report.md, the model card demo/run/model_ensemble_card.md," \
+		"the new patients' grades demo/predictions.csv (a rerun redoes only what is out of date)"
 
 clean:
 	rm -rf demo runs .pytest_cache

@@ -22,7 +22,7 @@ from typing import Annotated
 
 import typer
 
-from brats.errors import BratsError, command_app, exit_on_error, run_cli
+from brats.errors import BratsError, command_app, exit_on_error, finished, run_cli
 from brats.runs.paths import RunPaths
 
 app = command_app(__doc__)
@@ -96,7 +96,7 @@ def main(
     )
     paths = RunPaths(run)
     print(paths.report.read_text())
-    print(f"wrote {paths.evaluation} ({len(summary.folds)} folds)")
+    montages = []
     if cam:
         from brats.evaluation.cam_montage import write_evaluation_montages
 
@@ -104,7 +104,51 @@ def main(
         montages = write_evaluation_montages(
             run, folds_done, trust=trust_checkpoints, data=data, device=device
         )
-        print(f"wrote {len(montages)} CAM montage(s): {', '.join(str(m) for m in montages)}")
+    finished(written(paths, summary, montages), next_step(run, summary))
+
+
+def written(paths: RunPaths, summary, montages: list[Path]) -> list[tuple[Path, str]]:
+    from brats.evaluation.report import RELIABILITY
+
+    files = [
+        (paths.report, "the report printed above"),
+        (paths.summary, "every figure and the decision, for export.py"),
+        (paths.predictions, "each patient's out-of-fold p(HGG)"),
+    ]
+    if summary.test_set:
+        files.append((paths.test_predictions, "the test set's p(HGG), per fold model and the ensemble"))
+    files += [
+        (paths.evaluation / "roc_all_folds.png", "ROC of every fold and pooled out of fold"),
+        (paths.evaluation / RELIABILITY, "reliability diagram"),
+        (
+            paths.evaluation / "fold_K",
+            f"ROC, precision-recall and confusion matrix of folds {fold_list(summary)}",
+        ),
+    ]
+    return files + [(m, "most confident right and wrong patients with their CAM") for m in montages]
+
+
+def fold_list(summary) -> str:
+    return ",".join(str(row.fold) for row in summary.folds)
+
+
+def next_step(run: Path, summary) -> str:
+    """Export when every fold is evaluated; else the folds left."""
+    from brats.runs.reader import run_config
+    from brats.training.config import TrainConfig
+
+    k_total = TrainConfig.from_dict(run_config(run)).folds
+    left = sorted(set(range(k_total)) - {row.fold for row in summary.folds})
+    if left:
+        return (
+            f"folds {','.join(map(str, left))} are not evaluated: train them (accelerate launch train.py "
+            f"--run {run} --fold {','.join(map(str, left))} --data ... --resume), then evaluate again; "
+            f"or export what is here: python export.py --run {run}"
+        )
+    if len(summary.folds) == 1:
+        return f"python export.py --run {run}"
+    whole = "all folds as one model; without --ensemble, the best fold"
+    return f"python export.py --run {run} --ensemble   ({whole})"
 
 
 if __name__ == "__main__":

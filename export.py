@@ -20,7 +20,8 @@ from typing import Annotated
 
 import typer
 
-from brats.errors import BratsError, command_app, exit_on_error, run_cli
+from brats.deploy.contract import card_path
+from brats.errors import BratsError, command_app, exit_on_error, finished, run_cli
 
 app = command_app(__doc__)
 
@@ -79,7 +80,15 @@ def main(
         allow_unfinished=allow_unfinished,
         doubt=doubt,
     )
-    print(f"wrote {path}")
+    finished(
+        [
+            (path, "the model (ONNX, CPU or GPU; its contract and provenance in the metadata)"),
+            (card_path(path, ".md"), "the model card to read"),
+            (card_path(path), "the same, machine-readable"),
+        ],
+        f"python predict.py {path} PATIENTS --out predictions.csv   (PATIENTS: a BraTS folder, patient "
+        "folders or a CSV manifest; --cam maps/ to see where the model looked)",
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from brats.deploy.report import (
     summary_line,
     table_lines,
 )
-from brats.errors import BratsError, command_app, exit_on_error, run_cli
+from brats.errors import BratsError, command_app, exit_on_error, finished, run_cli
 from brats.io.atomic import (
     check_output_dir,
     check_output_file,
@@ -153,6 +153,8 @@ def main(
             print(f"  {r.patient_id}: {r.cam_error}", file=sys.stderr)
     if failed or no_cam:
         raise SystemExit(1)
+    if cam is None:
+        finished([], "add --cam DIR to see where the model looked (a picture and a NIfTI map per patient)")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from brats.errors import BratsError, command_app, exit_on_error, run_cli
+from brats.errors import BratsError, command_app, exit_on_error, finished, run_cli
 from brats.training.config import BASELINE, TrainConfig, make_config
 
 app = command_app(__doc__)
@@ -299,6 +300,29 @@ def main(
     from brats.training.engine import train_folds  # torch is imported only once the options are valid
 
     train_folds(cfgs)
+    if os.environ.get("RANK", "0") == "0":
+        say_done(cfgs)
+
+
+def say_done(cfgs: list[TrainConfig]) -> None:
+    """The fold folders written and what comes next: the folds left, or the evaluation."""
+    from brats.runs.paths import RunPaths
+
+    cfg = cfgs[0]
+    paths = RunPaths(cfg.run)
+    files = [
+        (paths.fold(c.fold), "best(_ema).pt, metrics.csv, train.log and plots of the epoch kept")
+        for c in cfgs
+    ]
+    left = sorted(set(range(cfg.folds)) - set(paths.trained(cfg.folds)))
+    if left:
+        step = (
+            f"accelerate launch train.py --data {cfg.data} --run {cfg.run} --fold {','.join(map(str, left))} "
+            f"--resume (the same options), then python evaluate.py --run {cfg.run}"
+        )
+    else:
+        step = f"python evaluate.py --run {cfg.run}"
+    finished(files, step)
 
 
 if __name__ == "__main__":

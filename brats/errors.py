@@ -51,6 +51,18 @@ def run_cli(app: Callable[[], object]) -> None:
     app()
 
 
+def finished(files: list[tuple[object, str]], next_step: str | None) -> None:
+    """How a command ends: the files it wrote, each with what it is, and the command to run
+    next (stdout, after everything else)."""
+    if files:
+        width = max(len(str(f)) for f, _ in files)
+        print("wrote:")
+        for f, what in files:
+            print(f"  {str(f):<{width}}  {what}")
+    if next_step:
+        print(f"next: {next_step}")
+
+
 def describe(doc: str) -> str:
     """A module docstring as a command's --help description (Markdown, as `command_app` renders
     help): each block of indented example lines becomes a code block, one command a line."""

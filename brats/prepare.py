@@ -18,7 +18,7 @@ import typer
 from brats.data.cache_builder import check_cache_dir, check_size, prepare
 from brats.data.cohort import check_trainable, find_cases, summarize
 from brats.data.preprocess import PreprocessConfig
-from brats.errors import BratsError, command_app, exit_on_error, run_cli
+from brats.errors import BratsError, command_app, exit_on_error, finished, run_cli
 from brats.io.atomic import refuse_inputs
 
 app = command_app(__doc__)
@@ -85,6 +85,11 @@ def main(
         if not skip_bad:
             print("fix them and rerun (only they are redone), or pass --skip-bad", file=sys.stderr)
         raise SystemExit(1)
+    finished(
+        [(out, "the cache: one .npy per patient, index.json, preprocess.json")],
+        f"accelerate launch train.py --data {out} --run runs/cv --fold all --resume   "
+        f"(or make cv DATA={out})",
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from brats.data.phantom import (
     corrupt_patients,
     make_cohort,
 )
-from brats.errors import BratsError, command_app, exit_on_error, run_cli
+from brats.errors import BratsError, command_app, exit_on_error, finished, run_cli
 from brats.io.atomic import check_output_dir
 
 app = command_app(__doc__)
@@ -81,6 +81,7 @@ def main(
     print(f"wrote {len(made)} synthetic patients ({n_hgg} HGG, {len(made) - n_hgg} LGG) to {out}")
     for pid, kind in corrupt_patients(out, kinds, seed):
         print(f"  {pid}: corrupted ({kind})")
+    finished([], f"python -m brats.prepare {out} --out {out}_cache   (or train on it: train.py --data {out})")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,10 @@ def test_kill_during_prepare_then_rerun_completes(cohort18, tmp_path):
     r = run_prepare(cohort18, out, "--workers", "2", size=128)
     assert r.returncode == 0, r.stderr
     assert f"{14 - len(done)} preprocessed, {len(done)} unchanged" in r.stdout
+    assert r.stdout.splitlines()[-1] == (
+        f"next: accelerate launch train.py --data {out} --run runs/cv --fold all --resume   "
+        f"(or make cv DATA={out})"
+    )
     cached = open_cache(out)
     assert len(cached) == 14
     assert not [p for p in (out / "volumes").iterdir() if p.name.startswith(".tmp-")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -67,3 +68,79 @@ def test_the_report_names_the_epoch_kept_and_says_f1_is_kept_high_only_by_a_majo
     assert "| Fold | Epoch kept |" in report and "which the HGG majority keeps high" in report
     flipped = dataclasses.replace(summary, pooled={**summary.pooled, "hgg": 5, "lgg": 15})
     assert "majority keeps high" not in report_markdown(flipped, run)
+
+
+def test_evaluate_and_export_end_with_the_files_written_and_the_next_command(cv_copy, capsys):
+    r = run_cli(capsys, "evaluate.py", "--run", cv_copy)
+    assert r.code == 0, r.err[-2000:]
+    tail = r.out.splitlines()[-8:]
+    evaluation = cv_copy / "evaluation"
+    assert tail[0] == "wrote:" and [line.split()[0] for line in tail[1:-1]] == [
+        str(evaluation / name)
+        for name in (
+            "report.md",
+            "summary.json",
+            "predictions.csv",
+            "roc_all_folds.png",
+            "reliability.png",
+            "fold_K",
+        )
+    ]
+    assert all(
+        (evaluation / name).is_file() for name in ("report.md", "roc_all_folds.png", "reliability.png")
+    )
+    assert tail[-1].startswith(f"next: python export.py --run {cv_copy} --ensemble ")
+    r = run_cli(capsys, "export.py", "--run", cv_copy, "--ensemble", "--no-doubt")
+    assert r.code == 0, r.err[-2000:]
+    model = cv_copy / "model_ensemble.onnx"
+    tail = r.out.splitlines()[-5:]
+    assert tail[0] == "wrote:" and [line.split()[0] for line in tail[1:4]] == [
+        str(model),
+        str(cv_copy / "model_ensemble_card.md"),
+        str(cv_copy / "model_ensemble_card.json"),
+    ]
+    assert all(Path(line.split()[0]).is_file() for line in tail[1:4])
+    assert tail[-1].startswith(f"next: python predict.py {model} PATIENTS --out predictions.csv")
+
+
+def test_a_make_demo_rerun_redoes_only_what_is_out_of_date(tmp_path):
+    """`make -n` on the demo's files, made in the order the demo makes them: nothing is redone;
+    a newer evaluation redoes the export and the prediction only; a newer cache also the training."""
+    import os
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(root / name, tmp_path / name)
+    made = [
+        "pyproject.toml",
+        ".venv/bin/python",
+        ".venv/.installed",
+        "demo/cohort/.done",
+        "demo/new/.done",
+        "demo/cache/index.json",
+        "demo/run/evaluation/summary.json",
+        "demo/run/model_ensemble.onnx",
+        "demo/predictions.csv",
+    ]
+    for i, name in enumerate(made):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))
+
+    def planned() -> list[str]:
+        r = subprocess.run(["make", "-n", "demo"], cwd=tmp_path, capture_output=True, text=True, check=True)
+        return [line for line in r.stdout.splitlines() if line.startswith(".venv/bin/")]
+
+    assert planned() == []
+    os.utime(tmp_path / "demo/run/evaluation/summary.json", (2_000_000, 2_000_000))
+    assert [line.split()[1] for line in planned()] == ["export.py", "predict.py"]
+    os.utime(tmp_path / "demo/cache/index.json", (3_000_000, 3_000_000))
+    assert any(
+        "make" in line and "cv DATA=demo/cache" in line
+        for line in subprocess.run(
+            ["make", "-n", "demo"], cwd=tmp_path, capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+    )

@@ -227,3 +227,85 @@ def test_resnet_layer4_at_32_cubed_takes_the_one_voxel_product():
         h.remove()
     fast = {name for name, window in seen.items() if window is not None}
     assert fast == {"layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0"}
+
+
+def test_pretrained_medicalnet_offline_is_one_line_at_once(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE is obeyed without touching the network; an unreachable hub is found by one
+    short probe, not by the download's retries; the cache still serves when offline."""
+    import huggingface_hub
+
+    from brats.models import pretrained
+
+    def no_download(*args, local_files_only=False, **kwargs):
+        if not local_files_only:
+            raise AssertionError("the download was tried")
+        raise FileNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BratsError) as e:
+        pretrained.resolve_pretrained("medicalnet", 10, cache_dir=tmp_path / "empty")
+    assert str(e.value) == (
+        "--pretrained medicalnet: resnet_10_23dataset.pth is not in the Hugging Face cache and cannot be "
+        "fetched (HF_HUB_OFFLINE is set): download it on a connected machine "
+        "(huggingface.co/TencentMedicalNet/MedicalNet-Resnet10, or MedicalNet's release) and pass "
+        "--pretrained PATH/resnet_10_23dataset.pth"
+    )
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    with pytest.raises(
+        BratsError, match=r"cannot be fetched \(127\.0\.0\.1 unreachable: Connection refused\)"
+    ):
+        pretrained.resolve_pretrained("medicalnet", 10, cache_dir=tmp_path / "empty")
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cached = hub_cache(tmp_path / "hub", 10)
+    assert (
+        pretrained.resolve_pretrained("medicalnet", 10, cache_dir=tmp_path / "hub").resolve()
+        == cached.resolve()
+    )
+    assert pretrained.pretrained_problem(None, 10) is None
+
+
+def test_pretrained_offline_under_accelerate_launch_ends_in_the_one_line(cache20, tmp_path):
+    """As `make cv` launches it (accelerate launch --quiet): the message is the last line, no
+    launcher traceback, before any fold folder is made."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--quiet",
+            "--config_file",
+            str(root / "accelerate_config.yaml"),
+            str(root / "train.py"),
+            "--data",
+            str(cache20),
+            "--run",
+            str(tmp_path / "run"),
+            "--pretrained",
+            "medicalnet",
+            "--depth",
+            "10",
+            "--cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: --pretrained medicalnet: resnet_10_23dataset.pth is not in the Hugging Face"
+    )
+    assert "(HF_HUB_OFFLINE is set)" in last
+    assert not (tmp_path / "run" / "fold_0").exists()

@@ -74,6 +74,16 @@ def test_a_fold_after_another_trains_as_it_does_alone(two_folds, cache20, tmp_pa
     r = subprocess.run([*cmd, *CLI], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     same_fold(two_folds / "fold_1", alone / "fold_1")
+    # it ends saying what it wrote and what is next: the folds left, then the evaluation
+    said = r.stdout.splitlines()
+    assert said[-3:-1] == [
+        "wrote:",
+        f"  {alone / 'fold_1'}  best(_ema).pt, metrics.csv, train.log and plots of the epoch kept",
+    ]
+    assert said[-1].startswith(
+        f"next: accelerate launch train.py --data {cache20} --run {alone} --fold 0,2,3,4 "
+    )
+    assert said[-1].endswith(f"then python evaluate.py --run {alone}")
 
 
 def test_a_killed_multi_fold_run_skips_the_finished_fold_and_resumes_the_other(two_folds, cache20, tmp_path):

@@ -206,17 +206,6 @@ def write_onnx(
     return parity
 
 
-def trained_folds(run: Path, k_total: int) -> list[int]:
-    """The folds of `run` that hold a checkpoint the policy can choose (a fold still in its first
-    epoch has none yet)."""
-    paths = RunPaths(run)
-    return [
-        k
-        for k in paths.folds()
-        if k < k_total and (paths.best(k).is_file() or paths.best(k, ema=True).is_file())
-    ]
-
-
 def check_model_outputs(out: Path, run: Path, cache: Path) -> None:
     """Before any work: the model and its card can be written (the folder is created if missing)
     without replacing a run's or a cache's file, or any file that is not a model (card) this
@@ -305,7 +294,7 @@ def export(
         raise BratsError(f"--exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
     if ensemble and fold is not None:
         raise BratsError("--fold and --ensemble exclude each other")
-    trained = trained_folds(run, TrainConfig.from_dict(run_cfg).folds)
+    trained = RunPaths(run).trained(TrainConfig.from_dict(run_cfg).folds)
     if not trained:
         raise BratsError(
             f"{run}: no trained fold (no fold_K/{BEST} or {BEST_EMA}): train one with "

@@ -8,7 +8,10 @@ strictly (key names match ResNet3D's); conv1 is adapted from 1 input channel to 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -24,34 +27,84 @@ MEDICALNET_HUB = "TencentMedicalNet/MedicalNet-Resnet{depth}"
 MEDICALNET_FILE = "resnet_{depth}_23dataset.pth"
 
 
-def resolve_pretrained(spec: str, depth: int, cache_dir: str | Path | None = None) -> Path:
-    """--pretrained as a file: a path as given, or `medicalnet` as MedicalNet's weights for
-    `depth` from the Hugging Face cache, downloaded there first when missing (once; later runs
-    and other processes read the cache). Offline and not cached: one line with the manual route."""
-    if spec != MEDICALNET:
-        if not Path(spec).is_file():
-            raise BratsError(
-                f"--pretrained {spec}: file not found: give MedicalNet's "
-                f"{MEDICALNET_FILE.format(depth=depth)} "
-                "or --pretrained medicalnet"
-            )
-        return Path(spec)
+PROBE_SECONDS = 3.0  # how long the hub may take to accept a connection before it counts as unreachable
+TRUE = ("1", "true", "yes", "on")
+
+
+def cached_medicalnet(depth: int, cache_dir: str | Path | None = None) -> Path | None:
+    """MedicalNet's weights for `depth` in the Hugging Face cache, or None (no network)."""
     from huggingface_hub import hf_hub_download
 
     repo, name = MEDICALNET_HUB.format(depth=depth), MEDICALNET_FILE.format(depth=depth)
-    try:  # the cache first: no network round trip when the weights are there
+    try:
         return Path(hf_hub_download(repo, name, cache_dir=cache_dir, local_files_only=True))
     except Exception:
-        pass
+        return None
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached from here, found in at most PROBE_SECONDS; None when it can
+    (or a proxy decides). HF_HUB_OFFLINE=1 is the user saying so: nothing is tried."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # the proxy knows the way: let the download try
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_SECONDS):
+            return None
+    except OSError as e:
+        return f"{host} unreachable: {e.strerror or type(e).__name__}"
+
+
+def pretrained_problem(spec: str | None, depth: int, cache_dir: str | Path | None = None) -> str | None:
+    """What stands in the way of --pretrained, in one line with the fix, found before anything
+    slow (the weights are fetched later, by one process): a missing file, or MedicalNet's weights
+    neither cached nor reachable. None when nothing does."""
+    if not spec:
+        return None
+    name = MEDICALNET_FILE.format(depth=depth)
+    if spec != MEDICALNET:
+        if Path(spec).is_file():
+            return None
+        return f"--pretrained {spec}: file not found: give MedicalNet's {name} or --pretrained medicalnet"
+    if cached_medicalnet(depth, cache_dir) is not None:
+        return None
+    why = hub_unreachable()
+    return None if why is None else offline_message(depth, why)
+
+
+def offline_message(depth: int, why: str) -> str:
+    repo, name = MEDICALNET_HUB.format(depth=depth), MEDICALNET_FILE.format(depth=depth)
+    return (
+        f"--pretrained medicalnet: {name} is not in the Hugging Face cache and cannot be fetched ({why}): "
+        f"download it on a connected machine (huggingface.co/{repo}, or MedicalNet's release) and pass "
+        f"--pretrained PATH/{name}"
+    )
+
+
+def resolve_pretrained(spec: str, depth: int, cache_dir: str | Path | None = None) -> Path:
+    """--pretrained as a file: a path as given, or `medicalnet` as MedicalNet's weights for
+    `depth` from the Hugging Face cache, downloaded there first when missing (once; later runs
+    and other processes read the cache). Offline (HF_HUB_OFFLINE, or the hub unreachable within
+    PROBE_SECONDS) and not cached: one line with the manual route, at once."""
+    problem = pretrained_problem(spec, depth, cache_dir)
+    if problem:
+        raise BratsError(problem)
+    if spec != MEDICALNET:
+        return Path(spec)
+    cached = cached_medicalnet(depth, cache_dir)
+    if cached is not None:  # the cache first: no network round trip when the weights are there
+        return cached
+    from huggingface_hub import hf_hub_download
+
+    repo, name = MEDICALNET_HUB.format(depth=depth), MEDICALNET_FILE.format(depth=depth)
     try:
         return Path(hf_hub_download(repo, name, cache_dir=cache_dir))
-    except Exception as e:  # offline, no route, HTTP errors: all mean "not available here"
+    except Exception as e:  # no route, HTTP errors: all mean "not available here"
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise BratsError(
-            f"--pretrained medicalnet: cannot fetch {name} from huggingface.co/{repo} ({reason}): "
-            f"download it on a connected machine (huggingface.co/{repo}, or MedicalNet's release) "
-            f"and pass --pretrained PATH/{name}"
-        ) from e
+        raise BratsError(offline_message(depth, reason)) from e
 
 
 def load_pretrained(model: ResNet3D, path: str | Path) -> dict:

@@ -74,6 +74,15 @@ class RunPaths:
         found = (_FOLD.fullmatch(p.name) for p in self.root.iterdir() if p.is_dir())
         return sorted(int(m.group(1)) for m in found if m)
 
+    def trained(self, k_total: int) -> list[int]:
+        """The folds (of 0..k_total-1) that hold a checkpoint evaluation can choose (a fold still
+        in its first epoch has none yet)."""
+        return [
+            k
+            for k in self.folds()
+            if k < k_total and (self.best(k).is_file() or self.best(k, ema=True).is_file())
+        ]
+
     @property
     def evaluation(self) -> Path:
         return self.root / "evaluation"

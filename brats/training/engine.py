@@ -64,7 +64,7 @@ from brats.io.atomic import (
     write_json_atomic,
 )
 from brats.io.processes import die_with_launcher, exclusive_lock
-from brats.models.pretrained import load_pretrained, resolve_pretrained
+from brats.models.pretrained import load_pretrained, pretrained_problem, resolve_pretrained
 from brats.models.resnet import build_model, param_groups
 from brats.runs.checkpoint import (
     RngState,
@@ -374,6 +374,9 @@ def train_folds(cfgs: list[TrainConfig]) -> list[dict]:
     refuse_inputs(cfg.run, {Path(cfg.data): "the training data (--data)"}, "--run")
     check_output_dir(cfg.run, "--run folder")  # before any work: one line if it cannot be written
     check_cohort(cfg)
+    problem = pretrained_problem(cfg.pretrained, cfg.depth)  # offline: at once, not after retries
+    if problem:
+        raise BratsError(problem)
     precision, note = resolve_mixed_precision(cfg)
     accelerator = Accelerator(
         cpu=cfg.cpu,

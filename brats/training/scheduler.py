@@ -36,7 +36,7 @@ class Running:
 
 
 def fold_command(fold: int, data: str, run: str, slot: str, config: str, train_args: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", config]
     cmd += ["--num_processes", "1", str(ROOT / "train.py"), "--fold", str(fold)]
     cmd += ["--data", data, "--run", run, "--resume", *train_args]
     return cmd + (["--cpu"] if slot == "cpu" else [])
