@@ -246,6 +246,15 @@ def main(
     progress: Annotated[
         bool, opt("progress bars [default: on]", RUN, "--progress/--no-progress", show_default=False)
     ] = True,
+    report_to: Annotated[
+        str | None,
+        opt(
+            "experiment trackers: tensorboard, mlflow, wandb (comma-separated), all (those installed) or "
+            "none; each fold is a run holding its settings and each epoch's metrics "
+            "[default: auto: tensorboard when installed]",
+            RUN,
+        ),
+    ] = None,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     cfg = make_config(
@@ -295,6 +304,7 @@ def main(
         cpu=cpu or None,
         resume=resume or None,
         progress=progress,
+        report_to=report_to,
     )
     cfgs = [dataclasses.replace(cfg, fold=k) for k in parse_folds(fold, cfg.folds)]
     from brats.training.engine import train_folds  # torch is imported only once the options are valid

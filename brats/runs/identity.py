@@ -22,7 +22,17 @@ from brats.training.config import TrainConfig, make_config
 
 # Settings that may differ between the folds of one run without making them incomparable.
 # Speed settings change no result on the CPU and only float noise on a GPU.
-PER_PROCESS = ("fold", "resume", "workers", "progress", "cpu", "mixed_precision", "data", "extra")
+PER_PROCESS = (
+    "fold",
+    "resume",
+    "workers",
+    "progress",
+    "cpu",
+    "mixed_precision",
+    "data",
+    "extra",
+    "report_to",
+)
 
 
 SPEED = ("cache_device", "val_batch_size", "channels_last", "compile", "compile_backend", "deterministic")

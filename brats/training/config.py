@@ -84,6 +84,9 @@ class TrainConfig:
     cpu: bool = False  # force the CPU (also for `accelerate launch --multi_gpu` gloo tests)
     resume: bool = False  # continue after the last completed epoch of RUN/fold_K/state.pt
     progress: bool = True  # progress bar on the main process
+    report_to: str = (
+        "auto"  # trackers: auto (TensorBoard if installed), all, none, or tensorboard,mlflow,wandb
+    )
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
 
     @property

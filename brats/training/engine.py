@@ -101,6 +101,7 @@ from brats.training.speed import (
     memory_format,
     split_effective_batch,
 )
+from brats.training.trackers import finish_trackers, log_metrics, resolve_trackers, start_trackers
 
 log = get_logger(__name__)
 
@@ -295,6 +296,7 @@ class Fold:
     augment_gen: torch.Generator  # reseeded per epoch
     ema: ModelEma | None
     keeper: CheckpointKeeper  # best.pt and, with EMA, best_ema.pt
+    trackers: list = field(default_factory=list)  # --report-to, started when the fold trains (fit)
 
     @property
     def folder(self) -> Path:
@@ -374,6 +376,7 @@ def train_folds(cfgs: list[TrainConfig]) -> list[dict]:
     refuse_inputs(cfg.run, {Path(cfg.data): "the training data (--data)"}, "--run")
     check_output_dir(cfg.run, "--run folder")  # before any work: one line if it cannot be written
     check_cohort(cfg)
+    resolve_trackers(cfg.report_to)  # a tracker asked for and not installed: one line, now
     problem = pretrained_problem(cfg.pretrained, cfg.depth)  # offline: at once, not after retries
     if problem:
         raise BratsError(problem)
@@ -382,7 +385,6 @@ def train_folds(cfgs: list[TrainConfig]) -> list[dict]:
         cpu=cfg.cpu,
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum,
-        log_with="tensorboard" if _has_tensorboard() else None,
         project_dir=cfg.run,
         # batches from pinned memory reach the GPU without the host waiting for it
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
@@ -440,20 +442,9 @@ def apply_effective_batch(cfg: TrainConfig) -> TrainConfig:
 
 
 def release_fold(accelerator: Accelerator) -> None:
-    """Forget a finished fold: its prepared model, optimizer and loaders (memory), the
-    accumulation counter, and its tracker run (the next fold logs to its own)."""
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    accelerator.trackers = []
+    """Forget a finished fold: its prepared model, optimizer and loaders (memory) and the
+    accumulation counter (its tracker runs ended with it: the next fold logs to its own)."""
     accelerator.free_memory()
-
-
-def _has_tensorboard() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def setup(cfg: TrainConfig, accelerator: Accelerator) -> Fold:
@@ -565,17 +556,17 @@ def resume_or_refuse(fold: Fold) -> FoldState:
 def fit(fold: Fold, state: FoldState) -> dict:
     """The epoch loop, until early stopping or --max-epochs; returns the fold's summary."""
     cfg, accelerator = fold.cfg, fold.accelerator
-    if accelerator.log_with:
-        accelerator.init_trackers(
-            fold.folder.name,
-            config={k: v for k, v in cfg.to_dict().items() if isinstance(v, int | float | str | bool)},
-        )
-    for epoch in range(state.epoch + 1, cfg.max_epochs + 1):
-        if state.finished:
-            break
-        run_epoch(fold, state, epoch)
-        accelerator.wait_for_everyone()
-
+    if not state.finished:
+        hparams = {k: v for k, v in cfg.to_dict().items() if isinstance(v, int | float | str | bool)}
+        fold.trackers.extend(start_trackers(resolve_trackers(cfg.report_to), cfg.run, cfg.fold, hparams))
+    try:
+        for epoch in range(state.epoch + 1, cfg.max_epochs + 1):
+            if state.finished:
+                break
+            run_epoch(fold, state, epoch)
+            accelerator.wait_for_everyone()
+    finally:
+        finish_trackers(fold.trackers)
     if accelerator.is_main_process and state.finished:
         fold.keeper.plot()
     if state.stop_reason:
@@ -620,7 +611,7 @@ def run_epoch(fold: Fold, state: FoldState, epoch: int) -> None:
     state.record(epoch, row, improved, cfg, fold.keeper.policy.is_ema)
     if accelerator.is_main_process:
         write_epoch(fold, state, epoch)
-    accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+    log_metrics(fold.trackers, {k: v for k, v in row.items() if k != "epoch"}, epoch)
     log.info(
         f"epoch {epoch}/{cfg.max_epochs} train_loss {train_loss:.4f} val_loss {val['loss']:.4f} "
         f"val_auc {val['auc']:.4f} f1 {val['f1']:.4f} acc {val['accuracy']:.4f} "
