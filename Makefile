@@ -59,16 +59,24 @@ prepare: $(STAMP)
 
 # Folds 0..4 in turn in one process (restartable: a finished fold is skipped, a killed one
 # resumes), then the verified CV report. GPUS="0 1 2 3" trains folds concurrently, one per GPU,
-# each logging to RUN/fold_K/train.log.
+# each logging to RUN/fold_K/train.log. LAUNCHER=slurm submits one job per fold to SLURM (a job
+# array; SLURM_ARGS="--partition gpu --time 4:00:00 --account A"), waits, then evaluates in a job.
 GPUS ?=
+LAUNCHER ?= local
+SLURM_ARGS ?=
 cv: $(STAMP)
 	@test -n "$(DATA)" || (echo "usage: make cv DATA=<cache or BraTS folder> RUN=<run folder> [GPUS=\"0 1\"]"; exit 1)
+ifeq ($(LAUNCHER),slurm)
+	$(BIN)/python -m brats.cv --launcher slurm $(SLURM_ARGS) --fold "$(FOLDS)" --data $(DATA) --run $(RUN) \
+		--size $(SIZE) --evaluate-args "$(EVAL_ARGS)" -- $(TRAIN_ARGS)
+else
 ifeq ($(strip $(GPUS)),)
 	$(ACCEL) train.py --fold "$(FOLDS)" --data $(DATA) --run $(RUN) --resume $(TRAIN_ARGS)
 else
 	$(BIN)/python -m brats.cv --gpus "$(GPUS)" --fold "$(FOLDS)" --data $(DATA) --run $(RUN) --size $(SIZE) -- $(TRAIN_ARGS)
 endif
 	$(BIN)/python evaluate.py --run $(RUN) $(EVAL_ARGS)
+endif
 
 evaluate: $(STAMP)
 	$(BIN)/python evaluate.py --run $(RUN) $(EVAL_ARGS)

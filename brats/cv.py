@@ -1,19 +1,28 @@
-"""Train the folds of a cross-validation concurrently, one fold per GPU at a time
-(brats.training.scheduler).
+"""Train the folds of a cross-validation concurrently: one fold per GPU of this machine
+(brats.training.scheduler), or one SLURM job per fold (brats.training.cluster).
 
     python -m brats.cv --gpus 0,1,2,3 --data CACHE --run RUN [--fold 0,1,2,3,4] [-- TRAIN_ARGS]
+    python -m brats.cv --launcher slurm --partition gpu --time 4:00:00 --data CACHE --run RUN
+    python -m brats.cv --launcher slurm --partition gpu --data CACHE --run RUN --dry-run
 
-Arguments after `--` go to train.py unchanged (e.g. -- --k-folds 5 --inner-val 0.15).
+Arguments after `--` go to train.py unchanged (e.g. -- --k-folds 5 --inner-val 0.15). On SLURM
+the folds are a job array, each job the command a local fold runs (RUN/fold_K/train.log); a
+preempted or timed-out fold is requeued and resumes; when every fold has succeeded a last job
+evaluates the run (--evaluate-args, e.g. "--calibrate platt --threshold youden"). A rerun
+resumes the unfinished folds and skips the finished ones.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from brats.errors import BratsError, command_app, exit_on_error, run_cli
+from brats.errors import BratsError, command_app, exit_on_error, finished, run_cli
+from brats.training.cluster import LAUNCHERS, SlurmSpec, run_on_cluster, sbatch_script
 from brats.training.scheduler import ROOT, run_folds
 
 
@@ -25,13 +34,13 @@ def parse_list(text: str, what: str) -> list[str]:
 
 
 app = command_app(__doc__)
+LOCAL, SLURM = "This machine (--launcher local)", "SLURM (--launcher slurm)"
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @exit_on_error
 def main(
     ctx: typer.Context,
-    gpus: Annotated[str, typer.Option(help="GPU ids, one fold per GPU at a time (or cpu,cpu)")],
     data: Annotated[str, typer.Option(help="prepared cache or raw BraTS folder")],
     run: Annotated[str, typer.Option(help="run folder")] = "runs/cv",
     folds: Annotated[
@@ -41,21 +50,147 @@ def main(
     config_file: Annotated[str, typer.Option(help="accelerate config")] = str(
         ROOT / "accelerate_config.yaml"
     ),
+    launcher: Annotated[
+        str,
+        typer.Option(
+            help="local: the GPUs of this machine; slurm: a job per fold; submitit-local: the SLURM path's "
+            "jobs as processes of this machine (tests)"
+        ),
+    ] = "local",
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="GPU ids, one fold per GPU at a time (or cpu,cpu) [default: none]", rich_help_panel=LOCAL
+        ),
+    ] = None,
+    partition: Annotated[
+        str | None, typer.Option(help="[default: the cluster's]", rich_help_panel=SLURM)
+    ] = None,
+    gpus_per_fold: Annotated[
+        int,
+        typer.Option(help="GPUs per fold's job (over 1: one fold on several GPUs)", rich_help_panel=SLURM),
+    ] = 1,
+    cpus_per_gpu: Annotated[int, typer.Option(help="CPU cores per GPU", rich_help_panel=SLURM)] = 8,
+    mem_gb: Annotated[
+        int, typer.Option(help="memory per job; 0: the partition's default", rich_help_panel=SLURM)
+    ] = 0,
+    time: Annotated[
+        str, typer.Option(help="time limit per job; a fold that needs longer resumes", rich_help_panel=SLURM)
+    ] = "4:00:00",
+    account: Annotated[str | None, typer.Option(help="[default: yours]", rich_help_panel=SLURM)] = None,
+    qos: Annotated[str | None, typer.Option(help="[default: none]", rich_help_panel=SLURM)] = None,
+    constraint: Annotated[
+        str | None, typer.Option(help="e.g. a100 [default: none]", rich_help_panel=SLURM)
+    ] = None,
+    max_parallel: Annotated[
+        int, typer.Option(help="folds running at once; 0: all", rich_help_panel=SLURM)
+    ] = 0,
+    evaluate_args: Annotated[
+        str,
+        typer.Option(
+            help='evaluate.py options, e.g. "--calibrate platt" [default: none]', rich_help_panel=SLURM
+        ),
+    ] = "",
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            help="wait for the jobs, then evaluate; --no-wait prints the job ids (the evaluation is queued "
+            "after the folds) [default: wait]",
+            show_default=False,
+            rich_help_panel=SLURM,
+        ),
+    ] = True,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="print the sbatch script and each fold's command; submit nothing [default: off]",
+            rich_help_panel=SLURM,
+        ),
+    ] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    slots = parse_list(gpus, "gpus")
+    if launcher not in LAUNCHERS:
+        raise BratsError(f"--launcher {launcher!r}: choose one of {', '.join(LAUNCHERS)}")
     try:
         wanted = [int(f) for f in parse_list(folds, "fold")]
     except ValueError as e:
         raise BratsError(f"--fold {folds!r}: give fold numbers like 0,1,2") from e
-    from brats.data.cache_reader import ensure_prepared
-
-    data = str(ensure_prepared(data, size))
-    failed = run_folds(wanted, slots, data, run, config_file, list(ctx.args))
+    train_args = list(ctx.args)
+    if launcher == "local":
+        if not gpus:
+            raise BratsError(
+                "--launcher local needs --gpus: e.g. --gpus 0,1,2,3 (one fold per GPU), or cpu,cpu"
+            )
+        slots = parse_list(gpus, "gpus")
+        data = prepared(data, size)
+        failed = run_folds(wanted, slots, data, run, config_file, train_args)
+        if failed:
+            raise BratsError(
+                f"fold(s) {', '.join(map(str, failed))} failed: see their train.log; rerun to resume them"
+            )
+        finished([], f"python evaluate.py --run {run}")
+        return
+    spec = SlurmSpec(
+        partition=partition,
+        gpus_per_fold=gpus_per_fold,
+        cpus_per_gpu=cpus_per_gpu,
+        mem_gb=mem_gb,
+        time=time,
+        account=account,
+        qos=qos,
+        constraint=constraint,
+        max_parallel=max_parallel,
+    )
+    evaluation = shlex.split(evaluate_args)
+    # jobs start on other machines, maybe in another folder: every path they get is absolute
+    data, run = str(Path(data).resolve()), str(Path(run).resolve())
+    if dry_run:
+        print_dry_run(wanted, data, run, spec, config_file, train_args, evaluation)
+        return
+    data = prepared(data, size)  # once, before any job: concurrent folds never prepare it together
+    failed = run_on_cluster(launcher, wanted, data, run, spec, config_file, train_args, evaluation, not wait)
+    if failed is None:
+        return
     if failed:
         raise BratsError(
-            f"fold(s) {', '.join(map(str, failed))} failed: see their train.log; rerun to resume them"
+            f"{'; '.join(failed)}: rerun the same command to resume (finished folds are skipped)"
         )
+    from brats.runs.paths import RunPaths
+
+    paths = RunPaths(run)
+    finished(
+        [(paths.fold(k), f"fold {k}: checkpoints, metrics.csv, train.log") for k in wanted]
+        + [(paths.report, "the verified report"), (paths.summary, "its figures, for export.py")],
+        f"python export.py --run {run} --ensemble",
+    )
+
+
+def prepared(data: str, size: int) -> str:
+    from brats.data.cache_reader import ensure_prepared
+
+    return str(ensure_prepared(data, size))
+
+
+def print_dry_run(
+    folds: list[int],
+    data: str,
+    run: str,
+    spec: SlurmSpec,
+    config: str,
+    train_args: list[str],
+    evaluate_args: list[str],
+) -> None:
+    """What --launcher slurm would submit: the array's sbatch script and each job's command."""
+    from brats.training.cluster import evaluate_job, fold_jobs
+
+    print(sbatch_script(run, spec, len(folds)))
+    for job in fold_jobs(folds, data, run, spec, config, train_args):
+        print(f"# {job.label}: {shlex.join(job.cmd)} >> {job.log_path}")
+    job = evaluate_job(run, data, evaluate_args)
+    print(f"# then, when every fold has succeeded: {shlex.join(job.cmd)} >> {job.log_path}")
+    print("# nothing submitted (--dry-run)")
 
 
 if __name__ == "__main__":
