@@ -35,6 +35,23 @@ def parse_list(text: str, what: str) -> list[str]:
 
 app = command_app(__doc__)
 LOCAL, SLURM = "This machine (--launcher local)", "SLURM (--launcher slurm)"
+CONFIG_FILE = str(ROOT / "accelerate_config.yaml")
+LAUNCHER_HELP = (
+    "local: the GPUs of this machine; slurm: a job per fold; submitit-local: the SLURM path's jobs as "
+    "processes of this machine (tests)"
+)
+WAIT_HELP = (
+    "wait for the jobs, then evaluate; --no-wait prints the job ids (the evaluation is queued after the "
+    "folds) [default: wait]"
+)
+
+
+def local(help: str, *names: str, **kw):
+    return typer.Option(*names, help=help, rich_help_panel=LOCAL, **kw)
+
+
+def slurm(help: str, *names: str, **kw):
+    return typer.Option(*names, help=help, rich_help_panel=SLURM, **kw)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -47,67 +64,27 @@ def main(
         str, typer.Option("--fold", "--folds", help="fold(s) to train: 0,1,2,3,4")
     ] = "0,1,2,3,4",
     size: Annotated[int, typer.Option(help="cube side when DATA must be prepared first")] = 128,
-    config_file: Annotated[str, typer.Option(help="accelerate config")] = str(
-        ROOT / "accelerate_config.yaml"
-    ),
-    launcher: Annotated[
-        str,
-        typer.Option(
-            help="local: the GPUs of this machine; slurm: a job per fold; submitit-local: the SLURM path's "
-            "jobs as processes of this machine (tests)"
-        ),
-    ] = "local",
+    config_file: Annotated[str, typer.Option(help="accelerate config")] = CONFIG_FILE,
+    launcher: Annotated[str, typer.Option(help=LAUNCHER_HELP)] = "local",
     gpus: Annotated[
-        str | None,
-        typer.Option(
-            help="GPU ids, one fold per GPU at a time (or cpu,cpu) [default: none]", rich_help_panel=LOCAL
-        ),
+        str | None, local("GPU ids, one fold per GPU at a time (or cpu,cpu) [default: none]")
     ] = None,
-    partition: Annotated[
-        str | None, typer.Option(help="[default: the cluster's]", rich_help_panel=SLURM)
-    ] = None,
-    gpus_per_fold: Annotated[
-        int,
-        typer.Option(help="GPUs per fold's job (over 1: one fold on several GPUs)", rich_help_panel=SLURM),
-    ] = 1,
-    cpus_per_gpu: Annotated[int, typer.Option(help="CPU cores per GPU", rich_help_panel=SLURM)] = 8,
-    mem_gb: Annotated[
-        int, typer.Option(help="memory per job; 0: the partition's default", rich_help_panel=SLURM)
-    ] = 0,
-    time: Annotated[
-        str, typer.Option(help="time limit per job; a fold that needs longer resumes", rich_help_panel=SLURM)
-    ] = "4:00:00",
-    account: Annotated[str | None, typer.Option(help="[default: yours]", rich_help_panel=SLURM)] = None,
-    qos: Annotated[str | None, typer.Option(help="[default: none]", rich_help_panel=SLURM)] = None,
-    constraint: Annotated[
-        str | None, typer.Option(help="e.g. a100 [default: none]", rich_help_panel=SLURM)
-    ] = None,
-    max_parallel: Annotated[
-        int, typer.Option(help="folds running at once; 0: all", rich_help_panel=SLURM)
-    ] = 0,
+    partition: Annotated[str | None, slurm("[default: the cluster's]")] = None,
+    gpus_per_fold: Annotated[int, slurm("GPUs per fold's job (over 1: one fold on several GPUs)")] = 1,
+    cpus_per_gpu: Annotated[int, slurm("CPU cores per GPU")] = 8,
+    mem_gb: Annotated[int, slurm("memory per job; 0: the partition's default")] = 0,
+    time: Annotated[str, slurm("time limit per job; a fold that needs longer resumes")] = "4:00:00",
+    account: Annotated[str | None, slurm("[default: yours]")] = None,
+    qos: Annotated[str | None, slurm("[default: none]")] = None,
+    constraint: Annotated[str | None, slurm("e.g. a100 [default: none]")] = None,
+    max_parallel: Annotated[int, slurm("folds running at once; 0: all")] = 0,
     evaluate_args: Annotated[
-        str,
-        typer.Option(
-            help='evaluate.py options, e.g. "--calibrate platt" [default: none]', rich_help_panel=SLURM
-        ),
+        str, slurm('evaluate.py options, e.g. "--calibrate platt" [default: none]')
     ] = "",
-    wait: Annotated[
-        bool,
-        typer.Option(
-            "--wait/--no-wait",
-            help="wait for the jobs, then evaluate; --no-wait prints the job ids (the evaluation is queued "
-            "after the folds) [default: wait]",
-            show_default=False,
-            rich_help_panel=SLURM,
-        ),
-    ] = True,
+    wait: Annotated[bool, slurm(WAIT_HELP, "--wait/--no-wait", show_default=False)] = True,
     dry_run: Annotated[
         bool,
-        typer.Option(
-            "--dry-run",
-            help="print the sbatch script and each fold's command; submit nothing [default: off]",
-            rich_help_panel=SLURM,
-        ),
+        slurm("print the sbatch script and each fold's command; submit nothing [default: off]", "--dry-run"),
     ] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -117,40 +94,47 @@ def main(
         wanted = [int(f) for f in parse_list(folds, "fold")]
     except ValueError as e:
         raise BratsError(f"--fold {folds!r}: give fold numbers like 0,1,2") from e
-    train_args = list(ctx.args)
     if launcher == "local":
-        if not gpus:
-            raise BratsError(
-                "--launcher local needs --gpus: e.g. --gpus 0,1,2,3 (one fold per GPU), or cpu,cpu"
-            )
-        slots = parse_list(gpus, "gpus")
-        data = prepared(data, size)
-        failed = run_folds(wanted, slots, data, run, config_file, train_args)
-        if failed:
-            raise BratsError(
-                f"fold(s) {', '.join(map(str, failed))} failed: see their train.log; rerun to resume them"
-            )
-        finished([], f"python evaluate.py --run {run}")
-        return
+        return run_local(wanted, gpus, prepared(data, size), run, config_file, list(ctx.args))
     spec = SlurmSpec(
-        partition=partition,
-        gpus_per_fold=gpus_per_fold,
-        cpus_per_gpu=cpus_per_gpu,
-        mem_gb=mem_gb,
-        time=time,
-        account=account,
-        qos=qos,
-        constraint=constraint,
-        max_parallel=max_parallel,
-    )
-    evaluation = shlex.split(evaluate_args)
+        partition=partition, gpus_per_fold=gpus_per_fold, cpus_per_gpu=cpus_per_gpu, mem_gb=mem_gb, time=time,
+        account=account, qos=qos, constraint=constraint, max_parallel=max_parallel,
+    )  # fmt: skip
     # jobs start on other machines, maybe in another folder: every path they get is absolute
     data, run = str(Path(data).resolve()), str(Path(run).resolve())
+    args = (wanted, data, run, spec, config_file, list(ctx.args), shlex.split(evaluate_args))
     if dry_run:
-        print_dry_run(wanted, data, run, spec, config_file, train_args, evaluation)
-        return
+        return print_dry_run(*args)
+    run_slurm(launcher, *args, size, wait)
+
+
+def run_local(
+    folds: list[int], gpus: str | None, data: str, run: str, config: str, train_args: list[str]
+) -> None:
+    if not gpus:
+        raise BratsError("--launcher local needs --gpus: e.g. --gpus 0,1,2,3 (one fold per GPU), or cpu,cpu")
+    failed = run_folds(folds, parse_list(gpus, "gpus"), data, run, config, train_args)
+    if failed:
+        raise BratsError(
+            f"fold(s) {', '.join(map(str, failed))} failed: see their train.log; rerun to resume them"
+        )
+    finished([], f"python evaluate.py --run {run}")
+
+
+def run_slurm(
+    launcher: str,
+    folds: list[int],
+    data: str,
+    run: str,
+    spec: SlurmSpec,
+    config: str,
+    train_args: list[str],
+    evaluate_args: list[str],
+    size: int,
+    wait: bool,
+) -> None:
     data = prepared(data, size)  # once, before any job: concurrent folds never prepare it together
-    failed = run_on_cluster(launcher, wanted, data, run, spec, config_file, train_args, evaluation, not wait)
+    failed = run_on_cluster(launcher, folds, data, run, spec, config, train_args, evaluate_args, not wait)
     if failed is None:
         return
     if failed:
@@ -161,7 +145,7 @@ def main(
 
     paths = RunPaths(run)
     finished(
-        [(paths.fold(k), f"fold {k}: checkpoints, metrics.csv, train.log") for k in wanted]
+        [(paths.fold(k), f"fold {k}: checkpoints, metrics.csv, train.log") for k in folds]
         + [(paths.report, "the verified report"), (paths.summary, "its figures, for export.py")],
         f"python export.py --run {run} --ensemble",
     )

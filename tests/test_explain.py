@@ -182,8 +182,17 @@ def test_evaluate_cam_draws_each_folds_most_confident_right_and_wrong(cv_copy, c
     monkeypatch.setattr(montage, "write_cam_montage", recording)
     r = run_cli(capsys, "evaluate.py", "--run", cv_copy, "--folds", "0,2", "--cam")
     assert r.code == 0, r.err[-3000:]
-    assert "wrote 2 CAM montage(s)" in r.out
     evaluation = cv_copy / "evaluation"
+    listed = [line.split()[0] for line in r.out.splitlines() if line.endswith("with their CAM")]
+    assert listed == [str(evaluation / f"fold_{k}" / "cam_montage.png") for k in (0, 2)]
+    from PIL import Image
+
+    with Image.open(evaluation / "fold_0" / "cam_montage.png") as picture:
+        words = dict(picture.text)
+    assert words["Title"].startswith("fold 0, most confident ")
+    titles = drawn["fold_0"][1]
+    assert words["Title"] == " / ".join(titles) and words["Description"].count("axial z=") == len(titles)
+    assert all(f"{title}: p(HGG) " in words["Description"] for title in titles)
     assert not (evaluation / "fold_1" / "cam_montage.png").exists()
     with open(evaluation / "predictions.csv") as f:
         rows = list(csv.DictReader(f))

@@ -144,3 +144,15 @@ def test_a_make_demo_rerun_redoes_only_what_is_out_of_date(tmp_path):
             ["make", "-n", "demo"], cwd=tmp_path, capture_output=True, text=True, check=True
         ).stdout.splitlines()
     )
+
+
+def test_export_evaluating_the_missing_folds_keeps_the_decision_options_used(cv_copy, tmp_path):
+    from brats.evaluation.cross_validation import evaluate_run
+    from brats.evaluation.export import export
+
+    evaluate_run(cv_copy, [0, 1], calibrate="platt", threshold="sensitivity:0.9")
+    export(cv_copy, tmp_path / "m.onnx", ensemble=True, doubt=False)
+    summary = Summary.read(cv_copy / "evaluation" / "summary.json", "")
+    assert [row.fold for row in summary.folds] == [0, 1, 2, 3, 4]
+    assert summary.decision_options()["calibrate"] == "platt"
+    assert summary.decision["rule"] == "sensitivity:0.9"

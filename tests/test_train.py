@@ -451,20 +451,31 @@ def test_resident_and_dataloader_paths_give_the_same_metrics(cache20, tmp_path, 
 def test_pretrained_medicalnet_offline_cached_and_missing(cache20, tmp_path):
     """--pretrained medicalnet with no network: from the Hugging Face cache when the weights are
     there (trained in the medicalnet layout), else one line with the manual route, before any data
-    is read."""
+    is read; launched as make cv launches it (accelerate launch --quiet), that line is the last,
+    without the launcher's traceback."""
     from test_model import hub_cache
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")}
     args = ["--data", str(cache20), "--fold", "0", "--depth", "10", "--max-epochs", "1"]
     args += ["--min-epochs", "1", "--workers", "0", "--no-progress", "--pretrained", "medicalnet"]
+    launch = [
+        *ACCELERATE,
+        "--quiet",
+        "--config_file",
+        str(ROOT / "accelerate_config.yaml"),
+        "--num_processes",
+        "1",
+    ]
     r = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--run", str(tmp_path / "a"), *args],
+        [*launch, str(ROOT / "train.py"), "--run", str(tmp_path / "a"), "--cpu", *args],
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     error = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(error) == 1 and "download it on a connected machine" in error[0]
+    assert len(error) == 1 and error[0] == r.stderr.strip().splitlines()[-1]
+    assert "(HF_HUB_OFFLINE is set): download it on a connected machine" in error[0]
     assert "--pretrained PATH/resnet_10_23dataset.pth" in error[0] and "fold 0:" not in r.stderr
+    assert not (tmp_path / "a" / "fold_0").exists()
 
     hub_cache(tmp_path / "hub", 10)
     env["HF_HUB_CACHE"] = str(tmp_path / "hub")

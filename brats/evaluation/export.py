@@ -254,7 +254,7 @@ def evaluated_folds(
     run: Path, needed: list[int], trained: list[int], trust: bool, data: str | None
 ) -> Summary:
     """The summary of the run's evaluation, evaluating the trained folds first when it is
-    missing, unreadable or lacks a fold in `needed`."""
+    missing, unreadable or lacks a fold in `needed` (then with the options it was evaluated with)."""
     path = RunPaths(run).summary
     if not path.is_file():
         log.info(f"{path} missing: evaluating folds {trained} first")
@@ -265,9 +265,13 @@ def evaluated_folds(
         log.warning(f"{e}; evaluating folds {trained} instead")
         return evaluate_run(run, trained, trust=trust, data=data)
     missing = sorted(set(needed) - {row.fold for row in summary.folds})
-    if missing:
-        log.info(f"{path} lacks fold(s) {missing}: evaluating folds {trained} first")
-        return evaluate_run(run, trained, trust=trust, data=data)
+    if missing:  # evaluated again as it was: the same kind of decision, not the defaults
+        options = summary.decision_options()
+        log.info(
+            f"{path} lacks fold(s) {missing}: evaluating folds {trained} first (--calibrate "
+            f"{options['calibrate']} --threshold {options['threshold']}, as it was evaluated)"
+        )
+        return evaluate_run(run, trained, trust=trust, data=data, **options)
     return summary
 
 
@@ -330,8 +334,7 @@ def export(
     references = None
     if doubt:
         references, contract["doubt"] = fit_doubt(models, folds, run, cached, list(modalities))
-    provenance = make_provenance(run, sources, summary)
-    provenance["training"] = training_recipe(run_cfg, summary)
+    provenance = make_provenance(run, sources, summary, run_cfg)
     provenance["quality_control"] = describe_checks(contract.get("profile"), contract.get("doubt"))
     provenance["performance"] = performance(summary, folds, contract.get("doubt"))
     wrapper = ExplainedModel(models, references).eval()
@@ -482,9 +485,10 @@ def load_sources(
     return models, sources
 
 
-def make_provenance(run: Path, sources: list[dict], summary: Summary) -> dict:
+def make_provenance(run: Path, sources: list[dict], summary: Summary, run_cfg: dict) -> dict:
     """What the exported model is and where it came from (ONNX metadata and model card)."""
     return {
+        "training": training_recipe(run_cfg, summary),
         "classes": list(CLASSES),
         "input": "float32 (B, C, S, S, S), channels in the contract's `modalities` order",
         "outputs": OUTPUTS,
@@ -511,11 +515,8 @@ def training_recipe(run_cfg: dict, summary: Summary) -> dict:
     """How the run was trained and evaluated, as the options that redo it (the model card's "How
     to reproduce")."""
     cfg = TrainConfig.from_dict(run_cfg)
-    calibration = summary.calibration or {}
-    method = summary.decision.get("calibration", "none")
-    if method == "none" and calibration.get("not_shipped"):
-        method = calibration["not_shipped"]["method"]  # asked for, and not kept
-    evaluate = ["--calibrate", method, "--threshold", str(summary.decision.get("rule", "0.5"))]
+    options = summary.decision_options()
+    evaluate = ["--calibrate", options["calibrate"], "--threshold", options["threshold"]]
     return {
         "data": cfg.data,
         "policy": cfg.policy,
@@ -523,7 +524,7 @@ def training_recipe(run_cfg: dict, summary: Summary) -> dict:
         "split_seed": cfg.split_seed,
         "group_by": cfg.group_by,
         "flags": recipe_flags(run_cfg),
-        "evaluate_flags": evaluate + (["--force-calibration"] if calibration.get("forced") else []),
+        "evaluate_flags": evaluate + (["--force-calibration"] if options["force_calibration"] else []),
     }
 
 

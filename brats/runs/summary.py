@@ -103,6 +103,19 @@ class Summary:
     def fold(self, k: int) -> FoldRow:
         return next(row for row in self.folds if row.fold == k)
 
+    def decision_options(self) -> dict[str, Any]:
+        """The evaluate.py options this decision was fitted with (a calibration asked for and not
+        kept included): evaluating the run again with them fits the same kind of decision."""
+        calibration = self.calibration or {}
+        method = self.decision.get("calibration", "none")
+        if method == "none" and calibration.get("not_shipped"):
+            method = calibration["not_shipped"]["method"]
+        return {
+            "calibrate": method,
+            "threshold": str(self.decision.get("rule", "0.5")),
+            "force_calibration": bool(calibration.get("forced")),
+        }
+
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["folds"] = [row.to_json() for row in self.folds]
