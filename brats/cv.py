@@ -14,6 +14,7 @@ resumes the unfinished folds and skips the finished ones.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shlex
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Annotated
 import typer
 
 from brats.errors import BratsError, command_app, exit_on_error, finished, run_cli
-from brats.training.cluster import LAUNCHERS, SlurmSpec, run_on_cluster, sbatch_script
+from brats.training.cluster import LAUNCHERS, ClusterRun, SlurmSpec, run_on_cluster, sbatch_script
 from brats.training.scheduler import ROOT, run_folds
 
 
@@ -102,10 +103,13 @@ def main(
     )  # fmt: skip
     # jobs start on other machines, maybe in another folder: every path they get is absolute
     data, run = str(Path(data).resolve()), str(Path(run).resolve())
-    args = (wanted, data, run, spec, config_file, list(ctx.args), shlex.split(evaluate_args))
+    job = ClusterRun(
+        folds=wanted, data=data, run=run, spec=spec, config=config_file, train_args=list(ctx.args),
+        evaluate_args=shlex.split(evaluate_args),
+    )  # fmt: skip
     if dry_run:
-        return print_dry_run(*args)
-    run_slurm(launcher, *args, size, wait)
+        return print_dry_run(job)
+    run_slurm(launcher, job, size, wait)
 
 
 def run_local(
@@ -121,20 +125,10 @@ def run_local(
     finished([], f"python evaluate.py --run {run}")
 
 
-def run_slurm(
-    launcher: str,
-    folds: list[int],
-    data: str,
-    run: str,
-    spec: SlurmSpec,
-    config: str,
-    train_args: list[str],
-    evaluate_args: list[str],
-    size: int,
-    wait: bool,
-) -> None:
-    data = prepared(data, size)  # once, before any job: concurrent folds never prepare it together
-    failed = run_on_cluster(launcher, folds, data, run, spec, config, train_args, evaluate_args, not wait)
+def run_slurm(launcher: str, job: ClusterRun, size: int, wait: bool) -> None:
+    # the cache is prepared once, before any job: concurrent folds never prepare it together
+    job = dataclasses.replace(job, data=prepared(job.data, size))
+    failed = run_on_cluster(launcher, job, not wait)
     if failed is None:
         return
     if failed:
@@ -143,11 +137,11 @@ def run_slurm(
         )
     from brats.runs.paths import RunPaths
 
-    paths = RunPaths(run)
+    paths = RunPaths(job.run)
     finished(
-        [(paths.fold(k), f"fold {k}: checkpoints, metrics.csv, train.log") for k in folds]
+        [(paths.fold(k), f"fold {k}: checkpoints, metrics.csv, train.log") for k in job.folds]
         + [(paths.report, "the verified report"), (paths.summary, "its figures, for export.py")],
-        f"python export.py --run {run} --ensemble",
+        f"python export.py --run {job.run} --ensemble",
     )
 
 
@@ -157,23 +151,15 @@ def prepared(data: str, size: int) -> str:
     return str(ensure_prepared(data, size))
 
 
-def print_dry_run(
-    folds: list[int],
-    data: str,
-    run: str,
-    spec: SlurmSpec,
-    config: str,
-    train_args: list[str],
-    evaluate_args: list[str],
-) -> None:
+def print_dry_run(job: ClusterRun) -> None:
     """What --launcher slurm would submit: the array's sbatch script and each job's command."""
     from brats.training.cluster import evaluate_job, fold_jobs
 
-    print(sbatch_script(run, spec, len(folds)))
-    for job in fold_jobs(folds, data, run, spec, config, train_args):
-        print(f"# {job.label}: {shlex.join(job.cmd)} >> {job.log_path}")
-    job = evaluate_job(run, data, evaluate_args)
-    print(f"# then, when every fold has succeeded: {shlex.join(job.cmd)} >> {job.log_path}")
+    print(sbatch_script(job.run, job.spec, len(job.folds)))
+    for fold in fold_jobs(job):
+        print(f"# {fold.label}: {shlex.join(fold.cmd)} >> {fold.log_path}")
+    last = evaluate_job(job)
+    print(f"# then, when every fold has succeeded: {shlex.join(last.cmd)} >> {last.log_path}")
     print("# nothing submitted (--dry-run)")
 
 

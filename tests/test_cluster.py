@@ -7,7 +7,7 @@ import time
 import psutil
 from clitools import run_cli
 
-from brats.training.cluster import SlurmSpec, fold_jobs, minutes, submit_folds
+from brats.training.cluster import ClusterRun, SlurmSpec, fold_jobs, minutes, submit_folds
 
 TRAIN = ["--k-folds", "2", "--depth", "10", "--max-epochs", "3", "--min-epochs", "1", "--warmup-epochs", "1"]
 TRAIN += ["--workers", "0", "--no-progress", "--report-to", "none"]
@@ -48,7 +48,11 @@ def test_dry_run_prints_the_sbatch_script_and_each_fold_s_command(cache20, tmp_p
 def test_folds_as_jobs_resume_after_a_kill_then_the_run_is_evaluated(cache20, tmp_path, capsys):
     run = tmp_path / "run"
     spec = SlurmSpec(gpus_per_fold=0, time="20")
-    jobs = fold_jobs([0, 1], str(cache20.resolve()), str(run), spec, "accelerate_config.yaml", TRAIN)
+    job = ClusterRun(
+        folds=[0, 1], data=str(cache20.resolve()), run=str(run), spec=spec, config="accelerate_config.yaml",
+        train_args=TRAIN, evaluate_args=[],
+    )  # fmt: skip
+    jobs = fold_jobs(job)
     _, submitted = submit_folds("submitit-local", jobs, str(run), spec)
     metrics = run / "fold_0" / "metrics.csv"
     deadline = time.monotonic() + 300

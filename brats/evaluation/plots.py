@@ -113,29 +113,19 @@ def roc_all_folds(folds: dict[int, tuple[np.ndarray, np.ndarray]], path: Path) -
     plt = pyplot()
     from sklearn.metrics import RocCurveDisplay
 
+    def curve(labels: np.ndarray, p_hgg: np.ndarray, name: str, **style) -> None:
+        if len(np.unique(labels)) == 2:
+            RocCurveDisplay.from_predictions(
+                labels, p_hgg, pos_label=1, name=f"{name}, {len(labels)} patients", ax=ax, curve_kwargs=style
+            )
+
     fig, ax = plt.subplots(figsize=(5.8, 5.8))
     styles = ["--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
     for i, (k, (labels, p_hgg)) in enumerate(folds.items()):
-        if len(np.unique(labels)) == 2:
-            RocCurveDisplay.from_predictions(
-                labels,
-                p_hgg,
-                pos_label=1,
-                name=f"fold {k}, {len(labels)} patients",
-                ax=ax,
-                curve_kwargs={"linestyle": styles[i % len(styles)], "alpha": 0.8, "linewidth": 1.4},
-            )
+        curve(labels, p_hgg, f"fold {k}", linestyle=styles[i % len(styles)], alpha=0.8, linewidth=1.4)
     labels = np.concatenate([np.asarray(y) for y, _ in folds.values()])
     p_hgg = np.concatenate([np.asarray(p) for _, p in folds.values()])
-    if len(np.unique(labels)) == 2:
-        RocCurveDisplay.from_predictions(
-            labels,
-            p_hgg,
-            pos_label=1,
-            name=f"pooled out-of-fold, {len(labels)} patients",
-            ax=ax,
-            curve_kwargs={"color": "black", "linewidth": 2.5},
-        )
+    curve(labels, p_hgg, "pooled out-of-fold", color="black", linewidth=2.5)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.set(xlabel=FPR, ylabel=TPR)
     ax.set_title("ROC of every fold and pooled out of fold (HGG positive)", fontsize=10)

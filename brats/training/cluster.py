@@ -101,6 +101,19 @@ class SlurmSpec:
         return {**params, **{k: v for k, v in optional.items() if v}}
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClusterRun:
+    """A cross-validation to run as jobs: which folds, on what, and the options passed on."""
+
+    folds: list[int]
+    data: str  # absolute: jobs start on other machines, maybe in another folder
+    run: str  # absolute, as `data`
+    spec: SlurmSpec
+    config: str  # the accelerate config
+    train_args: list[str]  # passed to train.py unchanged
+    evaluate_args: list[str]  # passed to evaluate.py unchanged
+
+
 class FoldJob:
     """One fold's training, as submitit runs it on a node: the local fold command, output to
     RUN/fold_K/train.log. Requeued by submitit on preemption or time-out (`checkpoint`): the
@@ -126,13 +139,13 @@ class FoldJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
-def fold_jobs(
-    folds: list[int], data: str, run: str, spec: SlurmSpec, config: str, train_args: list[str]
-) -> list[FoldJob]:
-    paths = RunPaths(run)
+def fold_jobs(job: ClusterRun) -> list[FoldJob]:
+    paths, spec = RunPaths(job.run), job.spec
     jobs = []
-    for k in folds:
-        cmd = fold_command(k, data, run, "gpu" if spec.gpus_per_fold else "cpu", config, train_args)
+    for k in job.folds:
+        cmd = fold_command(
+            k, job.data, job.run, "gpu" if spec.gpus_per_fold else "cpu", job.config, job.train_args
+        )
         if spec.gpus_per_fold > 1:  # one fold over the job's GPUs
             at = cmd.index("--num_processes")
             cmd[at : at + 2] = ["--multi_gpu", "--num_processes", str(spec.gpus_per_fold)]
@@ -140,9 +153,17 @@ def fold_jobs(
     return jobs
 
 
-def evaluate_job(run: str, data: str, evaluate_args: list[str]) -> FoldJob:
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--run", run, "--data", data, *evaluate_args]
-    return FoldJob(cmd, Path(run) / JOBS_FOLDER / "evaluate.log", "evaluation")
+def evaluate_job(job: ClusterRun) -> FoldJob:
+    cmd = [
+        sys.executable,
+        str(ROOT / "evaluate.py"),
+        "--run",
+        job.run,
+        "--data",
+        job.data,
+        *job.evaluate_args,
+    ]
+    return FoldJob(cmd, Path(job.run) / JOBS_FOLDER / "evaluate.log", "evaluation")
 
 
 def make_executor(launcher: str, run: str, spec: SlurmSpec, n: int):
@@ -202,39 +223,28 @@ def wait(submitted: list, jobs: list[FoldJob]) -> list[str]:
     return failed
 
 
-def run_on_cluster(
-    launcher: str,
-    folds: list[int],
-    data: str,
-    run: str,
-    spec: SlurmSpec,
-    config: str,
-    train_args: list[str],
-    evaluate_args: list[str],
-    no_wait: bool = False,
-) -> list[str] | None:
+def run_on_cluster(launcher: str, job: ClusterRun, no_wait: bool = False) -> list[str] | None:
     """Submit the folds, wait, then evaluate the run in one more job. With `no_wait`, print the
     job ids and return None (on SLURM the evaluation is submitted to start when every fold has
     succeeded). Returns the lines of the jobs that failed ([] when all succeeded)."""
-    jobs = fold_jobs(folds, data, run, spec, config, train_args)
-    for k in folds:
-        RunPaths(run).fold(k).mkdir(parents=True, exist_ok=True)
-    executor, submitted = submit_folds(launcher, jobs, run, spec)
+    jobs = fold_jobs(job)
+    for k in job.folds:
+        RunPaths(job.run).fold(k).mkdir(parents=True, exist_ok=True)
+    executor, submitted = submit_folds(launcher, jobs, job.run, job.spec)
+    one_gpu = {"gpus_per_node": min(1, job.spec.gpus_per_fold)} if launcher == "slurm" else {}
     if no_wait:
         array = submitted[0].job_id.split("_")[0]
-        print(f"submitted folds {','.join(map(str, folds))}: jobs {' '.join(j.job_id for j in submitted)}")
+        print(
+            f"submitted folds {','.join(map(str, job.folds))}: jobs {' '.join(j.job_id for j in submitted)}"
+        )
         if launcher == "slurm":
-            executor.update_parameters(
-                dependency=f"afterok:{array}", gpus_per_node=min(1, spec.gpus_per_fold)
-            )
-            evaluation = executor.submit(evaluate_job(run, data, evaluate_args))
+            executor.update_parameters(dependency=f"afterok:{array}", **one_gpu)
+            evaluation = executor.submit(evaluate_job(job))
             print(f"evaluation: job {evaluation.job_id}, starts when every fold has succeeded")
         return None
     failed = wait(submitted, jobs)
     if failed:
         return failed
-    executor.update_parameters(
-        **({"gpus_per_node": min(1, spec.gpus_per_fold)} if launcher == "slurm" else {})
-    )
-    evaluation = evaluate_job(run, data, evaluate_args)
+    executor.update_parameters(**one_gpu)
+    evaluation = evaluate_job(job)
     return wait([executor.submit(evaluation)], [evaluation])
