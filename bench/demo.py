@@ -30,7 +30,9 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 TIMED = BENCH / "timed"
-ACCEL_ARGS = ".venv/bin/accelerate launch --config_file accelerate_config.yaml"
+ACCEL_ARGS = (
+    ".venv/bin/accelerate launch --quiet --config_file accelerate_config.yaml"  # the Makefile's ACCEL
+)
 
 # (step name, pattern of the timed command line); the first match names a line
 STEPS = (
