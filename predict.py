@@ -140,8 +140,10 @@ def main(
         if flat:
             print(
                 f"{len(flat)} of the maps are flat (one value over the brain: they show nothing about where; "
-                "the model's last feature map is a single cell at its input size, train at a larger --size "
-                "for maps that localise): " + ", ".join(flat[:5]) + (" ..." if len(flat) > 5 else "")
+                "the model's last feature map is a single cell at its input size: a cache prepared at a "
+                "larger --size, or the medicalnet layout, gives maps that localise): "
+                + ", ".join(flat[:5])
+                + (" ..." if len(flat) > 5 else "")
             )
     if failed:
         print(f"{len(failed)} patient(s) could not be graded:", file=sys.stderr)

@@ -42,8 +42,8 @@ LAUNCHER_HELP = (
     "processes of this machine (tests)"
 )
 WAIT_HELP = (
-    "wait for the jobs, then evaluate; --no-wait prints the job ids (the evaluation is queued after the "
-    "folds) [default: wait]"
+    "wait for the jobs, then evaluate; --no-wait prints the job ids (on SLURM the evaluation is queued "
+    "to start when every fold has succeeded) [default: wait]"
 )
 
 

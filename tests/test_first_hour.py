@@ -156,3 +156,17 @@ def test_export_evaluating_the_missing_folds_keeps_the_decision_options_used(cv_
     assert [row.fold for row in summary.folds] == [0, 1, 2, 3, 4]
     assert summary.decision_options()["calibrate"] == "platt"
     assert summary.decision["rule"] == "sensitivity:0.9"
+
+
+def test_the_reproduce_flags_keep_every_setting_train_py_can_set():
+    from brats.runs.identity import recipe_flags
+
+    cfg = make_config(
+        data="x", pretrained="w.pth", layout="strided", lr=1.23456789e-4, ldam_s=20.0, augment=False
+    )
+    flags = recipe_flags(cfg.to_dict())
+    assert flags == ["--layout", "strided", "--pretrained", "w.pth", "--lr", "0.000123456789", "--no-augment"]
+    again = make_config(
+        data="x", pretrained="w.pth", layout="strided", lr=float("0.000123456789"), augment=False
+    )
+    assert (again.layout, again.lr, again.augment) == (cfg.layout, cfg.lr, cfg.augment)

@@ -162,10 +162,12 @@ def test_the_markdown_model_card_says_use_data_figures_decision_limits_and_how_t
     assert all(w in options for w in words if w.startswith("--")), words
     flags = card["training"]["flags"]
     assert "--test-fraction" in flags and " ".join(flags) in train
+    assert f"--run {run}_again " in train and "--resume" not in words  # a new folder, trained whole
+    assert evaluate_line.startswith(f"python evaluate.py --run {run}_again ")
+    assert "--threshold youden" in evaluate_line
     assert (
-        evaluate_line.startswith(f"python evaluate.py --run {run}") and "--threshold youden" in evaluate_line
-    )
-    assert export_line.endswith("--ensemble")
+        export_line == f"python export.py --run {run}_again --ensemble --no-doubt"
+    )  # exported without doubt
 
 
 def test_a_cohort_whose_sites_give_away_the_grade_is_flagged(test_set_run, site_cache):

@@ -6,7 +6,8 @@ dynamic batch axis and returns `probabilities` (B, 2) [p(LGG), p(HGG)], `logits`
 `cam` (B, S, S, S), the class activation map of HGG evidence on the input cube (brats.models.explained);
 an ensemble averages the folds' softmax probabilities, logits and maps. The preprocessing
 contract and the provenance (which names the outputs) travel in the ONNX metadata and in
-model_card.json beside the model. Export fails, leaving nothing behind, unless onnxruntime
+model_card.json beside the model, with model_card.md, the card a person reads
+(brats.evaluation.model_card). Export fails, leaving nothing behind, unless onnxruntime
 matches torch within 1e-4 on the probabilities and on the map (relative to its largest value).
 """
 
@@ -201,8 +202,9 @@ def write_onnx(
                 "cam_parity_max_rel_diff": parity["cam"],
                 "doubt_parity_max_diff": doubt,
             }
+            readable = card_markdown(card)  # before either is written: a failure leaves neither
             write_json_atomic(RunPaths.card(out), card)
-            write_text_atomic(card_path(out, ".md"), card_markdown(card))
+            write_text_atomic(card_path(out, ".md"), readable)
     return parity
 
 

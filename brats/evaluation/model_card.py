@@ -130,6 +130,7 @@ def evaluation(card: dict) -> list[str]:
     raw = (cv.get("calibration") or {}).get("raw") or {}
     if "brier" in raw:
         lines.append(f"| Brier score, out of fold | {raw['brier']:.3f} |")
+    if "slope" in raw:  # undefined when the scored patients are of one grade
         lines.append(f"| calibration slope, out of fold | {_ci(raw['slope'], raw.get('slope_ci95'), 2)} |")
     lines += ["", f"Expected on new BraTS-space patients: {perf.get('expected', 'not recorded')}."]
     if perf.get("selection"):
@@ -221,12 +222,16 @@ def reproduce(card: dict) -> list[str]:
     training = card.get("training")
     if not training:
         return []
-    run = card["run"]
+    run = f"{card['run']}_again"  # a new folder: the run's own would skip its finished folds
     train = ["accelerate", "launch", "train.py", "--data", training["data"], "--run", run, "--fold", "all"]
-    train += ["--policy", training["policy"], *training["flags"], "--resume"]
+    train += ["--policy", training["policy"], *training["flags"]]
     export = ["python", "export.py", "--run", run, *(["--ensemble"] if card["ensemble"] else [])]
     if not card["ensemble"]:
         export += ["--fold", str(card["sources"][0]["fold"])]
+    if card["exporter"] != "torchscript":
+        export += ["--exporter", card["exporter"]]
+    if "doubt" not in card["contract"]:
+        export += ["--no-doubt"]
     return [
         "## How to reproduce",
         "",
@@ -237,7 +242,8 @@ def reproduce(card: dict) -> list[str]:
         "```",
         "",
         "On the CPU the same seed gives the same splits and the same figures; on a GPU, the same splits "
-        "and figures within floating-point noise.",
+        "and figures within floating-point noise. Launch with as many processes as the run had: the "
+        "effective batch is batch x accumulation x processes.",
     ]
 
 

@@ -141,6 +141,7 @@ def check_one_run(cfgs: list[TrainConfig]) -> None:
 # train.py option names that are not the setting's name in kebab case
 OPTION_NAMES = {"folds": "--k-folds"}
 NO_RESULT = PER_PROCESS + SPEED + LOCATION + ("policy", "state_every")
+NO_OPTION = ("ldam_max_m", "ldam_s")  # set in code only: train.py has no option for them
 
 
 def recipe_flags(d: dict) -> list[str]:
@@ -148,12 +149,12 @@ def recipe_flags(d: dict) -> list[str]:
     `--policy` they retrain it (settings that change no result, and where it lies, left out)."""
     cfg = TrainConfig.from_dict(d)
     base = make_config(cfg.policy, data=cfg.data or "-")
-    if cfg.pretrained and cfg.layout == "medicalnet":  # --pretrained brings its layout
+    if cfg.pretrained:  # --pretrained brings its layout: another one must be said
         base = dataclasses.replace(base, layout="medicalnet")
     flags = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name in NO_RESULT or value == getattr(base, f.name):
+        if f.name in NO_RESULT + NO_OPTION or value == getattr(base, f.name):
             continue
         name = OPTION_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
         if isinstance(value, bool):
@@ -161,5 +162,5 @@ def recipe_flags(d: dict) -> list[str]:
         elif isinstance(value, tuple):
             flags += [name, ",".join(value)]
         else:
-            flags += [name, f"{value:g}" if isinstance(value, float) else str(value)]
+            flags += [name, repr(value) if isinstance(value, float) else str(value)]
     return flags

@@ -86,7 +86,6 @@ class SlurmSpec:
             "nodes": 1,
             "ntasks_per_node": 1,  # one task: accelerate launch starts a process per GPU
             "cpus_per_task": self.cpus_per_gpu * max(1, gpus),
-            "gpus_per_node": gpus,
             "array_parallelism": self.max_parallel or folds,
             "signal_delay_s": 120,  # time between the warning signal and the kill: the requeue
             "stderr_to_stdout": True,
@@ -97,6 +96,7 @@ class SlurmSpec:
             "qos": self.qos,
             "constraint": self.constraint,
             "mem": f"{self.mem_gb}GB" if self.mem_gb else None,
+            "gpus_per_node": gpus,  # left out for CPU jobs
         }
         return {**params, **{k: v for k, v in optional.items() if v}}
 
@@ -168,12 +168,7 @@ def evaluate_job(job: ClusterRun) -> FoldJob:
 
 def make_executor(launcher: str, run: str, spec: SlurmSpec, n: int):
     """submitit's SLURM executor (or its local one), its files in RUN/slurm/."""
-    try:
-        import submitit
-    except ImportError as e:
-        raise BratsError(
-            f"--launcher {launcher} needs submitit: pip install -e '.[slurm]' (or pip install submitit)"
-        ) from e
+    submitit = import_submitit(launcher)
     folder = Path(run) / JOBS_FOLDER / "%j"
     if launcher == "slurm":
         try:
@@ -189,8 +184,19 @@ def make_executor(launcher: str, run: str, spec: SlurmSpec, n: int):
     return executor
 
 
+def import_submitit(launcher: str):
+    try:
+        import submitit
+    except ImportError as e:
+        raise BratsError(
+            f"--launcher {launcher} needs submitit: pip install -e '.[slurm]' (or pip install submitit)"
+        ) from e
+    return submitit
+
+
 def sbatch_script(run: str, spec: SlurmSpec, n: int) -> str:
     """The sbatch script the fold array is submitted with (what --dry-run prints)."""
+    import_submitit("slurm")
     from submitit.slurm.slurm import _make_sbatch_string
 
     params = spec.parameters(f"brats-{Path(run).name}", n)
@@ -238,7 +244,10 @@ def run_on_cluster(launcher: str, job: ClusterRun, no_wait: bool = False) -> lis
             f"submitted folds {','.join(map(str, job.folds))}: jobs {' '.join(j.job_id for j in submitted)}"
         )
         if launcher == "slurm":
-            executor.update_parameters(dependency=f"afterok:{array}", **one_gpu)
+            # a failed fold cancels the evaluation instead of leaving it pending for ever
+            executor.update_parameters(
+                dependency=f"afterok:{array}", additional_parameters={"kill-on-invalid-dep": "yes"}, **one_gpu
+            )
             evaluation = executor.submit(evaluate_job(job))
             print(f"evaluation: job {evaluation.job_id}, starts when every fold has succeeded")
         return None

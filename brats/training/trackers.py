@@ -59,11 +59,12 @@ def resolve_trackers(spec: str) -> list[str]:
 
 
 def start_trackers(names: list[str], run: Path, fold: int, config: dict) -> list:
-    """The fold's trackers, started, with its settings logged as hyperparameters (on every
-    process: Accelerate's trackers act on the main process only)."""
+    """The fold's trackers, started, with its settings logged as hyperparameters; none on the
+    other processes (W&B's tracker would open a run on each)."""
     from accelerate.state import PartialState
 
-    main = PartialState().is_main_process
+    if not PartialState().is_main_process:
+        return []
     trackers = []
     run_name, experiment = f"fold_{fold}", Path(run).resolve().name
     for name in names:
@@ -75,7 +76,7 @@ def start_trackers(names: list[str], run: Path, fold: int, config: dict) -> list
         elif name == "mlflow":
             from accelerate.tracking import MLflowTracker
 
-            uri = mlflow_store(run) if main else ""
+            uri = mlflow_store(run)
             tracker = MLflowTracker(experiment, run_name=run_name)
             where = f"experiment {experiment}, run {run_name}, in {uri} (mlflow ui --backend-store-uri {uri})"
         else:
@@ -86,8 +87,7 @@ def start_trackers(names: list[str], run: Path, fold: int, config: dict) -> list
         tracker.start()
         tracker.store_init_configuration(config)
         trackers.append(tracker)
-        if main:
-            log.info(f"{name}: {where}")
+        log.info(f"{name}: {where}")
     return trackers
 
 
