@@ -177,7 +177,7 @@ def input_checks(card: dict) -> list[str]:
     if qc.get("soft"):
         lines.append(f"- Unusual scans: {qc['soft']}.")
     for name, text in (qc.get("doubt") or {}).items():
-        lines.append(f"- {name.replace('_', ' ').capitalize()}: graded but flagged when the {text}.")
+        lines.append(f"- {name.replace('_', ' ').capitalize()}: graded, but flagged: {text}.")
     if len(lines) == 2:
         lines.append("- None recorded: this model was exported without a scan profile.")
     return lines
@@ -213,7 +213,7 @@ def limitations(card: dict) -> list[str]:
     lines.append(
         "- Inputs outside BraTS space are graded without meaning unless the input checks catch them; "
         "they compare each scan with the training scans' ranges, which cannot catch every difference "
-        "(e.g. two sequences swapped may pass)."
+        "(a scan flipped left to right passes, for one)."
     )
     return lines
 
