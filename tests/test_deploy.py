@@ -749,3 +749,29 @@ def test_an_ensemble_with_a_test_set_is_compared_with_its_own_test_set_figures()
     assert "called HGG when its probability of HGG is at least 0.7 (--threshold)" in said
     empty = SimpleNamespace(provenance={}, decision=SimpleNamespace(threshold=0.5))
     assert "not in this model's metadata" in compare_out_of_fold(empty, None, 0, 1)
+
+
+def test_predict_on_cuda_without_onnxruntime_gpu_is_one_line_and_threads_are_set(exported, tmp_path, capsys):
+    import onnxruntime
+
+    from brats.deploy.inference import execution_providers
+
+    _, model = exported
+    new = tmp_path / "new"
+    make_cohort(new, 2, seed=5, shape=TINY_SHAPE, workers=1)
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():  # a machine with onnxruntime-gpu
+        assert (
+            execution_providers("cuda", onnxruntime.get_available_providers())[0] == "CUDAExecutionProvider"
+        )
+    else:
+        err = one_line_error(
+            run_cli(capsys, "predict.py", model, new, "--device", "cuda", "--out", tmp_path / "p.csv")
+        )
+        assert "no CUDA provider" in err and "pip uninstall onnxruntime && pip install onnxruntime-gpu" in err
+        assert not (tmp_path / "p.csv").exists()
+    assert execution_providers("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    grader = Grader(model, threads=1)
+    assert grader.session.get_session_options().intra_op_num_threads == 1
