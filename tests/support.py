@@ -87,3 +87,44 @@ def resave(obj: dict, path: Path) -> None:
 
     path.unlink()
     torch.save(obj, path)
+
+
+# --- processes, read from /proc (Linux)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has exited; only its parent's wait is missing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [c for c, parent in parents.items() if parent == frontier.pop()]
+        found += kids
+        frontier += kids
+    return found
+
+
+def eventually(condition, patience_s: float) -> bool:
+    """Poll `condition` until it holds or `patience_s` has passed; returns whether it holds.
+    Tests assert the condition (`assert eventually(...)`): the patience only bounds a hang, it
+    is no speed goal (those live in bench/)."""
+    import time
+
+    give_up = time.monotonic() + patience_s
+    while not condition() and time.monotonic() < give_up:
+        time.sleep(0.05)
+    return bool(condition())

@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support import TINY_SIZE
+from support import TINY_SIZE, alive, descendants, eventually
 
 from brats.data.cache_builder import prepare
 from brats.data.cache_reader import open_cache
@@ -247,39 +246,6 @@ def test_a_damaged_index_is_rebuilt_by_prepare_and_named_by_training(prepared, t
     assert open_cache(cache).patient_ids == [c.patient_id for c in cases]
 
 
-def descendants(pid):
-    """Ids of the live processes below `pid` (from /proc)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def alive(pid):
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's wait is missing
-
-
-def wait_for(condition, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.01)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_kill_9_of_prepare_takes_its_workers_with_it(cohort18, tmp_path):
     out = tmp_path / "cache"
@@ -287,12 +253,12 @@ def test_kill_9_of_prepare_takes_its_workers_with_it(cohort18, tmp_path):
     proc = subprocess.Popen([*cmd, "--workers", "2", "--no-progress"], stdout=subprocess.DEVNULL)
     workers = []
     try:
-        wait_for(lambda: any((out / "volumes").glob("*.npy")), 120, "the first volume")
+        assert eventually(lambda: any((out / "volumes").glob("*.npy")), 120), "no volume was written"
         workers = descendants(proc.pid)
         assert workers, "prepare runs its patients in worker processes"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        wait_for(lambda: not any(alive(w) for w in workers), 5, "the workers to die with prepare")
+        assert eventually(lambda: not any(alive(w) for w in workers), 5), "a worker outlived prepare"
     finally:  # never leave a process of this test behind, whatever failed
         proc.kill()
         for w in workers:
@@ -328,7 +294,7 @@ def test_without_prctl_a_thread_ends_the_worker_when_its_parent_dies():
     try:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        wait_for(lambda: not alive(worker), 5, "the worker to notice its parent is gone")
+        assert eventually(lambda: not alive(worker), 5), "the worker outlived its parent"
     finally:
         if alive(worker):
             os.kill(worker, signal.SIGKILL)

@@ -2,10 +2,10 @@
 
 import csv
 import json
-import time
 
 import psutil
 from clitools import run_cli
+from support import alive, eventually
 
 from brats.training.cluster import ClusterRun, SlurmSpec, fold_jobs, minutes, submit_folds
 
@@ -55,14 +55,13 @@ def test_folds_as_jobs_resume_after_a_kill_then_the_run_is_evaluated(cache20, tm
     jobs = fold_jobs(job)
     _, submitted = submit_folds("submitit-local", jobs, str(run), spec)
     metrics = run / "fold_0" / "metrics.csv"
-    deadline = time.monotonic() + 300
-    while not (run / "fold_0" / "state.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    assert eventually((run / "fold_0" / "state.pt").exists, 300), "fold 0 never wrote its resume state"
     job = psutil.Process(int(submitted[0].job_id))  # as a node lost mid-fold: every process of the job
-    for process in [job, *job.children(recursive=True)]:
+    killed = [job, *job.children(recursive=True)]
+    for process in killed:
         process.kill()
+    assert eventually(lambda: not any(alive(p.pid) for p in killed), 20), "a process of the job outlived it"
     assert submitted[1].result() == "fold 1"
-    time.sleep(1)  # the killed job's training dies with it
     kept = rows(metrics)
     assert 1 <= len(kept) < 3, "the kill must land part-way through fold 0"
 

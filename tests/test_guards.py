@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from clitools import one_line_error, run_cli
-from support import TINY_SHAPE, copy_run
+from support import TINY_SHAPE, alive, copy_run, descendants, eventually
 
 from brats.data.phantom import make_cohort
 
@@ -539,41 +539,6 @@ def test_two_different_patients_under_one_id_are_not_graded_in_one_predict(model
 # --- 5. processes die with their parent; a fold has one writer
 
 
-def children_of(pid: int) -> list[int]:
-    """Every live descendant of `pid` (from /proc)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], [pid]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, parent in parents.items() if parent == p]
-        found += kids
-        frontier += kids
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def wait_until(condition, seconds: float, what: str) -> None:
-    import time
-
-    end = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < end, f"waited {seconds} s for {what}"
-        time.sleep(0.2)
-
-
 def test_kill_9_of_the_fold_scheduler_takes_its_launchers_and_trainings_down(cache20, tmp_path):
     """brats.cv -> accelerate launch -> train.py, twice: kill -9 of the scheduler leaves none."""
     import signal
@@ -585,17 +550,17 @@ def test_kill_9_of_the_fold_scheduler_takes_its_launchers_and_trainings_down(cac
     cmd = [sys.executable, "-m", "brats.cv", "--gpus", "cpu,cpu", "--folds", "0,1", "--data", str(cache20)]
     proc = subprocess.Popen([*cmd, "--run", str(run), "--", *args], stderr=subprocess.DEVNULL)
     try:
-        wait_until(
-            lambda: all((run / f"fold_{k}" / "metrics.csv").is_file() for k in (0, 1)), 120, "both folds"
+        assert eventually(lambda: all((run / f"fold_{k}" / "metrics.csv").is_file() for k in (0, 1)), 120), (
+            "both folds never started"
         )
-        family = children_of(proc.pid)
+        family = descendants(proc.pid)
         trainings = [p for p in family if b"train.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(trainings) >= 2, family
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        wait_until(lambda: not any(alive(p) for p in family), 20, "the launchers and trainings to die")
+        assert eventually(lambda: not any(alive(p) for p in family), 20), "a launcher or training outlived it"
     finally:  # whatever outlived the test must not outlive the suite
-        for p in [proc.pid, *family, *children_of(proc.pid)]:
+        for p in [proc.pid, *family, *descendants(proc.pid)]:
             if alive(p):
                 os.kill(p, signal.SIGKILL)
 
