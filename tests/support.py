@@ -112,7 +112,8 @@ def descendants(pid: int) -> list[int]:
             parents[int(stat.parent.name)] = int(fields[1])
     found, frontier = [], [pid]
     while frontier:
-        kids = [c for c, parent in parents.items() if parent == frontier.pop()]
+        p = frontier.pop()
+        kids = [c for c, parent in parents.items() if parent == p]
         found += kids
         frontier += kids
     return found
