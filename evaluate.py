@@ -118,7 +118,7 @@ def written(paths: RunPaths, summary, montages: list[Path]) -> list[tuple[Path, 
     if summary.test_set:
         files.append((paths.test_predictions, "the test set's p(HGG), per fold model and the ensemble"))
     files += [
-        (paths.evaluation / "roc_all_folds.png", "ROC of every fold and pooled out of fold"),
+        (paths.roc_all_folds, "ROC of every fold and pooled out of fold"),
         (paths.evaluation / RELIABILITY, "reliability diagram"),
         (
             paths.evaluation / "fold_K",

@@ -24,7 +24,7 @@ import typer
 
 from brats.errors import BratsError, command_app, exit_on_error, finished, run_cli
 from brats.training.cluster import LAUNCHERS, ClusterRun, SlurmSpec, run_on_cluster, sbatch_script
-from brats.training.scheduler import ROOT, run_folds
+from brats.training.scheduler import CONFIG, ROOT, run_folds
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -36,7 +36,7 @@ def parse_list(text: str, what: str) -> list[str]:
 
 app = command_app(__doc__)
 LOCAL, SLURM = "This machine (--launcher local)", "SLURM (--launcher slurm)"
-CONFIG_FILE = str(ROOT / "accelerate_config.yaml")
+CONFIG_FILE = str(ROOT / CONFIG)
 LAUNCHER_HELP = (
     "local: the GPUs of this machine; slurm: a job per fold; submitit-local: the SLURM path's jobs as "
     "processes of this machine (tests)"

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from support import TINY_SHAPE, TINY_SIZE, copy_run, reset_accelerate, train_cv
+from support import TINY_SHAPE, copy_run, prepared_cohort, reset_accelerate, train_cv
 
 from brats.data.phantom import make_cohort
 
@@ -29,20 +29,7 @@ def cohort_copy(cohort18, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def cache20(tmp_path_factory) -> Path:
     """A prepared cache of 20 tiny patients (15 HGG, 5 LGG): enough for 5 stratified folds."""
-    from brats.data.cache_builder import prepare
-    from brats.data.cohort import find_cases
-    from brats.data.preprocess import PreprocessConfig
-
-    base = tmp_path_factory.mktemp("c20")
-    make_cohort(base / "cohort", 20, seed=11, shape=TINY_SHAPE, workers=1)
-    prepare(
-        find_cases(base / "cohort").cases,
-        base / "cache",
-        PreprocessConfig(size=TINY_SIZE),
-        workers=2,
-        progress=False,
-    )
-    return base / "cache"
+    return prepared_cohort(tmp_path_factory.mktemp("c20"), 20, seed=11)
 
 
 @pytest.fixture

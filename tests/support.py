@@ -89,6 +89,19 @@ def resave(obj: dict, path: Path) -> None:
     torch.save(obj, path)
 
 
+def prepared_cohort(base: Path, patients: int, seed: int, **cohort) -> Path:
+    """A synthetic cohort of tiny patients in base/cohort, prepared into base/cache; returns the cache."""
+    from brats.data.cache_builder import prepare
+    from brats.data.cohort import find_cases
+    from brats.data.phantom import make_cohort
+    from brats.data.preprocess import PreprocessConfig
+
+    make_cohort(base / "cohort", patients, seed=seed, shape=TINY_SHAPE, workers=1, **cohort)
+    cases = find_cases(base / "cohort").cases
+    prepare(cases, base / "cache", PreprocessConfig(size=TINY_SIZE), workers=2, progress=False)
+    return base / "cache"
+
+
 # --- processes, read from /proc (Linux)
 
 

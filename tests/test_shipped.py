@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from support import TINY_SHAPE, TINY_SIZE, copy_run, train_cv
+from support import copy_run, prepared_cohort, train_cv
 
 from brats.data.cache_reader import open_cache
 from brats.data.folds import load_or_make_splits, stored_fold
@@ -22,21 +22,7 @@ from brats.evaluation.report import confound_markdown, pooled_versus_mean
 @pytest.fixture(scope="module")
 def site_cache(tmp_path_factory) -> Path:
     """30 tiny patients from BraTS 2018-like collections (22 HGG, 8 LGG), prepared."""
-    from brats.data.cache_builder import prepare
-    from brats.data.cohort import find_cases
-    from brats.data.phantom import make_cohort
-    from brats.data.preprocess import PreprocessConfig
-
-    base = tmp_path_factory.mktemp("sites")
-    make_cohort(base / "cohort", 30, seed=4, shape=TINY_SHAPE, workers=1, sites=True)
-    prepare(
-        find_cases(base / "cohort").cases,
-        base / "cache",
-        PreprocessConfig(size=TINY_SIZE),
-        workers=2,
-        progress=False,
-    )
-    return base / "cache"
+    return prepared_cohort(tmp_path_factory.mktemp("sites"), 30, seed=4, sites=True)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from brats.errors import BratsError
-from brats.io.atomic import write_json_atomic
+from brats.io.atomic import read_json_object, write_json_atomic
 
 
 def cohort_fingerprint(patient_ids: list[str], labels: list[int]) -> str:
@@ -203,20 +203,14 @@ def read_splits(path: Path) -> dict:
     """splits.json, checked for the fields a run reads; a damaged file is one line (the splits
     follow from the cohort and the seed, so deleting it makes the same ones again)."""
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise BratsError(f"cannot read {path} ({e.strerror}): check its permissions") from e
-    try:
-        d = json.loads(text)
-        if not isinstance(d, dict):
-            raise ValueError(f"a JSON {type(d).__name__}, not an object")
+        d = read_json_object(path)
         str(d["cohort_fingerprint"]), int(d["k"]), int(d["seed"])
         for f in d["folds"]:
             if not isinstance(f["val"], list) or not isinstance(f.get("inner_val", []), list):
                 raise ValueError("a fold without a list of patients")
         if not isinstance(d.get("test", []), list):
             raise ValueError("a test set that is not a list of patients")
-    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+    except (ValueError, TypeError, KeyError) as e:
         raise BratsError(
             f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}): delete it and rerun; the same "
             "cohort and --split-seed make the same splits"

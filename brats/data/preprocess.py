@@ -148,17 +148,13 @@ def brain_mask(arrays: list[np.ndarray]) -> np.ndarray:
     return mask
 
 
-def cube_grid(image: sitk.Image, mask: np.ndarray, size: int) -> tuple[np.ndarray, float]:
-    """Origin (x, y, z mm) and spacing (mm) of an LPS-aligned cube of `size`^3 voxels that holds
-    the mask's bounding box, centred on it.
-
-    The box's 8 voxel-edge corners go to physical space, so any input orientation (an oblique
-    one too) is handled; the cube side is the box's longest physical extent.
-    """
+def box_corners(image: sitk.Image, mask: np.ndarray) -> np.ndarray:
+    """The 8 voxel-edge corners of the mask's bounding box in physical space (x, y, z mm), (8, 3):
+    right for any orientation, an oblique one too."""
     idx = [np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]  # z, y, x
     lo = [int(i[0]) - 0.5 for i in idx][::-1]  # -> x, y, z (SimpleITK index order)
     hi = [int(i[-1]) + 0.5 for i in idx][::-1]
-    corners = np.array(
+    return np.array(
         [
             image.TransformContinuousIndexToPhysicalPoint((cx, cy, cz))
             for cx in (lo[0], hi[0])
@@ -166,6 +162,16 @@ def cube_grid(image: sitk.Image, mask: np.ndarray, size: int) -> tuple[np.ndarra
             for cz in (lo[2], hi[2])
         ]
     )
+
+
+def cube_grid(image: sitk.Image, mask: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """Origin (x, y, z mm) and spacing (mm) of an LPS-aligned cube of `size`^3 voxels that holds
+    the mask's bounding box, centred on it.
+
+    The box's 8 voxel-edge corners go to physical space, so any input orientation (an oblique
+    one too) is handled; the cube side is the box's longest physical extent.
+    """
+    corners = box_corners(image, mask)
     low, high = corners.min(axis=0), corners.max(axis=0)
     spacing = float((high - low).max()) / size
     origin = (low + high) / 2 - spacing * (size - 1) / 2

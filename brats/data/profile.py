@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from brats.data.cohort import MODALITIES
-from brats.data.preprocess import brain_mask
+from brats.data.preprocess import box_corners, brain_mask
 
 SAMPLE = 200_000  # brain voxels per modality the intensity statistics are taken from (every n-th)
 EDGE_SHARE = 0.01  # brain voxels on a face of the field of view, as a share of the face: "cut"
@@ -91,17 +91,7 @@ def skewness(values: np.ndarray) -> float:
 
 def physical_extent(image: sitk.Image, mask: np.ndarray) -> tuple[float, float, float]:
     """The mask's bounding box in mm along the physical x, y, z axes (any orientation)."""
-    idx = [np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]  # z, y, x
-    lo = [int(i[0]) - 0.5 for i in idx][::-1]
-    hi = [int(i[-1]) + 0.5 for i in idx][::-1]
-    corners = np.array(
-        [
-            image.TransformContinuousIndexToPhysicalPoint((cx, cy, cz))
-            for cx in (lo[0], hi[0])
-            for cy in (lo[1], hi[1])
-            for cz in (lo[2], hi[2])
-        ]
-    )
+    corners = box_corners(image, mask)
     x, y, z = (float(v) for v in corners.max(axis=0) - corners.min(axis=0))
     return x, y, z
 

@@ -253,6 +253,7 @@ def labelled_planes(
     title: str,
     spacing_xyz: tuple[float, float, float] = (1.0, 1.0, 1.0),
     toward_hgg: bool = True,
+    flat: bool | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """The picture a reader gets: `title` (wrapped to the width) above the three planes through
     the peak for the predicted grade, each named with the voxel it goes through and the patient's
@@ -260,7 +261,7 @@ def labelled_planes(
     over the scan: the picture says it is flat. Returns uint8 RGB and every text drawn, in order."""
     from PIL import Image, ImageDraw
 
-    flat = is_flat(cam, underlay != 0)
+    flat = is_flat(cam, underlay != 0) if flat is None else flat  # `is_flat`, when already known
     panels, at, limit = plane_panels(underlay, cam, spacing_xyz, None, toward_hgg, overlay=not flat)
     height = max(p.shape[0] for p in panels)
     row, lefts = _side_by_side(panels, height)
@@ -337,9 +338,10 @@ def write_planes_png(
 ) -> tuple[Path, bool]:
     """`labelled_planes` written as a PNG, atomically, its words in the PNG's text chunks;
     returns the path and whether the map is flat."""
-    rgb, said = labelled_planes(underlay, cam, title, spacing_xyz, toward_hgg)
+    flat = is_flat(cam, underlay != 0)
+    rgb, said = labelled_planes(underlay, cam, title, spacing_xyz, toward_hgg, flat)
     write_png(path, rgb, {"Title": title, "Description": " | ".join(said)})
-    return Path(path), is_flat(cam, underlay != 0)
+    return Path(path), flat
 
 
 def lps_arrays(

@@ -134,7 +134,6 @@ class Grader:
         check_graph_input(
             self.session.get_inputs()[0].shape, self.cfg, model, "export it again with python export.py"
         )
-        self.model = model
         outputs = {o.name for o in self.session.get_outputs()}
         self.has_cam = CAM_OUTPUT in outputs
         self.doubt_outputs = [n for n in (FOLDS_OUTPUT, DISTANCE_OUTPUT) if n in outputs]
@@ -146,7 +145,7 @@ class Grader:
         """Refuse, before any patient is read, to map a CAM the model does not compute."""
         if not self.has_cam:
             raise BratsError(
-                f"{self.model}: its graph has no CAM output (exported before class activation maps "
+                f"{self.path}: its graph has no CAM output (exported before class activation maps "
                 "were): export it again with python export.py to use --cam, or leave --cam out"
             )
 

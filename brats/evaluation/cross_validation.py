@@ -8,9 +8,7 @@ re-computed val AUC is checked against the AUC stored when it was saved.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ from brats.evaluation.report import RELIABILITY, report_markdown
 from brats.evaluation.scoring import predict, resolve_device, score
 from brats.evaluation.test_set import score_test_set
 from brats.evaluation.verification import rescore_precision, verify
-from brats.io.atomic import check_output_dir, refuse_inputs, remove_stale_temps, staged
+from brats.io.atomic import check_output_dir, refuse_inputs, remove_stale_temps, staged, write_csv_atomic
 from brats.runs.paths import RunPaths
 from brats.runs.reader import check_preprocessing, fold_status, load_best_model, model_config, run_config
 from brats.runs.summary import FoldRow, Summary
@@ -301,7 +299,7 @@ def write_evaluation(
         for r in results:
             title = f"fold {r.fold} epoch {r.epoch}"
             save_plots(stage / RunPaths.fold_name(r.fold), r.labels, r.p_hgg, title=title, decision=decision)
-        roc_all_folds({r.fold: (r.labels, r.p_hgg) for r in results}, stage / "roc_all_folds.png")
+        roc_all_folds({r.fold: (r.labels, r.p_hgg) for r in results}, stage / paths.roc_all_folds.name)
         curves = {"raw": calibration["raw"]}
         if "calibrated" in calibration:
             curves[f"{decision.calibration}, cross-fitted"] = calibration["calibrated"]
@@ -309,10 +307,10 @@ def write_evaluation(
             dropped = calibration["not_shipped"]
             curves[f"{dropped['method']}, cross-fitted, not kept"] = dropped["cross_fitted"]
         reliability_diagram(stage / RELIABILITY, curves)
-        write_rows(stage / paths.predictions.name, rows)
+        write_csv_atomic(stage / paths.predictions.name, rows)
         if summary.test_set:
-            write_rows(stage / paths.test_predictions.name, test_rows(summary, results, test_ids))
-        (stage / paths.summary.name).write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+            write_csv_atomic(stage / paths.test_predictions.name, test_rows(summary, results, test_ids))
+        summary.write(stage / paths.summary.name)
         (stage / paths.report.name).write_text(report_markdown(summary, run=Path(summary.run)))
 
 
@@ -329,13 +327,6 @@ def test_rows(summary: Summary, results: list[FoldResult], test_ids: list[str]) 
         row["p_hgg_ensemble_calibrated"] = float(decision.calibrate(np.array([ensemble["p_hgg"][i]]))[0])
         rows.append(row)
     return rows
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def check_outputs(paths: RunPaths, folds: list[int], cache: Path) -> Path:
@@ -358,7 +349,7 @@ def check_outputs(paths: RunPaths, folds: list[int], cache: Path) -> Path:
         paths.report,
         paths.predictions,
         paths.test_predictions,
-        out / "roc_all_folds.png",
+        paths.roc_all_folds,
         out / RELIABILITY,
     ):
         if f.is_dir():

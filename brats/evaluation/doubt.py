@@ -33,19 +33,22 @@ QUANTILE = 0.98  # of the out-of-fold patients' distances (and the cohort's spre
 
 @torch.no_grad()
 def cohort_outputs(
-    model: ResNet3D, cached: CachedCohort, modalities: list[str], batch: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
-    """(N, F) pooled features and (N,) p(HGG) of every cached patient under `model` (eval, fp32)."""
+    models: list[ResNet3D], cached: CachedCohort, modalities: list[str], batch: int = 4
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per model, (N, F) pooled features and (N,) p(HGG) of every cached patient (eval, fp32);
+    each volume is read and checked once, for all the models."""
     channels = channel_indices(cached, modalities)
-    features, p_hgg = [], []
-    model.eval()
+    features, p_hgg = [[] for _ in models], [[] for _ in models]
+    for model in models:
+        model.eval()
     for start in range(0, len(cached), batch):
         volumes = [load_volume(cached, i)[channels] for i in range(start, min(start + batch, len(cached)))]
         x = torch.from_numpy(np.stack(volumes).astype(np.float32))
-        pooled = model.feature_maps(x).mean(dim=(2, 3, 4))
-        features.append(pooled.double().numpy())
-        p_hgg.append(torch.softmax(model.fc(pooled), dim=1)[:, HGG].double().numpy())
-    return np.concatenate(features), np.concatenate(p_hgg)
+        for m, model in enumerate(models):
+            pooled = model.feature_maps(x).mean(dim=(2, 3, 4))
+            features[m].append(pooled.double().numpy())
+            p_hgg[m].append(torch.softmax(model.fc(pooled), dim=1)[:, HGG].double().numpy())
+    return [(np.concatenate(f), np.concatenate(p)) for f, p in zip(features, p_hgg)]
 
 
 def fit_doubt(
@@ -55,14 +58,14 @@ def fit_doubt(
     paths = RunPaths(run)
     position = {p: i for i, p in enumerate(cached.patient_ids)}
     references, oof, p_folds = [], [], []
-    for model, k in zip(models, folds):
-        fold = stored_fold(paths.splits, k)
+    stored = [stored_fold(paths.splits, k) for k in folds]
+    for k, fold in zip(folds, stored):
         if fold is None:
             raise BratsError(
                 f"{paths.splits}: holds no inner validation lists: cannot tell fold {k}'s training patients"
             )
-        log.info(f"fold {k}: features of {len(cached)} patients for the out-of-distribution reference")
-        features, p_hgg = cohort_outputs(model, cached, modalities)
+    log.info(f"folds {folds}: features of {len(cached)} patients for the out-of-distribution reference")
+    for fold, (features, p_hgg) in zip(stored, cohort_outputs(models, cached, modalities)):
         train = [position[p] for p in fold.train if p in position]
         test = [position[p] for p in fold.test if p in position]
         reference = FeatureReference.fit(torch.from_numpy(features[train]))

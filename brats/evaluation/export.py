@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from brats.data.cache_format import INDEX
-from brats.data.cache_reader import CachedCohort, open_data
+from brats.data.cache_reader import CachedCohort, channel_indices, open_data
 from brats.data.cohort import CLASSES
 from brats.data.folds import stored_fold
 from brats.data.preprocess import PreprocessConfig
@@ -340,7 +340,7 @@ def export(
     provenance["quality_control"] = describe_checks(contract.get("profile"), contract.get("doubt"))
     provenance["performance"] = performance(summary, folds, contract.get("doubt"))
     wrapper = ExplainedModel(models, references).eval()
-    channels = [list(cached.preprocess["modalities"]).index(m) for m in modalities]
+    channels = channel_indices(cached, modalities)
     inputs = np.stack([np.asarray(v[channels], dtype=np.float32) for v in cached.volumes[:3]])
     card = {
         "model": out.name,

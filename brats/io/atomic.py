@@ -103,6 +103,19 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file that holds an object. An unreadable file is one line (BratsError); text that is
+    not JSON, or not an object, raises ValueError for the caller to say which file and the fix."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise BratsError(f"cannot read {path} ({e.strerror}): check its permissions") from e
+    d = json.loads(text)  # JSONDecodeError is a ValueError
+    if not isinstance(d, dict):
+        raise ValueError(f"a JSON {type(d).__name__}, not an object")
+    return d
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 

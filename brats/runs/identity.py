@@ -16,7 +16,7 @@ from typing import Any
 
 from brats.data.preprocess import PreprocessConfig
 from brats.errors import BratsError
-from brats.io.atomic import write_json_atomic
+from brats.io.atomic import read_json_object, write_json_atomic
 from brats.runs.paths import RunPaths
 from brats.training.config import TrainConfig, make_config
 
@@ -62,10 +62,7 @@ def check_run_config(run: Path, cfg: TrainConfig) -> bool:
     if not path.exists():
         return False
     try:
-        stored = json.loads(path.read_text())
-        diff = setting_differences(stored, cfg.to_dict())
-    except OSError as e:
-        raise BratsError(f"cannot read {path} ({e.strerror}): check its permissions") from e
+        diff = setting_differences(read_json_object(path), cfg.to_dict())
     except (ValueError, TypeError, AttributeError) as e:
         raise BratsError(
             f"{path} is damaged ({str(e)[:120]}): restore it, or delete it to write it again"

@@ -104,6 +104,10 @@ class RunPaths:
         """Each fold model's and the ensemble's p(HGG) on the held-out test set (runs with one)."""
         return self.evaluation / "test_predictions.csv"
 
+    @property
+    def roc_all_folds(self) -> Path:
+        return self.evaluation / "roc_all_folds.png"
+
     def cam_montage(self, k: int) -> Path:
         """Fold k's most confident right and wrong patients with their CAM (evaluate.py --cam)."""
         return self.evaluation / self.fold_name(k) / "cam_montage.png"

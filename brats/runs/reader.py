@@ -16,6 +16,7 @@ from brats.data.cache_reader import CachedCohort
 from brats.data.folds import stored_fold
 from brats.data.preprocess import PreprocessConfig
 from brats.errors import BratsError
+from brats.io.atomic import read_json_object
 from brats.models.resnet import build_model
 from brats.runs.checkpoint import Checkpoint, read_checkpoint, select_checkpoint
 from brats.runs.paths import RunPaths
@@ -30,20 +31,21 @@ def run_config(run: Path) -> dict:
     path = RunPaths(run).config
     if not path.is_file():
         raise BratsError(f"{run}: no {path.name}: is this a run folder made by train.py?")
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise BratsError(f"cannot read {path} ({e.strerror}): check its permissions") from e
-    try:
-        cfg = json.loads(text)
-        if not isinstance(cfg, dict):
-            raise ValueError(f"a JSON {type(cfg).__name__}, not an object")
-        validate(TrainConfig.from_dict(cfg))
-    except (ValueError, TypeError, BratsError) as e:  # JSONDecodeError is a ValueError
-        raise BratsError(
+
+    def corrupt(e: Exception) -> BratsError:
+        return BratsError(
             f"{path} is corrupt ({str(e)[:160]}): restore it, or delete it and rerun train.py --resume "
             "with the options the run was trained with (train.py writes it again)"
-        ) from e
+        )
+
+    try:
+        cfg = read_json_object(path)  # an unreadable file is its own line
+    except ValueError as e:
+        raise corrupt(e) from e
+    try:
+        validate(TrainConfig.from_dict(cfg))
+    except (ValueError, TypeError, BratsError) as e:
+        raise corrupt(e) from e
     return cfg
 
 

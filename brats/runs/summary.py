@@ -18,9 +18,6 @@ from brats.errors import BratsError
 from brats.evaluation.metrics import METRICS
 from brats.io.atomic import write_json_atomic
 
-# Figures that are proportions: each must lie in [0, 1] (NaN where undefined, e.g. one class).
-PROPORTIONS = ("stored_val_auc", "rescored_val_auc", *METRICS)
-
 
 def _proportion(value: Any, name: str) -> float:
     v = float(value)

@@ -121,7 +121,6 @@ class ResidentVolumes(Dataset):
             host[row] = torch.from_numpy(np.ascontiguousarray(vol[channels]))
         self.volumes = host.to(device) if device.type != "cpu" else host  # (N, C, S, S, S) float16
         self.labels = torch.as_tensor(cached.labels[list(indices)], dtype=torch.int64).to(device)
-        self.on_device = device.type != "cpu"
         self.pin = pin and device.type == "cpu"  # a GPU trains from this host store
 
     def __len__(self) -> int:

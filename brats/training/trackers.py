@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # name -> module
 CHOICES = ("auto", "all", "none", *TRACKERS)
-EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # pyproject extras
 
 
 def installed(name: str) -> bool:
@@ -50,7 +49,7 @@ def resolve_trackers(spec: str) -> list[str]:
         return [name for name in TRACKERS if installed(name)]
     missing = [w for w in words if not installed(w)]
     if missing:
-        extras = ",".join(EXTRAS[w] for w in missing)
+        extras = ",".join(missing)  # each tracker is also the name of its pyproject extra
         raise BratsError(
             f"--report-to {spec}: {' and '.join(missing)} not installed: pip install -e '.[{extras}]' "
             "(or choose --report-to none)"
